@@ -1,0 +1,310 @@
+//! Errors: [`CallError`] for a call, [`CreateError`] for starting a farm.
+//!
+//! Display strings are short, lowercase and describe this level only; the wording may change,
+//! so match on variants, not on text.
+
+use crate::event::WorkerId;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExitInfo {
+    /// The exit code, if the process exited on its own.
+    pub code: Option<i32>,
+    /// The signal that ended it, if one did (Unix).
+    pub signal: Option<i32>,
+}
+
+impl ExitInfo {
+    pub(crate) fn from_status(status: std::process::ExitStatus) -> Self {
+        #[cfg(unix)]
+        let signal = std::os::unix::process::ExitStatusExt::signal(&status);
+        #[cfg(not(unix))]
+        let signal = None;
+        ExitInfo {
+            code: status.code(),
+            signal,
+        }
+    }
+
+    /// Whether the process was ended by a signal (a kill, the OOM killer, a crash).
+    pub fn is_signal(&self) -> bool {
+        self.signal.is_some()
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => write!(f, "signal {sig}{}", signal_name(sig)),
+            (None, None) => f.write_str("unknown exit status"),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        1 => " (SIGHUP)",
+        2 => " (SIGINT)",
+        3 => " (SIGQUIT)",
+        6 => " (SIGABRT)",
+        9 => " (SIGKILL)",
+        11 => " (SIGSEGV)",
+        13 => " (SIGPIPE)",
+        15 => " (SIGTERM)",
+        _ => "",
+    }
+}
+
+/// Why a call failed. Every call settles exactly once, with a value or one of these.
+///
+/// Errors that reach many callers at once (a crash with calls in flight) are cloned.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CallError {
+    /// The handler returned an error; `message` is its `Display`.
+    Handler {
+        /// The method called (empty for the default method).
+        method: String,
+        /// The error's message.
+        message: String,
+    },
+    /// The handler panicked; `message` is the panic's payload.
+    Panic {
+        /// The method called (empty for the default method).
+        method: String,
+        /// The panic message.
+        message: String,
+    },
+    /// The worker has no handler under that name.
+    UnknownMethod {
+        /// The method asked for.
+        method: String,
+    },
+    /// The worker could not decode the arguments into the handler's argument type.
+    BadArguments {
+        /// The method called.
+        method: String,
+        /// The decoder's message.
+        message: String,
+    },
+    /// The call ran longer than the farm's `timeout`; its worker was stopped.
+    Timeout {
+        /// The timeout that elapsed.
+        after: Duration,
+    },
+    /// The worker running the call died.
+    WorkerDied {
+        /// The worker.
+        worker: WorkerId,
+        /// Its process id.
+        pid: u32,
+        /// How it ended.
+        exit: ExitInfo,
+    },
+    /// The worker broke the protocol (a malformed or oversized frame) and was dropped.
+    Protocol {
+        /// The worker.
+        worker: WorkerId,
+        /// What was wrong.
+        message: String,
+    },
+    /// The call failed on every attempt the retry policy allows.
+    RetriesExhausted {
+        /// How many times it was tried.
+        attempts: u32,
+        /// The failure of the last attempt.
+        last: Box<CallError>,
+    },
+    /// `max_concurrent_calls` calls are already queued or in flight.
+    QueueFull {
+        /// The limit.
+        limit: usize,
+    },
+    /// The farm was shut down or killed before the call completed, or the call was made
+    /// after that.
+    ShutDown,
+    /// No worker can start; the message says why (path, exit status, last stderr lines).
+    WorkerStart {
+        /// What went wrong, with the worker's last stderr lines.
+        message: String,
+    },
+    /// The arguments could not be encoded, or made a frame larger than the cap.
+    Serialize {
+        /// The argument type.
+        type_name: &'static str,
+        /// The encoder's message.
+        message: String,
+    },
+    /// The result could not be decoded into the caller's type.
+    Deserialize {
+        /// The type asked for.
+        type_name: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+impl CallError {
+    /// Whether the call ran out of time (directly, or on its last attempt).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.root(), CallError::Timeout { .. })
+    }
+
+    /// Whether the handler itself failed (returned an error or panicked).
+    pub fn is_handler(&self) -> bool {
+        matches!(self.root(), CallError::Handler { .. } | CallError::Panic { .. })
+    }
+
+    /// Whether a worker died or was dropped while running the call.
+    pub fn is_worker_lost(&self) -> bool {
+        matches!(self.root(), CallError::WorkerDied { .. } | CallError::Protocol { .. })
+    }
+
+    /// The error of the last attempt, looking through [`CallError::RetriesExhausted`].
+    pub fn root(&self) -> &CallError {
+        match self {
+            CallError::RetriesExhausted { last, .. } => last.root(),
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Handler { method, message } => {
+                write!(f, "{} failed: {message}", MethodName(method))
+            }
+            CallError::Panic { method, message } => {
+                write!(f, "{} panicked: {message}", MethodName(method))
+            }
+            CallError::UnknownMethod { method } => {
+                write!(f, "{} is not defined in the worker", MethodName(method))
+            }
+            CallError::BadArguments { method, message } => {
+                write!(f, "bad arguments for {}: {message}", MethodName(method))
+            }
+            CallError::Timeout { after } => write!(f, "call timed out after {after:?}"),
+            CallError::WorkerDied { worker, pid, exit } => {
+                write!(f, "{worker} (pid {pid}) died: {exit}")
+            }
+            CallError::Protocol { worker, message } => {
+                write!(f, "{worker} broke the protocol: {message}")
+            }
+            CallError::RetriesExhausted { attempts, last } => {
+                write!(f, "call failed after {attempts} attempts; last: {last}")
+            }
+            CallError::QueueFull { limit } => {
+                write!(f, "farm is full ({limit} calls queued or in flight)")
+            }
+            CallError::ShutDown => f.write_str("farm shut down"),
+            CallError::WorkerStart { message } => write!(f, "no worker could start: {message}"),
+            CallError::Serialize { type_name, message } => {
+                write!(f, "could not encode {type_name}: {message}")
+            }
+            CallError::Deserialize { type_name, message } => {
+                write!(f, "result does not decode as {type_name}: {message}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::RetriesExhausted { last, .. } => Some(&**last),
+            CallError::Handler { .. }
+            | CallError::Panic { .. }
+            | CallError::UnknownMethod { .. }
+            | CallError::BadArguments { .. }
+            | CallError::Timeout { .. }
+            | CallError::WorkerDied { .. }
+            | CallError::Protocol { .. }
+            | CallError::QueueFull { .. }
+            | CallError::ShutDown
+            | CallError::WorkerStart { .. }
+            | CallError::Serialize { .. }
+            | CallError::Deserialize { .. } => None,
+        }
+    }
+}
+
+struct MethodName<'a>(&'a str);
+
+impl fmt::Display for MethodName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("default method")
+        } else {
+            write!(f, "method \"{}\"", self.0)
+        }
+    }
+}
+
+/// Why [`Farm::create`](crate::Farm::create) refused to start a farm.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum CreateError {
+    /// An option is out of range.
+    InvalidOption {
+        /// The option's name, as its setter is named.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The worker binary does not exist.
+    WorkerNotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The worker binary exists but cannot be executed.
+    NotExecutable {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The operating system refused to start the worker.
+    Spawn {
+        /// The path given.
+        path: PathBuf,
+        /// The error from the operating system.
+        source: std::io::Error,
+    },
+    /// `create` was called outside a tokio runtime.
+    NoRuntime,
+}
+
+impl fmt::Display for CreateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CreateError::InvalidOption { name, reason } => {
+                write!(f, "invalid option `{name}`: {reason}")
+            }
+            CreateError::WorkerNotFound { path } => {
+                write!(f, "worker binary {} not found", path.display())
+            }
+            CreateError::NotExecutable { path } => {
+                write!(f, "worker binary {} is not executable", path.display())
+            }
+            CreateError::Spawn { path, .. } => {
+                write!(f, "could not start worker {}", path.display())
+            }
+            CreateError::NoRuntime => f.write_str("Farm::create must be called within a tokio runtime"),
+        }
+    }
+}
+
+impl std::error::Error for CreateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CreateError::Spawn { source, .. } => Some(source),
+            CreateError::InvalidOption { .. }
+            | CreateError::WorkerNotFound { .. }
+            | CreateError::NotExecutable { .. }
+            | CreateError::NoRuntime => None,
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! What [`Farm::events`](crate::Farm::events) yields: the life of each worker and of each call.
+
+use crate::error::{CallError, ExitInfo};
+use std::fmt;
+
+/// Names one worker process for the life of its farm. A replacement gets a new id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub(crate) u64);
+
+impl WorkerId {
+    /// The id as a number, unique within its farm.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "worker #{}", self.0)
+    }
+}
+
+/// Something that happened in a farm. Each event names its worker.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A worker process was started (workestrator's `fork`).
+    Spawned {
+        /// The worker.
+        worker: WorkerId,
+        /// Its process id.
+        pid: u32,
+    },
+    /// A worker finished its handshake and takes calls.
+    Online {
+        /// The worker.
+        worker: WorkerId,
+        /// Its process id, as the worker reported it.
+        pid: u32,
+    },
+    /// A worker process ended and was reaped.
+    Exited {
+        /// The worker.
+        worker: WorkerId,
+        /// Its process id.
+        pid: u32,
+        /// Exit code or signal.
+        exit: ExitInfo,
+    },
+    /// A worker was handed its `ttl`-th call; it takes no more and is replaced.
+    TtlReached {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// A worker had no call in flight for `max_idle_time` and is stopped.
+    IdleReached {
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// A worker answered a call (workestrator's `message`).
+    CallDone {
+        /// The worker.
+        worker: WorkerId,
+        /// The call's id, unique within the farm.
+        call: u64,
+        /// Whether the handler succeeded.
+        ok: bool,
+    },
+    /// Something went wrong with a worker: it broke the protocol, failed to start, or could
+    /// not be spawned.
+    Error {
+        /// The worker, if one was involved.
+        worker: Option<WorkerId>,
+        /// What went wrong.
+        error: CallError,
+    },
+}
+
+impl Event {
+    /// The worker this event is about.
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Event::Spawned { worker, .. }
+            | Event::Online { worker, .. }
+            | Event::Exited { worker, .. }
+            | Event::TtlReached { worker }
+            | Event::IdleReached { worker }
+            | Event::CallDone { worker, .. } => Some(*worker),
+            Event::Error { worker, .. } => *worker,
+        }
+    }
+}

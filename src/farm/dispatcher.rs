@@ -1,0 +1,848 @@
+//! The one task that owns a farm's state.
+//!
+//! Callers send [`Command`]s; worker tasks send [`Inbound`] messages; timers fire. The
+//! dispatcher reacts to each in order, never awaits anything else, and does no I/O beyond
+//! queueing frames on a worker's link, so every policy (dispatch, retries, timeouts, ttl,
+//! idle, startup backoff, shutdown) lives here as plain bookkeeping.
+
+use super::call::{Call, Outcome, Reply};
+use super::process::{self, Inbound, SpawnSpec, WorkerLink};
+use crate::error::CallError;
+use crate::event::{Event, WorkerId};
+use crate::protocol::{FailureKind, FromWorker, PROTOCOL_VERSION};
+use crate::sys::Signal;
+use crate::{Status, WorkerState, WorkerStatus};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+
+/// Consecutive start failures, with no worker online, after which calls fail fast.
+const START_FAILURES_BEFORE_FAILING: u32 = 3;
+const RESPAWN_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A request from a [`Farm`](crate::Farm) handle.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Call(Call),
+    Broadcast {
+        id: u64,
+        method: Box<str>,
+        frame: Bytes,
+        replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
+    },
+    Status(oneshot::Sender<Status>),
+    Shutdown(oneshot::Sender<()>),
+    Kill(oneshot::Sender<()>),
+}
+
+/// The farm's settings, without the serializer (the dispatcher only moves bytes).
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) spawn: SpawnSpec,
+    pub(crate) hello: Bytes,
+    pub(crate) workers: usize,
+    pub(crate) per_worker: usize,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_handler_errors: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) ttl: Option<u64>,
+    pub(crate) max_idle_time: Option<Duration>,
+    pub(crate) kill_timeout: Duration,
+    pub(crate) startup_timeout: Duration,
+}
+
+type TimerKey = (Instant, u64);
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    CallTimeout { worker: WorkerId, call: u64 },
+    Idle(WorkerId),
+    Kill(WorkerId),
+    Startup(WorkerId),
+    Respawn,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    ShuttingDown,
+    Killed,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    call: Call,
+    timer: Option<TimerKey>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    id: WorkerId,
+    link: WorkerLink,
+    state: WorkerState,
+    in_flight: HashMap<u64, InFlight>,
+    /// Broadcast calls waiting for this worker.
+    pinned: VecDeque<Call>,
+    /// Calls handed to it so far (for `ttl`).
+    handed: u64,
+    idle_timer: Option<TimerKey>,
+    /// Set when the farm stopped the worker before its handshake: why it failed to start.
+    start_failure: Option<String>,
+}
+
+impl Worker {
+    fn is_live(&self) -> bool {
+        matches!(self.state, WorkerState::Starting | WorkerState::Online)
+    }
+
+    fn is_drained(&self) -> bool {
+        self.in_flight.is_empty() && self.pinned.is_empty()
+    }
+}
+
+pub(crate) struct Dispatcher {
+    settings: Settings,
+    commands: mpsc::UnboundedReceiver<Command>,
+    inbound: mpsc::UnboundedReceiver<Inbound>,
+    inbound_tx: mpsc::UnboundedSender<Inbound>,
+    events: broadcast::Sender<Event>,
+    workers: Vec<Worker>,
+    queue: VecDeque<Call>,
+    timers: BTreeMap<TimerKey, Timer>,
+    timer_seq: u64,
+    next_worker: u64,
+    mode: Mode,
+    /// Workers were stopped for idleness and not replaced: spawn when calls arrive.
+    short_of_workers: bool,
+    start_failures: u32,
+    /// Set after repeated start failures with no worker online: calls fail fast with it.
+    start_error: Option<String>,
+    respawn_timer: Option<TimerKey>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(
+        settings: Settings,
+        commands: mpsc::UnboundedReceiver<Command>,
+        events: broadcast::Sender<Event>,
+    ) -> Self {
+        let (inbound_tx, inbound) = mpsc::unbounded_channel();
+        Dispatcher {
+            settings,
+            commands,
+            inbound,
+            inbound_tx,
+            events,
+            workers: Vec::new(),
+            queue: VecDeque::new(),
+            timers: BTreeMap::new(),
+            timer_seq: 0,
+            next_worker: 1,
+            mode: Mode::Running,
+            short_of_workers: false,
+            start_failures: 0,
+            start_error: None,
+            respawn_timer: None,
+            waiters: Vec::new(),
+        }
+    }
+
+    /// Starts the first workers; a spawn error here is returned to `Farm::create`.
+    pub(crate) fn start(&mut self) -> std::io::Result<()> {
+        for _ in 0..self.settings.workers {
+            let id = self.new_worker_id();
+            let link = process::spawn(
+                &self.settings.spawn,
+                id,
+                self.settings.hello.clone(),
+                self.inbound_tx.clone(),
+            )?;
+            self.add_worker(id, link);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut commands_open = true;
+        let mut inbound_buf = Vec::with_capacity(64);
+        let mut command_buf = Vec::with_capacity(256);
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        let mut armed: Option<Instant> = None;
+
+        loop {
+            let deadline = self.timers.keys().next().map(|k| k.0);
+            if deadline.is_some() && deadline != armed {
+                if let Some(d) = deadline {
+                    sleep.as_mut().reset(d);
+                }
+            }
+            armed = deadline;
+            tokio::select! {
+                biased;
+                n = self.inbound.recv_many(&mut inbound_buf, 64) => {
+                    if n > 0 {
+                        for message in inbound_buf.drain(..) {
+                            self.on_inbound(message);
+                        }
+                    }
+                }
+                n = self.commands.recv_many(&mut command_buf, 256), if commands_open => {
+                    if n == 0 {
+                        // Every Farm handle is gone: nobody can wait for calls any more.
+                        commands_open = false;
+                        tracing::debug!("farm dropped; killing workers");
+                        self.kill();
+                    }
+                    for command in command_buf.drain(..) {
+                        self.on_command(command);
+                    }
+                }
+                () = &mut sleep, if deadline.is_some() => self.fire_timers(),
+            }
+            self.pump();
+            if self.mode != Mode::Running && self.workers.is_empty() {
+                break;
+            }
+        }
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        tracing::debug!("farm stopped");
+    }
+
+    // ===== commands =====
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Call(call) => self.on_call(call),
+            Command::Broadcast {
+                id,
+                method,
+                frame,
+                replies,
+            } => self.on_broadcast(id, method, frame, replies),
+            Command::Status(tx) => {
+                let _ = tx.send(self.status());
+            }
+            Command::Shutdown(tx) => {
+                self.waiters.push(tx);
+                self.shutdown();
+            }
+            Command::Kill(tx) => {
+                self.waiters.push(tx);
+                self.kill();
+            }
+        }
+    }
+
+    fn on_call(&mut self, call: Call) {
+        if self.mode != Mode::Running {
+            call.reply.send(Err(CallError::ShutDown));
+            return;
+        }
+        if let Some(message) = &self.start_error {
+            call.reply.send(Err(CallError::WorkerStart {
+                message: message.clone(),
+            }));
+            return;
+        }
+        tracing::trace!(call = call.id, method = &*call.method, "call queued");
+        self.queue.push_back(call);
+        if self.short_of_workers {
+            self.ensure_workers();
+        }
+    }
+
+    fn on_broadcast(
+        &mut self,
+        id: u64,
+        method: Box<str>,
+        frame: Bytes,
+        replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
+    ) {
+        let mut receivers = Vec::new();
+        if self.mode == Mode::Running {
+            for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
+                let (reply, rx) = Reply::new();
+                worker.pinned.push_back(Call {
+                    id,
+                    method: method.clone(),
+                    frame: frame.clone(),
+                    attempts: 0,
+                    pinned: Some(worker.id),
+                    avoid: None,
+                    reply,
+                    _permit: None,
+                });
+                receivers.push((worker.id, rx));
+            }
+        }
+        let _ = replies.send(receivers);
+    }
+
+    /// Graceful: fail what is queued, let what is in flight finish, then stop each worker.
+    fn shutdown(&mut self) {
+        if self.mode != Mode::Running {
+            return;
+        }
+        tracing::debug!(queued = self.queue.len(), "farm shutting down");
+        self.mode = Mode::ShuttingDown;
+        self.fail_queued();
+        for i in 0..self.workers.len() {
+            let w = &mut self.workers[i];
+            for call in w.pinned.drain(..) {
+                call.reply.send(Err(CallError::ShutDown));
+            }
+            if w.in_flight.is_empty() {
+                self.stop(i, false);
+            } else if w.state != WorkerState::Stopping {
+                w.state = WorkerState::Retiring;
+            }
+        }
+    }
+
+    /// Immediate: fail every call, then stop every worker (SIGTERM, then SIGKILL).
+    fn kill(&mut self) {
+        if self.mode == Mode::Killed {
+            return;
+        }
+        tracing::debug!("farm killed");
+        self.mode = Mode::Killed;
+        self.fail_queued();
+        for i in 0..self.workers.len() {
+            let w = &mut self.workers[i];
+            for call in w.pinned.drain(..) {
+                call.reply.send(Err(CallError::ShutDown));
+            }
+            for (_, f) in w.in_flight.drain() {
+                f.call.reply.send(Err(CallError::ShutDown));
+                if let Some(key) = f.timer {
+                    self.timers.remove(&key);
+                }
+            }
+            self.stop(i, true);
+        }
+    }
+
+    fn fail_queued(&mut self) {
+        for call in self.queue.drain(..) {
+            call.reply.send(Err(CallError::ShutDown));
+        }
+    }
+
+    fn status(&self) -> Status {
+        Status {
+            workers: self
+                .workers
+                .iter()
+                .map(|w| WorkerStatus {
+                    id: w.id,
+                    pid: w.link.pid(),
+                    state: w.state,
+                    in_flight: w.in_flight.len(),
+                    handed: w.handed,
+                })
+                .collect(),
+            queued: self.queue.len(),
+        }
+    }
+
+    // ===== dispatch =====
+
+    /// Hands queued calls to workers while any has room.
+    fn pump(&mut self) {
+        let per_worker = self.settings.per_worker;
+        for i in 0..self.workers.len() {
+            while self.workers[i].in_flight.len() < per_worker
+                && matches!(self.workers[i].state, WorkerState::Online | WorkerState::Retiring)
+            {
+                let Some(call) = self.workers[i].pinned.pop_front() else {
+                    break;
+                };
+                self.hand(i, call);
+            }
+        }
+        while let Some(front) = self.queue.front() {
+            if front.reply.is_closed() {
+                // The caller gave up while the call waited: skip it.
+                self.queue.pop_front();
+                continue;
+            }
+            let Some(i) = self.pick(front.avoid) else {
+                break;
+            };
+            if let Some(call) = self.queue.pop_front() {
+                self.hand(i, call);
+            }
+        }
+    }
+
+    /// The least-loaded worker that takes new calls, avoiding `avoid` if another has room.
+    fn pick(&self, avoid: Option<WorkerId>) -> Option<usize> {
+        let per_worker = self.settings.per_worker;
+        let mut best: Option<(bool, usize, usize)> = None;
+        for (i, w) in self.workers.iter().enumerate() {
+            if w.state != WorkerState::Online || w.in_flight.len() >= per_worker {
+                continue;
+            }
+            let key = (Some(w.id) == avoid, w.in_flight.len(), i);
+            if best.map_or(true, |b| (key.0, key.1) < (b.0, b.1)) {
+                best = Some(key);
+            }
+        }
+        best.map(|b| b.2)
+    }
+
+    fn hand(&mut self, i: usize, mut call: Call) {
+        call.attempts += 1;
+        let timer = self.settings.timeout.map(|t| {
+            let worker = self.workers[i].id;
+            self.add_timer(t, Timer::CallTimeout { worker, call: call.id })
+        });
+        let w = &mut self.workers[i];
+        if let Some(key) = w.idle_timer.take() {
+            self.timers.remove(&key);
+        }
+        tracing::trace!(call = call.id, worker = w.id.0, attempt = call.attempts, "call sent");
+        w.link.send(call.frame.clone());
+        // Broadcast calls do not count towards a worker's ttl.
+        let counts_for_ttl = call.pinned.is_none();
+        w.in_flight.insert(call.id, InFlight { call, timer });
+        if counts_for_ttl {
+            w.handed += 1;
+            if self.settings.ttl == Some(w.handed) && w.state == WorkerState::Online {
+                let id = w.id;
+                w.state = WorkerState::Retiring;
+                tracing::debug!(worker = id.0, "ttl reached");
+                self.emit(Event::TtlReached { worker: id });
+                self.ensure_workers();
+            }
+        }
+    }
+
+    /// Spawns workers until `workers` are starting or online (unless backing off).
+    fn ensure_workers(&mut self) {
+        if self.mode != Mode::Running || self.respawn_timer.is_some() {
+            return;
+        }
+        self.short_of_workers = false;
+        let live = self.workers.iter().filter(|w| w.is_live()).count();
+        for _ in live..self.settings.workers {
+            if !self.spawn_worker() {
+                break;
+            }
+        }
+    }
+
+    fn spawn_worker(&mut self) -> bool {
+        let id = self.new_worker_id();
+        match process::spawn(
+            &self.settings.spawn,
+            id,
+            self.settings.hello.clone(),
+            self.inbound_tx.clone(),
+        ) {
+            Ok(link) => {
+                self.add_worker(id, link);
+                true
+            }
+            Err(e) => {
+                let message = format!("could not spawn {}: {e}", self.settings.spawn.program.display());
+                self.start_failed(Some(id), message);
+                false
+            }
+        }
+    }
+
+    fn add_worker(&mut self, id: WorkerId, link: WorkerLink) {
+        let pid = link.pid();
+        tracing::debug!(worker = id.0, pid, "worker spawned");
+        self.emit(Event::Spawned { worker: id, pid });
+        self.add_timer(self.settings.startup_timeout, Timer::Startup(id));
+        self.workers.push(Worker {
+            id,
+            link,
+            state: WorkerState::Starting,
+            in_flight: HashMap::new(),
+            pinned: VecDeque::new(),
+            handed: 0,
+            idle_timer: None,
+            start_failure: None,
+        });
+    }
+
+    // ===== worker messages =====
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Messages { worker, messages } => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                for message in messages {
+                    self.on_message(i, message);
+                }
+                self.after_reply(i);
+            }
+            Inbound::Fault { worker, message } => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                tracing::warn!(worker = worker.0, %message, "worker broke the protocol");
+                let error = CallError::Protocol { worker, message };
+                self.emit(Event::Error {
+                    worker: Some(worker),
+                    error: error.clone(),
+                });
+                self.lose_worker(i, error);
+            }
+            Inbound::Exited {
+                worker,
+                exit,
+                stderr_tail,
+            } => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                let w = self.workers.swap_remove(i);
+                let pid = w.link.pid();
+                tracing::debug!(worker = worker.0, pid, %exit, "worker exited");
+                self.emit(Event::Exited { worker, pid, exit });
+                for key in w.idle_timer.iter().chain(w.in_flight.values().filter_map(|f| f.timer.as_ref())) {
+                    self.timers.remove(key);
+                }
+                let error = CallError::WorkerDied { worker, pid, exit };
+                let was_live = w.is_live();
+                let failed_start = match (w.state, w.start_failure) {
+                    (_, Some(why)) => Some(why),
+                    (WorkerState::Starting, None) => {
+                        let mut why = format!("{} exited during startup with {exit}", self.settings.spawn.program.display());
+                        if !stderr_tail.is_empty() {
+                            why.push_str("; last stderr lines:\n");
+                            why.push_str(&stderr_tail.join("\n"));
+                        }
+                        Some(why)
+                    }
+                    _ => None,
+                };
+                for call in w.pinned {
+                    call.reply.send(Err(error.clone()));
+                }
+                for (_, f) in w.in_flight {
+                    self.fail_attempt(f.call, error.clone(), worker);
+                }
+                if let Some(why) = failed_start {
+                    self.start_failed(Some(worker), why);
+                } else if was_live {
+                    if self.mode == Mode::Running {
+                        tracing::warn!(worker = worker.0, pid, %exit, "worker died");
+                    }
+                    self.ensure_workers();
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, i: usize, message: FromWorker) {
+        let worker = self.workers[i].id;
+        match message {
+            FromWorker::Ok { id, body } => {
+                let Some(f) = self.workers[i].in_flight.remove(&id) else {
+                    return;
+                };
+                if let Some(key) = f.timer {
+                    self.timers.remove(&key);
+                }
+                self.emit(Event::CallDone { worker, call: id, ok: true });
+                f.call.reply.send(Ok(body));
+            }
+            FromWorker::Err { id, kind, message } => {
+                let Some(f) = self.workers[i].in_flight.remove(&id) else {
+                    return;
+                };
+                if let Some(key) = f.timer {
+                    self.timers.remove(&key);
+                }
+                self.emit(Event::CallDone { worker, call: id, ok: false });
+                let method = f.call.method.to_string();
+                let error = match kind {
+                    FailureKind::Handler => CallError::Handler { method, message },
+                    FailureKind::Panic => CallError::Panic { method, message },
+                    FailureKind::UnknownMethod => CallError::UnknownMethod { method },
+                    FailureKind::BadArguments => CallError::BadArguments { method, message },
+                    FailureKind::BadResult => CallError::Handler {
+                        method,
+                        message: format!("could not encode the result: {message}"),
+                    },
+                };
+                self.fail_attempt(f.call, error, worker);
+            }
+            FromWorker::Ready { version, pid } => {
+                let w = &mut self.workers[i];
+                if w.state != WorkerState::Starting {
+                    return;
+                }
+                if version != PROTOCOL_VERSION {
+                    let why = format!(
+                        "worker speaks protocol version {version}, the farm speaks {PROTOCOL_VERSION}"
+                    );
+                    w.start_failure = Some(why);
+                    self.stop(i, true);
+                    return;
+                }
+                w.state = WorkerState::Online;
+                tracing::debug!(worker = worker.0, pid, "worker online");
+                self.start_failures = 0;
+                self.start_error = None;
+                self.emit(Event::Online { worker, pid });
+                if self.mode != Mode::Running {
+                    self.stop(i, false);
+                }
+            }
+            FromWorker::Fatal { message } => {
+                let w = &mut self.workers[i];
+                if w.state == WorkerState::Starting {
+                    w.start_failure = Some(format!("worker refused to start: {message}"));
+                    self.stop(i, true);
+                } else {
+                    self.lose_worker(
+                        i,
+                        CallError::Protocol {
+                            worker,
+                            message: format!("worker gave up: {message}"),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// After a batch of replies: stop a retiring worker that is done, or start its idle clock.
+    fn after_reply(&mut self, i: usize) {
+        let w = &mut self.workers[i];
+        if !w.is_drained() {
+            return;
+        }
+        match w.state {
+            WorkerState::Retiring => self.stop(i, false),
+            WorkerState::Online if w.idle_timer.is_none() => {
+                if let Some(idle) = self.settings.max_idle_time {
+                    let id = w.id;
+                    let key = self.add_timer(idle, Timer::Idle(id));
+                    self.workers[i].idle_timer = Some(key);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The farm gives up on worker `i` (timeout or protocol violation): stop it, re-queue
+    /// its calls, start a replacement.
+    fn lose_worker(&mut self, i: usize, error: CallError) {
+        let worker = self.workers[i].id;
+        let calls: Vec<InFlight> = self.workers[i].in_flight.drain().map(|(_, f)| f).collect();
+        for call in self.workers[i].pinned.drain(..) {
+            call.reply.send(Err(error.clone()));
+        }
+        self.stop(i, true);
+        for f in calls {
+            if let Some(key) = f.timer {
+                self.timers.remove(&key);
+            }
+            self.fail_attempt(f.call, error.clone(), worker);
+        }
+        self.ensure_workers();
+    }
+
+    /// Applies the retry policy to a failed attempt: re-queue at the front, or settle.
+    fn fail_attempt(&mut self, call: Call, error: CallError, worker: WorkerId) {
+        let retryable = match &error {
+            CallError::WorkerDied { .. } | CallError::Protocol { .. } | CallError::Timeout { .. } => true,
+            CallError::Handler { .. } | CallError::Panic { .. } => self.settings.retry_handler_errors,
+            _ => false,
+        };
+        if call.pinned.is_some() {
+            call.reply.send(Err(error));
+            return;
+        }
+        if retryable && self.mode == Mode::Running && call.attempts <= self.settings.max_retries {
+            tracing::debug!(call = call.id, attempt = call.attempts, %error, "retrying call");
+            let mut call = call;
+            call.avoid = Some(worker);
+            self.queue.push_front(call);
+            return;
+        }
+        let error = if retryable && call.attempts > 1 {
+            CallError::RetriesExhausted {
+                attempts: call.attempts,
+                last: Box::new(error),
+            }
+        } else {
+            error
+        };
+        call.reply.send(Err(error));
+    }
+
+    /// Stops worker `i`: closes its input (it exits after its calls), and with `force` also
+    /// sends SIGTERM; SIGKILL follows after `kill_timeout` either way.
+    fn stop(&mut self, i: usize, force: bool) {
+        let w = &mut self.workers[i];
+        if w.state == WorkerState::Stopping {
+            if force {
+                w.link.signal(Signal::Terminate);
+            }
+            return;
+        }
+        w.state = WorkerState::Stopping;
+        w.link.close_input();
+        if force {
+            w.link.signal(Signal::Terminate);
+        }
+        let id = w.id;
+        if let Some(key) = w.idle_timer.take() {
+            self.timers.remove(&key);
+        }
+        tracing::debug!(worker = id.0, force, "stopping worker");
+        self.add_timer(self.settings.kill_timeout, Timer::Kill(id));
+    }
+
+    /// Counts a start failure, backs off before the next spawn, and fails calls fast once no
+    /// worker has started for a while.
+    fn start_failed(&mut self, worker: Option<WorkerId>, why: String) {
+        self.start_failures += 1;
+        tracing::warn!(failures = self.start_failures, %why, "worker failed to start");
+        let error = CallError::WorkerStart { message: why.clone() };
+        self.emit(Event::Error { worker, error: error.clone() });
+        let online = self.workers.iter().any(|w| w.state == WorkerState::Online);
+        if self.start_failures >= START_FAILURES_BEFORE_FAILING && !online {
+            self.start_error = Some(why);
+            for call in self.queue.drain(..) {
+                call.reply.send(Err(error.clone()));
+            }
+        }
+        if self.mode == Mode::Running && self.respawn_timer.is_none() {
+            let exp = self.start_failures.saturating_sub(1).min(10);
+            let delay = (RESPAWN_BACKOFF_FIRST * 2u32.pow(exp)).min(RESPAWN_BACKOFF_MAX);
+            self.respawn_timer = Some(self.add_timer(delay, Timer::Respawn));
+        }
+    }
+
+    // ===== timers =====
+
+    fn add_timer(&mut self, after: Duration, timer: Timer) -> TimerKey {
+        self.timer_seq += 1;
+        let key = (Instant::now() + after, self.timer_seq);
+        self.timers.insert(key, timer);
+        key
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (key, timer) = entry.remove_entry();
+            self.fire(key, timer);
+        }
+    }
+
+    fn fire(&mut self, key: TimerKey, timer: Timer) {
+        match timer {
+            Timer::CallTimeout { worker, call } => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                let Some(f) = self.workers[i].in_flight.remove(&call) else {
+                    return;
+                };
+                let after = self.settings.timeout.unwrap_or_default();
+                tracing::debug!(worker = worker.0, call, ?after, "call timed out; stopping its worker");
+                // The calls that shared the worker did nothing wrong: re-queue them uncharged.
+                // Broadcast calls stay: they fail with the worker's exit.
+                let others: Vec<u64> = self.workers[i]
+                    .in_flight
+                    .iter()
+                    .filter(|(_, f)| f.call.pinned.is_none())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in others {
+                    let Some(other) = self.workers[i].in_flight.remove(&id) else {
+                        continue;
+                    };
+                    if let Some(key) = other.timer {
+                        self.timers.remove(&key);
+                    }
+                    let mut call = other.call;
+                    call.attempts = call.attempts.saturating_sub(1);
+                    self.queue.push_front(call);
+                }
+                self.stop(i, true);
+                self.fail_attempt(f.call, CallError::Timeout { after }, worker);
+                self.ensure_workers();
+            }
+            Timer::Idle(worker) => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                let w = &mut self.workers[i];
+                if w.idle_timer != Some(key) {
+                    return;
+                }
+                w.idle_timer = None;
+                if w.state == WorkerState::Online && w.is_drained() {
+                    tracing::debug!(worker = worker.0, "idle time reached");
+                    self.emit(Event::IdleReached { worker });
+                    self.stop(i, false);
+                    self.short_of_workers = true;
+                }
+            }
+            Timer::Kill(worker) => {
+                if let Some(i) = self.index_of(worker) {
+                    tracing::debug!(worker = worker.0, "kill timeout: sending SIGKILL");
+                    self.workers[i].link.signal(Signal::Kill);
+                }
+            }
+            Timer::Startup(worker) => {
+                let Some(i) = self.index_of(worker) else {
+                    return;
+                };
+                if self.workers[i].state == WorkerState::Starting {
+                    let why = format!(
+                        "{} did not complete its handshake within {:?}",
+                        self.settings.spawn.program.display(),
+                        self.settings.startup_timeout
+                    );
+                    self.workers[i].start_failure = Some(why);
+                    self.stop(i, true);
+                }
+            }
+            Timer::Respawn => {
+                self.respawn_timer = None;
+                self.ensure_workers();
+            }
+        }
+    }
+
+    // ===== helpers =====
+
+    fn index_of(&self, worker: WorkerId) -> Option<usize> {
+        self.workers.iter().position(|w| w.id == worker)
+    }
+
+    fn new_worker_id(&mut self) -> WorkerId {
+        let id = WorkerId(self.next_worker);
+        self.next_worker += 1;
+        id
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+}
+

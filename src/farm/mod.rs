@@ -1,0 +1,419 @@
+//! [`Farm`]: the handle a program uses to run calls on a pool of worker processes.
+
+mod call;
+mod dispatcher;
+pub(crate) mod process;
+mod registry;
+
+pub use registry::kill_all;
+
+use crate::error::{CallError, CreateError};
+use crate::event::{Event, WorkerId};
+use crate::options::FarmOptions;
+use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
+use crate::serializer::{Json, Serializer};
+use call::{Call, Outcome, Reply};
+use dispatcher::{Command, Dispatcher, Settings};
+use process::SpawnSpec;
+use serde::{de::DeserializeOwned, Serialize};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tracing::Instrument;
+
+/// How many events a slow subscriber may fall behind before it sees `Lagged`.
+const EVENT_CAPACITY: usize = 4096;
+
+/// A pool of worker processes that runs calls.
+///
+/// `Farm` is a cheap handle: clone it to share the farm between tasks. One task per farm
+/// (the dispatcher) owns the workers, the queue and every policy; calls reach it over a
+/// channel and their results come back on a oneshot.
+///
+/// # Examples
+///
+/// ```no_run
+/// use workfarm::{Farm, FarmOptions};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let farm = Farm::create(FarmOptions::new("target/release/workfarm-worker").workers(4))?;
+/// let sum: i64 = farm.run_method("add", (1, 2)).await?;
+/// assert_eq!(sum, 3);
+/// let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+/// assert_eq!(pids.successes.len(), 4);
+/// farm.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Drop behavior
+///
+/// When the last handle is dropped the farm is killed: queued and in-flight calls fail with
+/// [`CallError::ShutDown`] and every worker is stopped (`SIGTERM`, then `SIGKILL` after
+/// `kill_timeout`). If the runtime itself shuts down first, each worker process is killed
+/// as its supervising task is dropped.
+#[derive(Debug)]
+pub struct Farm<S: Serializer = Json> {
+    core: Arc<Core>,
+    serializer: S,
+}
+
+impl<S: Serializer> Clone for Farm<S> {
+    fn clone(&self) -> Self {
+        Farm {
+            core: self.core.clone(),
+            serializer: self.serializer.clone(),
+        }
+    }
+}
+
+/// What every handle of one farm shares.
+#[derive(Debug)]
+pub(crate) struct Core {
+    commands: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<Event>,
+    /// Subscribed at creation so the first `events()` sees the first spawns.
+    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
+    limiter: Option<(Arc<Semaphore>, usize)>,
+    next_call: AtomicU64,
+    max_frame: usize,
+}
+
+impl Core {
+    async fn request<R>(&self, make: impl FnOnce(oneshot::Sender<R>) -> Command) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).ok()?;
+        rx.await.ok()
+    }
+
+    pub(crate) async fn kill(&self) {
+        self.request(Command::Kill).await;
+    }
+}
+
+/// The result of a broadcast: one entry per worker that was live when it was sent.
+#[derive(Debug)]
+pub struct Broadcast<T> {
+    /// Workers whose call succeeded, with their results.
+    pub successes: Vec<(WorkerId, T)>,
+    /// Workers whose call failed, with why.
+    pub failures: Vec<(WorkerId, CallError)>,
+}
+
+/// A snapshot of a farm, from [`Farm::status`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct Status {
+    /// Every worker process the farm has, including ones being stopped.
+    pub workers: Vec<WorkerStatus>,
+    /// Calls waiting for a worker.
+    pub queued: usize,
+}
+
+impl Status {
+    /// Calls running on workers.
+    pub fn in_flight(&self) -> usize {
+        self.workers.iter().map(|w| w.in_flight).sum()
+    }
+}
+
+/// One worker in a [`Status`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerStatus {
+    /// The worker.
+    pub id: WorkerId,
+    /// Its process id.
+    pub pid: u32,
+    /// Where it is in its life.
+    pub state: WorkerState,
+    /// Calls it is running.
+    pub in_flight: usize,
+    /// Calls it has been handed (what `ttl` counts).
+    pub handed: u64,
+}
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Spawned, handshake not yet done.
+    Starting,
+    /// Takes calls.
+    Online,
+    /// Takes no new calls (ttl reached, or shutting down); stops when its calls are done.
+    Retiring,
+    /// Asked to exit; `SIGKILL` follows after `kill_timeout`.
+    Stopping,
+}
+
+impl<S: Serializer> Farm<S> {
+    /// Starts a farm: checks the options, spawns the workers and returns without waiting
+    /// for their handshakes (calls made meanwhile wait in the queue).
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError::InvalidOption`] for an out-of-range option;
+    /// [`CreateError::WorkerNotFound`], [`CreateError::NotExecutable`] or
+    /// [`CreateError::Spawn`] when the worker binary cannot be started;
+    /// [`CreateError::NoRuntime`] outside a tokio runtime. A worker that starts but then
+    /// fails is reported on its calls ([`CallError::WorkerStart`]) and in events.
+    pub fn create(options: FarmOptions<S>) -> Result<Self, CreateError> {
+        options.validate()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(CreateError::NoRuntime);
+        }
+        let mut hello = Vec::new();
+        let start = frame::begin(&mut hello);
+        protocol::encode_hello(
+            &Hello {
+                version: PROTOCOL_VERSION,
+                max_frame: u32::try_from(options.max_frame).unwrap_or(u32::MAX),
+                serializer: options.serializer.name().to_owned(),
+            },
+            &mut hello,
+        );
+        frame::finish(&mut hello, start, options.max_frame).map_err(|_| CreateError::InvalidOption {
+            name: "max_frame",
+            reason: "too small for the handshake",
+        })?;
+        let program = options.program.clone();
+        let settings = Settings {
+            spawn: SpawnSpec {
+                program: options.program,
+                args: options.args,
+                envs: options.envs,
+                cwd: options.cwd,
+                max_frame: options.max_frame,
+            },
+            hello: hello.into(),
+            workers: options.workers,
+            per_worker: options.max_concurrent_calls_per_worker,
+            max_retries: options.max_retries,
+            retry_handler_errors: options.retry_handler_errors,
+            timeout: options.timeout,
+            ttl: options.ttl,
+            max_idle_time: options.max_idle_time,
+            kill_timeout: options.kill_timeout,
+            startup_timeout: options.startup_timeout,
+        };
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
+        let mut dispatcher = Dispatcher::new(settings, commands_rx, events.clone());
+        dispatcher.start().map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
+                path: program.clone(),
+            },
+            std::io::ErrorKind::PermissionDenied => CreateError::NotExecutable {
+                path: program.clone(),
+            },
+            _ => CreateError::Spawn {
+                path: program.clone(),
+                source,
+            },
+        })?;
+        let span = tracing::debug_span!("farm", program = %program.display());
+        tokio::spawn(dispatcher.run().instrument(span));
+        let core = Arc::new(Core {
+            commands,
+            events,
+            first_events: Mutex::new(Some(first_events)),
+            limiter: options
+                .max_concurrent_calls
+                .map(|n| (Arc::new(Semaphore::new(n)), n)),
+            next_call: AtomicU64::new(1),
+            max_frame: options.max_frame,
+        });
+        registry::register(&core);
+        Ok(Farm {
+            core,
+            serializer: options.serializer,
+        })
+    }
+
+    /// Runs the worker's default method with `args` (a tuple for several).
+    ///
+    /// The call is queued when `run` is called, not when the future is first polled, so a
+    /// loop of `run` calls submits them all at once.
+    ///
+    /// # Errors
+    ///
+    /// Any [`CallError`]; `QueueFull`, `ShutDown` and `Serialize` come without waiting.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes abandons the call: if it is still queued it
+    /// never runs; if a worker is already running it, it runs to the end and the result is
+    /// discarded.
+    pub fn run<A, T>(&self, args: A) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        self.run_method("", args)
+    }
+
+    /// Runs the worker's method `method` with `args`. See [`run`](Self::run).
+    pub fn run_method<A, T>(
+        &self,
+        method: &str,
+        args: A,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        let submitted = self.submit(method, &args);
+        let serializer = self.serializer.clone();
+        async move {
+            let body = match submitted?.await {
+                Ok(outcome) => outcome?,
+                Err(_) => return Err(CallError::ShutDown),
+            };
+            decode_result(&serializer, &body)
+        }
+    }
+
+    /// Runs the default method once on every live worker. See
+    /// [`broadcast_method`](Self::broadcast_method).
+    pub async fn broadcast<A, T>(&self, args: A) -> Broadcast<T>
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        self.broadcast_method("", args).await
+    }
+
+    /// Runs `method` once on every worker that is starting or online, and reports each
+    /// worker's success or failure apart. A broadcast call never moves to another worker
+    /// and is never retried: a worker that dies during it is that worker's failure. It does
+    /// not count towards `max_concurrent_calls` or `ttl`.
+    pub async fn broadcast_method<A, T>(&self, method: &str, args: A) -> Broadcast<T>
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        let mut result = Broadcast {
+            successes: Vec::new(),
+            failures: Vec::new(),
+        };
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let Ok(frame) = self.encode_call(id, method, &args) else {
+            return result;
+        };
+        let receivers = self
+            .core
+            .request(|replies| Command::Broadcast {
+                id,
+                method: method.into(),
+                frame: frame.into(),
+                replies,
+            })
+            .await
+            .unwrap_or_default();
+        for (worker, rx) in receivers {
+            let outcome = rx.await.unwrap_or(Err(CallError::ShutDown));
+            match outcome.and_then(|body| decode_result(&self.serializer, &body)) {
+                Ok(value) => result.successes.push((worker, value)),
+                Err(error) => result.failures.push((worker, error)),
+            }
+        }
+        result
+    }
+
+    /// Subscribes to the farm's [`Event`]s. The first subscription also sees the events
+    /// from before it (since `create`), up to the channel's capacity; later ones start now.
+    /// A subscriber that falls behind by more than 4096 events gets
+    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        let mut first = self.core.first_events.lock().unwrap_or_else(|e| e.into_inner());
+        first.take().unwrap_or_else(|| self.core.events.subscribe())
+    }
+
+    /// A snapshot of the workers and the queue. Empty once the farm has stopped.
+    pub async fn status(&self) -> Status {
+        self.core.request(Command::Status).await.unwrap_or_default()
+    }
+
+    /// Graceful stop: queued calls fail with [`CallError::ShutDown`], calls in flight run to
+    /// the end, then each worker's stdin is closed (`SIGKILL` after `kill_timeout` if it
+    /// lingers). Later calls fail at once. Returns when every worker has exited.
+    pub async fn shutdown(&self) {
+        self.core.request(Command::Shutdown).await;
+    }
+
+    /// Immediate stop: queued and in-flight calls fail with [`CallError::ShutDown`] at
+    /// once, and every worker gets `SIGTERM`, then `SIGKILL` after `kill_timeout`. Returns
+    /// when every worker has exited.
+    pub async fn kill(&self) {
+        self.core.kill().await;
+    }
+
+    /// The serializer this farm uses.
+    pub fn serializer(&self) -> &S {
+        &self.serializer
+    }
+
+    /// Encodes and queues a call; the receiver yields its outcome.
+    fn submit<A: Serialize>(&self, method: &str, args: &A) -> Result<oneshot::Receiver<Outcome>, CallError> {
+        let permit = match &self.core.limiter {
+            None => None,
+            Some((semaphore, limit)) => Some(
+                semaphore
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| CallError::QueueFull { limit: *limit })?,
+            ),
+        };
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode_call(id, method, args)?;
+        let (reply, rx) = Reply::new();
+        let call = Call {
+            id,
+            method: method.into(),
+            frame: frame.into(),
+            attempts: 0,
+            pinned: None,
+            avoid: None,
+            reply,
+            _permit: permit,
+        };
+        self.core
+            .commands
+            .send(Command::Call(call))
+            .map_err(|_| CallError::ShutDown)?;
+        Ok(rx)
+    }
+
+    fn encode_call<A: Serialize>(&self, id: u64, method: &str, args: &A) -> Result<Vec<u8>, CallError> {
+        let type_name = std::any::type_name::<A>();
+        if method.len() > u16::MAX as usize {
+            return Err(CallError::Serialize {
+                type_name,
+                message: "method name longer than 65535 bytes".into(),
+            });
+        }
+        let mut buf = Vec::with_capacity(64);
+        let start = frame::begin(&mut buf);
+        protocol::encode_call_head(id, method, &mut buf);
+        self.serializer
+            .encode(args, &mut buf)
+            .map_err(|e| CallError::Serialize {
+                type_name,
+                message: e.to_string(),
+            })?;
+        frame::finish(&mut buf, start, self.core.max_frame).map_err(|e| CallError::Serialize {
+            type_name,
+            message: e.to_string(),
+        })?;
+        Ok(buf)
+    }
+}
+
+fn decode_result<S: Serializer, T: DeserializeOwned>(serializer: &S, body: &[u8]) -> Result<T, CallError> {
+    serializer.decode(body).map_err(|e| CallError::Deserialize {
+        type_name: std::any::type_name::<T>(),
+        message: e.to_string(),
+    })
+}

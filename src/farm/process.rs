@@ -1,0 +1,302 @@
+//! The pipe transport: one child process per worker, frames over its stdin and stdout.
+//!
+//! The dispatcher sees a worker only through a [`WorkerLink`] (frames out, signals) and the
+//! [`Inbound`] messages a worker's tasks send it (frames in, faults, exit). Nothing here
+//! knows about queues, retries or timeouts, so another transport can stand in its place.
+//!
+//! Each worker gets three tasks: a writer that coalesces queued frames into as few `write`
+//! calls as possible, a supervisor that reads and decodes frames and reaps the process, and
+//! an stderr forwarder that copies the worker's stderr to ours and remembers the last lines
+//! for error reports (so the pipe never fills).
+
+use crate::error::ExitInfo;
+use crate::event::WorkerId;
+use crate::protocol::frame::FrameDecoder;
+use crate::protocol::{decode_from_worker, FromWorker};
+use crate::sys::{signal_group, Signal};
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::sync::mpsc;
+
+/// Environment variable that marks a process as started by a farm.
+pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
+/// Environment variable carrying the parent's pid, for the worker's parent-death check.
+pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
+
+/// Lines of a worker's stderr kept for error reports.
+const STDERR_TAIL_LINES: usize = 10;
+/// Frames at least this big are written on their own instead of being copied into a batch.
+const DIRECT_WRITE: usize = 32 * 1024;
+/// Read buffer size for a worker's stdout.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a worker's tasks tell the dispatcher.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// Messages decoded from one read, in order.
+    Messages {
+        worker: WorkerId,
+        messages: Vec<FromWorker>,
+    },
+    /// The worker broke the protocol; nothing more will be read from it.
+    Fault { worker: WorkerId, message: String },
+    /// The process ended and was reaped; every message it sent was delivered before this.
+    Exited {
+        worker: WorkerId,
+        exit: ExitInfo,
+        stderr_tail: Vec<String>,
+    },
+}
+
+/// How to start a worker process.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnSpec {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) envs: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) max_frame: usize,
+}
+
+/// The dispatcher's handle on one worker.
+#[derive(Debug)]
+pub(crate) struct WorkerLink {
+    frames: Option<mpsc::UnboundedSender<Bytes>>,
+    control: mpsc::UnboundedSender<Signal>,
+    pid: u32,
+}
+
+impl WorkerLink {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Queues a frame for the worker. False if its input is already closed.
+    pub(crate) fn send(&self, frame: Bytes) -> bool {
+        self.frames.as_ref().is_some_and(|tx| tx.send(frame).is_ok())
+    }
+
+    /// Closes the worker's stdin once queued frames are written: the polite stop.
+    pub(crate) fn close_input(&mut self) {
+        self.frames = None;
+    }
+
+    pub(crate) fn signal(&self, signal: Signal) {
+        let _ = self.control.send(signal);
+    }
+}
+
+/// Starts a worker process and its tasks; `hello` is the first frame it is sent.
+pub(crate) fn spawn(
+    spec: &SpawnSpec,
+    worker: WorkerId,
+    hello: Bytes,
+    inbound: mpsc::UnboundedSender<Inbound>,
+) -> std::io::Result<WorkerLink> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.envs.iter().map(|(k, v)| (k, v)))
+        .env(WORKER_ENV, "1")
+        .env(PARENT_PID_ENV, std::process::id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(std::io::Error::other("child stdio was not piped"));
+    };
+
+    let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let _ = frames_tx.send(hello);
+    tokio::spawn(write_frames(stdin, frames_rx));
+    let stderr_task = tokio::spawn(forward_stderr(stderr, pid));
+    tokio::spawn(supervise(Supervised {
+        worker,
+        child,
+        pid,
+        stdout,
+        stderr_task,
+        control: control_rx,
+        inbound,
+        max_frame: spec.max_frame,
+    }));
+    Ok(WorkerLink {
+        frames: Some(frames_tx),
+        control: control_tx,
+        pid,
+    })
+}
+
+/// Writes queued frames to the worker's stdin, many per `write` when they pile up. Ends
+/// (closing stdin) when the link drops its sender, or when the worker stops reading.
+async fn write_frames(mut stdin: ChildStdin, mut frames: mpsc::UnboundedReceiver<Bytes>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(256);
+    let mut buf: Vec<u8> = Vec::with_capacity(DIRECT_WRITE);
+    while frames.recv_many(&mut batch, 256).await > 0 {
+        for frame in batch.drain(..) {
+            if frame.len() >= DIRECT_WRITE {
+                if !buf.is_empty() {
+                    if stdin.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                    buf.clear();
+                }
+                if stdin.write_all(&frame).await.is_err() {
+                    return;
+                }
+            } else {
+                buf.extend_from_slice(&frame);
+            }
+        }
+        if !buf.is_empty() {
+            if stdin.write_all(&buf).await.is_err() {
+                return;
+            }
+            buf.clear();
+            if buf.capacity() > 4 * DIRECT_WRITE {
+                buf.shrink_to(DIRECT_WRITE);
+            }
+        }
+    }
+}
+
+/// Copies the worker's stderr to ours line by line and returns its last lines.
+async fn forward_stderr(stderr: ChildStderr, pid: u32) -> Vec<String> {
+    let mut reader = BufReader::new(stderr);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(STDERR_TAIL_LINES);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let _ = std::io::stderr().lock().write_all(&line);
+                if tail.len() == STDERR_TAIL_LINES {
+                    tail.pop_front();
+                }
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end();
+                tail.push_back(text.chars().take(500).collect());
+            }
+        }
+    }
+    tracing::trace!(pid, "worker stderr closed");
+    tail.into()
+}
+
+struct Supervised {
+    worker: WorkerId,
+    child: Child,
+    pid: u32,
+    stdout: ChildStdout,
+    stderr_task: tokio::task::JoinHandle<Vec<String>>,
+    control: mpsc::UnboundedReceiver<Signal>,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    max_frame: usize,
+}
+
+/// Reads and decodes the worker's frames, delivers signals, and reaps the process. Reports
+/// `Exited` last, after everything the worker wrote before dying.
+async fn supervise(s: Supervised) {
+    let Supervised {
+        worker,
+        mut child,
+        pid,
+        mut stdout,
+        stderr_task,
+        mut control,
+        inbound,
+        max_frame,
+    } = s;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut decoder = FrameDecoder::new(max_frame);
+    let mut reading = true;
+    let mut control_open = true;
+    let mut status = None;
+    // Once the process is gone, give its output this long to drain (a grandchild may hold
+    // the pipe open).
+    let drain_grace = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(drain_grace);
+
+    while reading || status.is_none() {
+        tokio::select! {
+            read = read_some(&mut stdout, &mut buf), if reading => {
+                match read {
+                    Ok(0) | Err(_) => reading = false,
+                    Ok(_) => {
+                        let (messages, fault) = decode_all(&mut decoder, &mut buf);
+                        if !messages.is_empty() {
+                            let _ = inbound.send(Inbound::Messages { worker, messages });
+                        }
+                        if let Some(message) = fault {
+                            let _ = inbound.send(Inbound::Fault { worker, message });
+                            reading = false;
+                        }
+                    }
+                }
+            }
+            exit = child.wait(), if status.is_none() => {
+                status = Some(exit.map(ExitInfo::from_status).unwrap_or(ExitInfo { code: None, signal: None }));
+                drain_grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
+            }
+            signal = control.recv(), if control_open => match signal {
+                // Not yet reaped, so the pid (and the group it leads) is still this worker's.
+                Some(signal) if status.is_none() => signal_group(pid, signal),
+                Some(_) => {}
+                None => control_open = false,
+            },
+            () = &mut drain_grace, if status.is_some() => reading = false,
+        }
+    }
+    let stderr_tail = match tokio::time::timeout(Duration::from_millis(200), stderr_task).await {
+        Ok(Ok(tail)) => tail,
+        _ => Vec::new(),
+    };
+    let exit = status.unwrap_or(ExitInfo {
+        code: None,
+        signal: None,
+    });
+    let _ = inbound.send(Inbound::Exited {
+        worker,
+        exit,
+        stderr_tail,
+    });
+}
+
+async fn read_some(stdout: &mut ChildStdout, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    stdout.read_buf(buf).await
+}
+
+fn decode_all(decoder: &mut FrameDecoder, buf: &mut BytesMut) -> (Vec<FromWorker>, Option<String>) {
+    let mut messages = Vec::new();
+    loop {
+        match decoder.decode(buf) {
+            Ok(Some(payload)) => match decode_from_worker(payload.freeze()) {
+                Ok(message) => messages.push(message),
+                Err(e) => return (messages, Some(e.to_string())),
+            },
+            Ok(None) => return (messages, None),
+            Err(e) => return (messages, Some(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! workfarm: farm calls out to a pool of child processes and get the answers back.
+#![doc = include_str!("../README.md")]
+#![deny(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod error;
+pub mod event;
+mod farm;
+mod options;
+mod protocol;
+pub mod serializer;
+mod sys;
+pub mod worker;
+
+pub use error::{CallError, CreateError, ExitInfo};
+pub use event::{Event, WorkerId};
+pub use farm::{kill_all, Broadcast, Farm, Status, WorkerState, WorkerStatus};
+pub use options::FarmOptions;
+pub use protocol::PROTOCOL_VERSION;

@@ -1,0 +1,337 @@
+//! [`FarmOptions`]: every setting of a farm and its default, in one place.
+
+use crate::error::CreateError;
+use crate::protocol::frame::DEFAULT_MAX_FRAME;
+use crate::serializer::{Json, Serializer};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Settings for [`Farm::create`](crate::Farm::create). Setters take and return the options
+/// by value; nothing is checked until `create`, which refuses out-of-range values with
+/// [`CreateError::InvalidOption`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use workfarm::{FarmOptions, serializer::Cbor};
+///
+/// let options = FarmOptions::new("target/release/my-worker")
+///     .workers(4)
+///     .timeout(Duration::from_secs(30))
+///     .ttl(10_000)
+///     .serializer(Cbor);
+/// ```
+#[derive(Debug, Clone)]
+#[must_use = "options do nothing until passed to Farm::create"]
+pub struct FarmOptions<S = Json> {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<OsString>,
+    pub(crate) envs: Vec<(OsString, OsString)>,
+    pub(crate) cwd: Option<PathBuf>,
+    pub(crate) workers: usize,
+    pub(crate) max_concurrent_calls: Option<usize>,
+    pub(crate) max_concurrent_calls_per_worker: usize,
+    pub(crate) max_retries: u32,
+    pub(crate) retry_handler_errors: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) ttl: Option<u64>,
+    pub(crate) max_idle_time: Option<Duration>,
+    pub(crate) kill_timeout: Duration,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) serializer: S,
+}
+
+impl FarmOptions<Json> {
+    /// Options for a farm of `program`, with every other setting at its default.
+    pub fn new(program: impl AsRef<Path>) -> Self {
+        FarmOptions {
+            program: program.as_ref().to_path_buf(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            cwd: None,
+            workers: num_cpus::get(),
+            max_concurrent_calls: None,
+            max_concurrent_calls_per_worker: 10,
+            max_retries: 3,
+            retry_handler_errors: false,
+            timeout: None,
+            ttl: None,
+            max_idle_time: None,
+            kill_timeout: Duration::from_millis(500),
+            startup_timeout: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+            serializer: Json,
+        }
+    }
+
+    /// Options for a farm whose workers are the current executable, re-entered as workers
+    /// (see [`Worker::serve_if_worker`](crate::worker::Worker::serve_if_worker)).
+    pub fn current_exe() -> Self {
+        Self::new(std::env::current_exe().unwrap_or_default())
+    }
+}
+
+impl<S: Serializer> FarmOptions<S> {
+    /// Adds an argument to the worker's command line. Default: none.
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Adds arguments to the worker's command line. Default: none.
+    pub fn args<I: IntoIterator<Item = A>, A: Into<OsString>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the worker, on top of the parent's environment.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// The worker's working directory. Default: the parent's.
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.cwd = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Number of worker processes. Default: the number of CPUs. Must be at least 1.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Most calls queued plus in flight; beyond it a call fails at once with
+    /// [`CallError::QueueFull`](crate::CallError::QueueFull). Default: unbounded.
+    pub fn max_concurrent_calls(mut self, n: impl Into<Option<usize>>) -> Self {
+        self.max_concurrent_calls = n.into();
+        self
+    }
+
+    /// Most calls one worker runs at once. Default: 10.
+    pub fn max_concurrent_calls_per_worker(mut self, n: usize) -> Self {
+        self.max_concurrent_calls_per_worker = n;
+        self
+    }
+
+    /// How many times a call is retried after its worker died, timed out or broke the
+    /// protocol (and, with [`retry_handler_errors`](Self::retry_handler_errors), after a
+    /// handler error). Default: 3.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Whether a handler's own error or panic is retried too. Default: `false`, since
+    /// retrying a deterministic error only repeats it.
+    pub fn retry_handler_errors(mut self, yes: bool) -> Self {
+        self.retry_handler_errors = yes;
+        self
+    }
+
+    /// Longest a call may run once handed to a worker; the worker is then stopped, the call
+    /// fails with [`CallError::Timeout`](crate::CallError::Timeout) (or is retried), and the
+    /// other calls on that worker are re-queued. Default: none.
+    pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.timeout = timeout.into();
+        self
+    }
+
+    /// Calls a worker is handed before it is retired and replaced. Default: none.
+    pub fn ttl(mut self, calls: impl Into<Option<u64>>) -> Self {
+        self.ttl = calls.into();
+        self
+    }
+
+    /// How long a worker may have no call in flight before it is stopped; a replacement is
+    /// started when calls need it. Default: none.
+    pub fn max_idle_time(mut self, idle: impl Into<Option<Duration>>) -> Self {
+        self.max_idle_time = idle.into();
+        self
+    }
+
+    /// Grace between a polite stop (stdin closed, `SIGTERM`) and `SIGKILL`. Default: 500 ms.
+    pub fn kill_timeout(mut self, grace: Duration) -> Self {
+        self.kill_timeout = grace;
+        self
+    }
+
+    /// Longest a worker may take from spawn to handshake before it is killed as failed to
+    /// start. Default: 10 s.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Largest frame, in bytes, either side may send: a bigger call fails with
+    /// [`CallError::Serialize`](crate::CallError::Serialize), a bigger reply drops its
+    /// worker as a protocol violation. Default: 64 MiB.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// The serializer for arguments and results. Default: [`Json`].
+    pub fn serializer<T: Serializer>(self, serializer: T) -> FarmOptions<T> {
+        FarmOptions {
+            program: self.program,
+            args: self.args,
+            envs: self.envs,
+            cwd: self.cwd,
+            workers: self.workers,
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_concurrent_calls_per_worker: self.max_concurrent_calls_per_worker,
+            max_retries: self.max_retries,
+            retry_handler_errors: self.retry_handler_errors,
+            timeout: self.timeout,
+            ttl: self.ttl,
+            max_idle_time: self.max_idle_time,
+            kill_timeout: self.kill_timeout,
+            startup_timeout: self.startup_timeout,
+            max_frame: self.max_frame,
+            serializer,
+        }
+    }
+
+    /// The worker binary.
+    pub fn get_program(&self) -> &Path {
+        &self.program
+    }
+
+    /// The number of workers.
+    pub fn get_workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The serializer.
+    pub fn get_serializer(&self) -> &S {
+        &self.serializer
+    }
+
+    /// Checks every value; `Farm::create` calls this first.
+    pub(crate) fn validate(&self) -> Result<(), CreateError> {
+        fn invalid(name: &'static str, reason: &'static str) -> Result<(), CreateError> {
+            Err(CreateError::InvalidOption { name, reason })
+        }
+        let nonzero = |d: Option<Duration>| d.map_or(true, |d| !d.is_zero());
+        if self.workers == 0 {
+            return invalid("workers", "must be at least 1");
+        }
+        if self.max_concurrent_calls == Some(0) {
+            return invalid("max_concurrent_calls", "must be at least 1");
+        }
+        if self.max_concurrent_calls_per_worker == 0 {
+            return invalid("max_concurrent_calls_per_worker", "must be at least 1");
+        }
+        if !nonzero(self.timeout) {
+            return invalid("timeout", "must be longer than zero");
+        }
+        if self.ttl == Some(0) {
+            return invalid("ttl", "must be at least 1");
+        }
+        if !nonzero(self.max_idle_time) {
+            return invalid("max_idle_time", "must be longer than zero");
+        }
+        if self.kill_timeout.is_zero() {
+            return invalid("kill_timeout", "must be longer than zero");
+        }
+        if self.startup_timeout.is_zero() {
+            return invalid("startup_timeout", "must be longer than zero");
+        }
+        if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
+            return invalid("max_frame", "must be between 64 bytes and 4 GiB");
+        }
+        if self.serializer.name().is_empty() || self.serializer.name().len() > 255 {
+            return invalid("serializer", "name must be 1 to 255 bytes");
+        }
+        match std::fs::metadata(&self.program) {
+            Err(_) => {
+                return Err(CreateError::WorkerNotFound {
+                    path: self.program.clone(),
+                })
+            }
+            Ok(meta) if !is_executable(&meta) => {
+                return Err(CreateError::NotExecutable {
+                    path: self.program.clone(),
+                })
+            }
+            Ok(_) => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.is_file() && meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    meta.is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> FarmOptions {
+        FarmOptions::new(std::env::current_exe().unwrap())
+    }
+
+    fn refused(o: FarmOptions) -> &'static str {
+        match o.validate() {
+            Err(CreateError::InvalidOption { name, .. }) => name,
+            other => panic!("expected InvalidOption, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let o = ok();
+        assert!(o.validate().is_ok());
+        assert_eq!(o.workers, num_cpus::get());
+        assert_eq!(o.max_concurrent_calls_per_worker, 10);
+        assert_eq!(o.max_retries, 3);
+        assert_eq!(o.kill_timeout, Duration::from_millis(500));
+        assert_eq!(o.max_concurrent_calls, None);
+        assert_eq!(o.timeout, None);
+        assert_eq!(o.ttl, None);
+        assert_eq!(o.max_idle_time, None);
+        assert!(!o.retry_handler_errors);
+    }
+
+    #[test]
+    fn zero_values_are_refused() {
+        assert_eq!(refused(ok().workers(0)), "workers");
+        assert_eq!(refused(ok().max_concurrent_calls(0)), "max_concurrent_calls");
+        assert_eq!(refused(ok().max_concurrent_calls_per_worker(0)), "max_concurrent_calls_per_worker");
+        assert_eq!(refused(ok().timeout(Duration::ZERO)), "timeout");
+        assert_eq!(refused(ok().ttl(0)), "ttl");
+        assert_eq!(refused(ok().max_idle_time(Duration::ZERO)), "max_idle_time");
+        assert_eq!(refused(ok().kill_timeout(Duration::ZERO)), "kill_timeout");
+        assert_eq!(refused(ok().startup_timeout(Duration::ZERO)), "startup_timeout");
+        assert_eq!(refused(ok().max_frame(10)), "max_frame");
+    }
+
+    #[test]
+    fn missing_or_unexecutable_program_is_refused() {
+        assert!(matches!(
+            FarmOptions::new("/no/such/worker").validate(),
+            Err(CreateError::WorkerNotFound { .. })
+        ));
+        assert!(matches!(
+            FarmOptions::new("/").validate(),
+            Err(CreateError::NotExecutable { .. })
+        ));
+        assert!(matches!(
+            FarmOptions::new("Cargo.toml").validate(),
+            Err(CreateError::NotExecutable { .. })
+        ));
+    }
+}

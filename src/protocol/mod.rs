@@ -1,0 +1,304 @@
+//! The wire protocol between a farm and its workers. No I/O and no user API here: this
+//! module turns messages into frame payloads and back, so any transport that moves frames
+//! (a pipe today, a network stream later) can carry it.
+//!
+//! Every frame payload starts with a one-byte tag; integers are little-endian.
+//!
+//! | tag    | direction | message | body                                                   |
+//! |--------|-----------|---------|--------------------------------------------------------|
+//! | `0x01` | to worker | Hello   | version u16, max frame u32, serializer name (u8 len)    |
+//! | `0x02` | to worker | Call    | call id u64, method (u16 len), encoded arguments       |
+//! | `0x81` | to farm   | Ready   | version u16, pid u32                                   |
+//! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
+//! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
+//! | `0x84` | to farm   | Fatal   | UTF-8 message: the worker cannot serve and will exit   |
+//!
+//! The farm writes Hello first; the worker answers Ready (or Fatal) before anything else.
+
+pub(crate) mod frame;
+
+use bytes::{Buf, Bytes};
+use std::fmt;
+
+/// Version of the wire protocol; the handshake refuses a worker that speaks another.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+const TAG_HELLO: u8 = 0x01;
+const TAG_CALL: u8 = 0x02;
+const TAG_READY: u8 = 0x81;
+const TAG_OK: u8 = 0x82;
+const TAG_ERR: u8 = 0x83;
+const TAG_FATAL: u8 = 0x84;
+
+/// Why a handler's call failed, as the worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The handler returned an error.
+    Handler = 1,
+    /// The handler panicked.
+    Panic = 2,
+    /// No handler is registered under that name.
+    UnknownMethod = 3,
+    /// The arguments did not deserialize into the handler's argument type.
+    BadArguments = 4,
+    /// The handler's result could not be serialized or framed.
+    BadResult = 5,
+}
+
+impl FailureKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => FailureKind::Handler,
+            2 => FailureKind::Panic,
+            3 => FailureKind::UnknownMethod,
+            4 => FailureKind::BadArguments,
+            5 => FailureKind::BadResult,
+            _ => return None,
+        })
+    }
+}
+
+/// A message that does not parse. Fatal for the stream it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProtocolError(pub(crate) String);
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+fn malformed(what: &str) -> ProtocolError {
+    ProtocolError(format!("malformed {what} message"))
+}
+
+// ===== farm → worker =====
+
+/// What the farm tells a worker first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub(crate) version: u16,
+    pub(crate) max_frame: u32,
+    pub(crate) serializer: String,
+}
+
+/// A message from the farm to a worker.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ToWorker {
+    Hello(Hello),
+    Call {
+        id: u64,
+        method: String,
+        args: Bytes,
+    },
+}
+
+pub(crate) fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
+    let name = hello.serializer.as_bytes();
+    let name = &name[..name.len().min(u8::MAX as usize)];
+    out.push(TAG_HELLO);
+    out.extend_from_slice(&hello.version.to_le_bytes());
+    out.extend_from_slice(&hello.max_frame.to_le_bytes());
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+}
+
+/// Writes a Call's header; the caller appends the encoded arguments right after it.
+/// Method names longer than `u16::MAX` bytes are refused by the caller beforehand.
+pub(crate) fn encode_call_head(id: u64, method: &str, out: &mut Vec<u8>) {
+    out.push(TAG_CALL);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.extend_from_slice(&(method.len() as u16).to_le_bytes());
+    out.extend_from_slice(method.as_bytes());
+}
+
+pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> {
+    if p.is_empty() {
+        return Err(ProtocolError("empty frame".into()));
+    }
+    match p.get_u8() {
+        TAG_HELLO => {
+            if p.remaining() < 7 {
+                return Err(malformed("hello"));
+            }
+            let version = p.get_u16_le();
+            let max_frame = p.get_u32_le();
+            let n = p.get_u8() as usize;
+            if p.remaining() != n {
+                return Err(malformed("hello"));
+            }
+            let serializer = String::from_utf8(p.to_vec()).map_err(|_| malformed("hello"))?;
+            Ok(ToWorker::Hello(Hello {
+                version,
+                max_frame,
+                serializer,
+            }))
+        }
+        TAG_CALL => {
+            if p.remaining() < 10 {
+                return Err(malformed("call"));
+            }
+            let id = p.get_u64_le();
+            let n = p.get_u16_le() as usize;
+            if p.remaining() < n {
+                return Err(malformed("call"));
+            }
+            let method = std::str::from_utf8(&p[..n])
+                .map_err(|_| malformed("call"))?
+                .to_owned();
+            p.advance(n);
+            Ok(ToWorker::Call {
+                id,
+                method,
+                args: p,
+            })
+        }
+        tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
+    }
+}
+
+// ===== worker → farm =====
+
+/// A message from a worker to the farm.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FromWorker {
+    Ready { version: u16, pid: u32 },
+    Ok { id: u64, body: Bytes },
+    Err { id: u64, kind: FailureKind, message: String },
+    Fatal { message: String },
+}
+
+pub(crate) fn encode_ready(pid: u32, out: &mut Vec<u8>) {
+    out.push(TAG_READY);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    out.extend_from_slice(&pid.to_le_bytes());
+}
+
+/// Writes an Ok's header; the caller appends the encoded result right after it.
+pub(crate) fn encode_ok_head(id: u64, out: &mut Vec<u8>) {
+    out.push(TAG_OK);
+    out.extend_from_slice(&id.to_le_bytes());
+}
+
+pub(crate) fn encode_err(id: u64, kind: FailureKind, message: &str, out: &mut Vec<u8>) {
+    out.push(TAG_ERR);
+    out.extend_from_slice(&id.to_le_bytes());
+    out.push(kind as u8);
+    out.extend_from_slice(message.as_bytes());
+}
+
+pub(crate) fn encode_fatal(message: &str, out: &mut Vec<u8>) {
+    out.push(TAG_FATAL);
+    out.extend_from_slice(message.as_bytes());
+}
+
+pub(crate) fn decode_from_worker(mut p: Bytes) -> Result<FromWorker, ProtocolError> {
+    if p.is_empty() {
+        return Err(ProtocolError("empty frame".into()));
+    }
+    match p.get_u8() {
+        TAG_READY => {
+            if p.remaining() != 6 {
+                return Err(malformed("ready"));
+            }
+            Ok(FromWorker::Ready {
+                version: p.get_u16_le(),
+                pid: p.get_u32_le(),
+            })
+        }
+        TAG_OK => {
+            if p.remaining() < 8 {
+                return Err(malformed("ok"));
+            }
+            let id = p.get_u64_le();
+            Ok(FromWorker::Ok { id, body: p })
+        }
+        TAG_ERR => {
+            if p.remaining() < 9 {
+                return Err(malformed("err"));
+            }
+            let id = p.get_u64_le();
+            let kind = FailureKind::from_u8(p.get_u8()).ok_or_else(|| malformed("err"))?;
+            let message = String::from_utf8_lossy(&p).into_owned();
+            Ok(FromWorker::Err { id, kind, message })
+        }
+        TAG_FATAL => Ok(FromWorker::Fatal {
+            message: String::from_utf8_lossy(&p).into_owned(),
+        }),
+        tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            max_frame: 1234,
+            serializer: "cbor".into(),
+        };
+        let mut out = Vec::new();
+        encode_hello(&hello, &mut out);
+        assert_eq!(
+            decode_to_worker(out.into()).unwrap(),
+            ToWorker::Hello(hello)
+        );
+
+        let mut out = Vec::new();
+        encode_call_head(7, "add", &mut out);
+        out.extend_from_slice(b"[1,2]");
+        assert_eq!(
+            decode_to_worker(out.into()).unwrap(),
+            ToWorker::Call {
+                id: 7,
+                method: "add".into(),
+                args: Bytes::from_static(b"[1,2]")
+            }
+        );
+
+        let mut out = Vec::new();
+        encode_ready(42, &mut out);
+        assert_eq!(
+            decode_from_worker(out.into()).unwrap(),
+            FromWorker::Ready {
+                version: PROTOCOL_VERSION,
+                pid: 42
+            }
+        );
+
+        let mut out = Vec::new();
+        encode_ok_head(9, &mut out);
+        out.extend_from_slice(b"3");
+        assert_eq!(
+            decode_from_worker(out.into()).unwrap(),
+            FromWorker::Ok {
+                id: 9,
+                body: Bytes::from_static(b"3")
+            }
+        );
+
+        let mut out = Vec::new();
+        encode_err(9, FailureKind::Panic, "boom", &mut out);
+        assert_eq!(
+            decode_from_worker(out.into()).unwrap(),
+            FromWorker::Err {
+                id: 9,
+                kind: FailureKind::Panic,
+                message: "boom".into()
+            }
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [&b""[..], b"\x00", b"\x81\x01", b"\x82abc", b"\x83\0\0\0\0\0\0\0\0\x09", b"\x02\0"] {
+            assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
+            assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());
+        }
+    }
+}

@@ -1,0 +1,84 @@
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// A signal the farm sends to a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signal {
+    /// The polite stop.
+    Terminate,
+    /// The end.
+    Kill,
+}
+
+/// Sends `signal` to the process group led by `pid` (each worker leads its own), so a
+/// worker's own children go with it; falls back to the process alone.
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    let sig = match signal {
+        Signal::Terminate => libc::SIGTERM,
+        Signal::Kill => libc::SIGKILL,
+    };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    // SAFETY: kill(2) takes plain integers and has no memory effects.
+    unsafe {
+        if libc::kill(-pid, sig) != 0 {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
+/// Moves the worker's stdout out of reach of user code: returns a private, close-on-exec
+/// duplicate of fd 1 for frames, and points fd 1 at stderr, so a stray `println!` (or a
+/// child process writing to its inherited stdout) lands in the log, not in the frame stream.
+pub(crate) fn take_stdout_for_frames() -> io::Result<OwnedFd> {
+    // SAFETY: fcntl and dup2 on the process's standard descriptors; the returned fd is new
+    // and owned by nobody else.
+    unsafe {
+        let fd = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::dup2(2, 1) < 0 {
+            let err = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(err);
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Takes ownership of fd 0 for frames from the farm.
+pub(crate) fn take_stdin() -> io::Result<OwnedFd> {
+    // SAFETY: duplicating fd 0 gives a descriptor that nothing else owns.
+    unsafe {
+        let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Asks the kernel to SIGKILL this process when the thread that spawned it dies (Linux),
+/// then checks the parent is still the one that spawned us, closing the race where it died
+/// before the request was made.
+pub(crate) fn die_with_parent(expected_parent: Option<u32>) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    if let Some(expected) = expected_parent {
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        if u32::try_from(parent).ok() != Some(expected) {
+            std::process::exit(1);
+        }
+    }
+}

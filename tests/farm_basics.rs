@@ -1,0 +1,45 @@
+mod support;
+
+use std::collections::HashSet;
+use support::*;
+use workfarm::{CallError, Farm};
+
+#[tokio::test]
+async fn default_method_and_named_methods() {
+    let farm = Farm::create(options(2)).unwrap();
+    let v: serde_json::Value = farm.run(serde_json::json!({"a": [1, 2, 3]})).await.unwrap();
+    assert_eq!(v, serde_json::json!({"a": [1, 2, 3]}));
+    let sum: i64 = farm.run_method("add", (40, 2)).await.unwrap();
+    assert_eq!(sum, 42);
+    let none: serde_json::Value = farm.run(()).await.unwrap();
+    assert_eq!(none, serde_json::Value::Null);
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn calls_spread_over_workers() {
+    let farm = Farm::create(options(2)).unwrap();
+    let calls: Vec<_> = (0..20).map(|_| farm.run_method::<_, u32>("sleep", 50u64)).collect();
+    let mut pids = HashSet::new();
+    for c in calls {
+        pids.insert(c.await.unwrap());
+    }
+    assert_eq!(pids.len(), 2);
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn handler_errors_and_panics_reach_the_caller() {
+    let farm = Farm::create(options(1)).unwrap();
+    let err = farm.run_method::<_, ()>("fail", "nope").await.unwrap_err();
+    assert_eq!(err, CallError::Handler { method: "fail".into(), message: "nope".into() });
+    let err = farm.run_method::<_, ()>("panic", "boom").await.unwrap_err();
+    assert_eq!(err, CallError::Panic { method: "panic".into(), message: "boom".into() });
+    let err = farm.run_method::<_, ()>("panic_async", "boom2").await.unwrap_err();
+    assert_eq!(err, CallError::Panic { method: "panic_async".into(), message: "boom2".into() });
+    let err = farm.run_method::<_, ()>("nope", ()).await.unwrap_err();
+    assert_eq!(err, CallError::UnknownMethod { method: "nope".into() });
+    let ok: i64 = farm.run_method("add", (1, 1)).await.unwrap();
+    assert_eq!(ok, 2);
+    farm.shutdown().await;
+}

@@ -1,0 +1,165 @@
+//! The reference worker for workfarm's tests, examples and benchmarks.
+//!
+//! It is also the model of a worker binary: build a [`Worker`], register methods, `serve()`.
+//! Each method below exists because a test or a benchmark needs it; the comment says which
+//! behaviour it lets a test provoke.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+use workfarm::worker::Worker;
+
+/// What `info` reports about the worker process.
+#[derive(Serialize)]
+struct Info {
+    pid: u32,
+    args: Vec<String>,
+    cwd: String,
+    env: BTreeMap<String, String>,
+}
+
+/// A record with strings, for serialization tests.
+#[derive(Serialize, Deserialize)]
+struct Floats {
+    values: Vec<f64>,
+}
+
+fn main() {
+    // Start-up misbehaviour, chosen by the test through the environment.
+    if let Ok(code) = std::env::var("WORKER_EXIT_AT_START") {
+        eprintln!("worker-bin: exiting at start as asked");
+        std::process::exit(code.parse().unwrap_or(3));
+    }
+    if std::env::var_os("WORKER_HANG_AT_START").is_some() {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+
+    let worker = Worker::new()
+        // The default method: returns its argument.
+        .default_method(|x: serde_json::Value| x)
+        .method("echo", |x: serde_json::Value| x)
+        .method("noop", |x: i64| x)
+        .method("add", |(a, b): (i64, i64)| a + b)
+        .method("pid", |()| std::process::id())
+        .method("info", |()| Info {
+            pid: std::process::id(),
+            args: std::env::args().collect(),
+            cwd: std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            env: std::env::vars().collect(),
+        })
+        // Sleeps without blocking the worker's other calls; returns its pid.
+        .method_async("sleep", |ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            std::process::id()
+        })
+        // Blocks the worker's thread, like CPU-bound work; returns its pid.
+        .method("block", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms));
+            std::process::id()
+        })
+        .try_method("fail", |message: String| Err::<(), _>(message))
+        .try_method_async("fail_async", |message: String| async move { Err::<(), _>(message) })
+        .method("panic", |message: String| boom(&message))
+        .method_async("panic_async", |message: String| async move {
+            tokio::task::yield_now().await;
+            boom(&message)
+        })
+        // Exits the whole process with this code, mid-call.
+        .method("exit", |code: i32| exit_now(code))
+        // Exits (mid-call) when the random draw is below `p`, else returns its pid.
+        .method("exit_sometimes", |p: f64| {
+            if rand_unit() < p {
+                std::process::exit(7);
+            }
+            std::process::id()
+        })
+        // Exits until a counter file has been bumped `n` times, then answers 12.
+        .method("stubborn", |(path, n): (String, u32)| {
+            let seen: u32 = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            if seen < n {
+                let _ = std::fs::write(&path, (seen + 1).to_string());
+                std::process::exit(9);
+            }
+            12
+        })
+        // Never returns: only a timeout (and a kill) ends it.
+        .method("spin", |()| -> () {
+            #[allow(clippy::empty_loop)]
+            loop {
+                std::hint::spin_loop();
+            }
+        })
+        // Ignores the polite SIGTERM from now on, for kill-timeout tests.
+        .method("ignore_sigterm", |()| {
+            // SAFETY: installing SIG_IGN for SIGTERM has no memory effects.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            std::process::id()
+        })
+        // Writes `n` bytes to stdout through print! and to stderr, then returns `n`.
+        .method("chatty", |n: usize| {
+            let line = "x".repeat(99);
+            for _ in 0..n / 100 {
+                println!("{line}");
+                eprintln!("{line}");
+            }
+            let _ = std::io::stdout().flush();
+            n
+        })
+        // Returns a string of `n` bytes (for frame-cap tests).
+        .method("big", |n: usize| "y".repeat(n))
+        .method("bytes", |b: serde_bytes::ByteBuf| b)
+        .method("floats", |f: Floats| f)
+        .method("int_keys", |m: BTreeMap<i64, String>| m)
+        .method("sum", |xs: Vec<f64>| xs.iter().sum::<f64>())
+        .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed));
+
+    if let Err(e) = worker.serve() {
+        eprintln!("worker-bin: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn boom(message: &str) {
+    panic!("{message}")
+}
+
+fn exit_now(code: i32) {
+    std::process::exit(code)
+}
+
+/// The reference Monte Carlo kernel of the shared workloads: xorshift32, count the draws
+/// inside the unit quarter circle.
+fn pi_kernel(n: u64, seed: u32) -> u64 {
+    let mut s = seed;
+    let mut step = move || {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        f64::from(s) / 4_294_967_296.0
+    };
+    (0..n)
+        .filter(|_| {
+            let (x, y) = (step(), step());
+            x * x + y * y <= 1.0
+        })
+        .count() as u64
+}
+
+/// A uniform draw in [0, 1) from the clock and pid; good enough for fault injection.
+fn rand_unit() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut x = u64::from(nanos) ^ (u64::from(std::process::id()) << 32) ^ 0x9E37_79B9_7F4A_7C15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}

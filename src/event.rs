@@ -57,6 +57,13 @@ pub enum Event {
         /// The worker.
         worker: WorkerId,
     },
+    /// A worker grew past `max_memory`; it takes no more calls and is replaced.
+    MemoryLimitReached {
+        /// The worker.
+        worker: WorkerId,
+        /// Its resident set size when measured, in bytes.
+        rss: u64,
+    },
     /// A worker answered a call (workestrator's `message`).
     CallDone {
         /// The worker.
@@ -85,6 +92,7 @@ impl Event {
             | Event::Exited { worker, .. }
             | Event::TtlReached { worker }
             | Event::IdleReached { worker }
+            | Event::MemoryLimitReached { worker, .. }
             | Event::CallDone { worker, .. } => Some(*worker),
             Event::Error { worker, .. } => *worker,
         }

@@ -22,6 +22,8 @@ use tokio::time::Instant;
 const START_FAILURES_BEFORE_FAILING: u32 = 3;
 const RESPAWN_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often workers' memory is measured when `max_memory` is set.
+const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A request from a [`Farm`](crate::Farm) handle.
 #[derive(Debug)]
@@ -50,6 +52,7 @@ pub(crate) struct Settings {
     pub(crate) timeout: Option<Duration>,
     pub(crate) ttl: Option<u64>,
     pub(crate) max_idle_time: Option<Duration>,
+    pub(crate) max_memory: Option<u64>,
     pub(crate) kill_timeout: Duration,
     pub(crate) startup_timeout: Duration,
 }
@@ -63,6 +66,7 @@ enum Timer {
     Kill(WorkerId),
     Startup(WorkerId),
     Respawn,
+    MemoryCheck,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +166,9 @@ impl Dispatcher {
                 self.inbound_tx.clone(),
             )?;
             self.add_worker(id, link);
+        }
+        if self.settings.max_memory.is_some() {
+            self.add_timer(MEMORY_CHECK_INTERVAL, Timer::MemoryCheck);
         }
         Ok(())
     }
@@ -416,13 +423,21 @@ impl Dispatcher {
         if counts_for_ttl {
             w.handed += 1;
             if self.settings.ttl == Some(w.handed) && w.state == WorkerState::Online {
-                let id = w.id;
-                w.state = WorkerState::Retiring;
-                tracing::debug!(worker = id.0, "ttl reached");
-                self.emit(Event::TtlReached { worker: id });
-                self.ensure_workers();
+                let worker = w.id;
+                tracing::debug!(worker = worker.0, "ttl reached");
+                self.retire(i, Event::TtlReached { worker });
             }
         }
+    }
+
+    /// Worker `i` takes no new calls, finishes what it has, and is replaced now.
+    fn retire(&mut self, i: usize, why: Event) {
+        self.workers[i].state = WorkerState::Retiring;
+        self.emit(why);
+        if self.workers[i].is_drained() {
+            self.stop(i, false);
+        }
+        self.ensure_workers();
     }
 
     /// Spawns workers until `workers` are starting or online (unless backing off).
@@ -825,6 +840,25 @@ impl Dispatcher {
             Timer::Respawn => {
                 self.respawn_timer = None;
                 self.ensure_workers();
+            }
+            Timer::MemoryCheck => {
+                let Some(limit) = self.settings.max_memory else {
+                    return;
+                };
+                for i in 0..self.workers.len() {
+                    let w = &self.workers[i];
+                    if w.state != WorkerState::Online {
+                        continue;
+                    }
+                    if let Some(rss) = crate::sys::rss_bytes(w.link.pid()).filter(|&rss| rss > limit) {
+                        let worker = w.id;
+                        tracing::debug!(worker = worker.0, rss, limit, "memory limit reached");
+                        self.retire(i, Event::MemoryLimitReached { worker, rss });
+                    }
+                }
+                if self.mode == Mode::Running {
+                    self.add_timer(MEMORY_CHECK_INTERVAL, Timer::MemoryCheck);
+                }
             }
         }
     }

@@ -195,6 +195,7 @@ impl<S: Serializer> Farm<S> {
             timeout: options.timeout,
             ttl: options.ttl,
             max_idle_time: options.max_idle_time,
+            max_memory: options.max_memory,
             kill_timeout: options.kill_timeout,
             startup_timeout: options.startup_timeout,
         };

@@ -13,7 +13,7 @@ use crate::error::ExitInfo;
 use crate::event::WorkerId;
 use crate::protocol::frame::FrameDecoder;
 use crate::protocol::{decode_from_worker, FromWorker};
-use crate::sys::{signal_group, Signal};
+use crate::sys::{kill_group_remnants, signal_group, Signal};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -225,6 +225,7 @@ async fn supervise(s: Supervised) {
         inbound,
         max_frame,
     } = s;
+    let mut guard = GroupGuard { pid, reaped: false };
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut decoder = FrameDecoder::new(max_frame);
     let mut reading = true;
@@ -253,6 +254,8 @@ async fn supervise(s: Supervised) {
                 }
             }
             exit = child.wait(), if status.is_none() => {
+                guard.reaped = true;
+                kill_group_remnants(pid);
                 status = Some(exit.map(ExitInfo::from_status).unwrap_or(ExitInfo { code: None, signal: None }));
                 drain_grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
             }
@@ -278,6 +281,21 @@ async fn supervise(s: Supervised) {
         exit,
         stderr_tail,
     });
+}
+
+/// Kills the worker's process group if its supervisor is dropped before reaping it (the
+/// runtime shut down under a live farm), so no worker outlives its runtime.
+struct GroupGuard {
+    pid: u32,
+    reaped: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if !self.reaped {
+            signal_group(self.pid, Signal::Kill);
+        }
+    }
 }
 
 async fn read_some(stdout: &mut ChildStdout, buf: &mut BytesMut) -> std::io::Result<usize> {

@@ -202,3 +202,63 @@ mod tests {
         assert_eq!(out, vec![9, 9]);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any byte stream, cut into any chunks, decodes to frames or a clean error.
+        #[test]
+        fn decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                cuts in proptest::collection::vec(1usize..64, 0..32),
+                                max in 0usize..512) {
+            let mut dec = FrameDecoder::new(max);
+            let mut buf = BytesMut::new();
+            let mut rest = &data[..];
+            let mut cuts = cuts.into_iter();
+            while !rest.is_empty() {
+                let n = cuts.next().unwrap_or(rest.len()).min(rest.len());
+                buf.extend_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                loop {
+                    match dec.decode(&mut buf) {
+                        Ok(Some(frame)) => prop_assert!(frame.len() <= max),
+                        Ok(None) => break,
+                        Err(_) => return Ok(()),
+                    }
+                }
+            }
+        }
+
+        /// Frames written by `begin`/`finish` come back unchanged, however the stream is cut.
+        #[test]
+        fn frames_round_trip(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20),
+                             chunk in 1usize..100) {
+            let mut stream = Vec::new();
+            for p in &payloads {
+                let start = begin(&mut stream);
+                stream.extend_from_slice(p);
+                finish(&mut stream, start, 1024).unwrap();
+            }
+            let mut dec = FrameDecoder::new(1024);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(f) = dec.decode(&mut buf).unwrap() {
+                    got.push(f.to_vec());
+                }
+            }
+            prop_assert_eq!(got, payloads);
+        }
+
+        /// Message parsers turn any payload into a message or an error.
+        #[test]
+        fn message_parsers_never_panic(data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = crate::protocol::decode_from_worker(bytes::Bytes::from(data.clone()));
+            let _ = crate::protocol::decode_to_worker(bytes::Bytes::from(data));
+        }
+    }
+}

@@ -33,6 +33,29 @@ pub(crate) fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
+/// SIGKILLs whatever is left in the process group a reaped worker led (children it
+/// started). Never signals the pid alone: it may already belong to another process.
+pub(crate) fn kill_group_remnants(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        if pid > 1 {
+            // SAFETY: kill(2) takes plain integers and has no memory effects.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Resident set size of a process, from `/proc/<pid>/statm` (Linux); `None` elsewhere or
+/// if the process is gone.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 /// Moves the worker's stdout out of reach of user code: returns a private, close-on-exec
 /// duplicate of fd 1 for frames, and points fd 1 at stderr, so a stray `println!` (or a
 /// child process writing to its inherited stdout) lands in the log, not in the frame stream.

@@ -113,6 +113,12 @@ fn main() {
         })
         // Returns a string of `n` bytes (for frame-cap tests).
         .method("big", |n: usize| "y".repeat(n))
+        // Leaks `mib` MiB of touched memory (for memory-limit tests); returns its pid.
+        .method("hog", |mib: usize| {
+            let block = vec![1u8; mib * 1024 * 1024];
+            std::mem::forget(block);
+            std::process::id()
+        })
         .method("bytes", |b: serde_bytes::ByteBuf| b)
         .method("floats", |f: Floats| f)
         .method("int_keys", |m: BTreeMap<i64, String>| m)

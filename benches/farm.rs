@@ -1,1 +1,614 @@
-fn main(){}
+//! The shared process-pool workloads (`/work/shared/WORKLOADS.md`), run on workfarm.
+//!
+//! ```text
+//! cargo bench --bench farm -- <workload>... [--serializer json|cbor]
+//! ```
+//!
+//! Workloads: `noop_throughput`, `latency`, `payload`, `pi`, `startup` (the shared five),
+//! then `queue_memory` and `scale64` (workfarm's own), or `all` for every one in that order.
+//! Each prints one JSON line per metric on stdout and nothing else there; a failure exits
+//! non-zero with `FAILED: <reason>` as the last line on stderr. `PEERS_QUICK=1` divides every
+//! count by 10 and marks the lines `"quick": true`. The worker is the reference worker
+//! (`worker-bin`), built here with `cargo build --release -p workfarm-worker` unless
+//! `WORKFARM_WORKER_BIN` names one.
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use workfarm::serializer::{Cbor, Json, Serializer};
+use workfarm::{CallError, Farm, FarmOptions};
+
+/// The shared five, in the order `all` runs them, then workfarm's own.
+const WORKLOADS: &[&str] = &[
+    "noop_throughput",
+    "latency",
+    "payload",
+    "pi",
+    "startup",
+    "queue_memory",
+    "scale64",
+];
+
+const NOTE: &str = "10 calls in flight per worker (default max_concurrent_calls_per_worker)";
+const WARMUP_CALLS: usize = 100;
+/// Longest one workload may take before the run fails instead of hanging.
+const WORKLOAD_LIMIT: Duration = Duration::from_secs(600);
+
+/// `payload`: the argument's length, its golden ratio step and its left-to-right sum.
+const PAYLOAD_VALUES: usize = 131_072;
+const PAYLOAD_STEP: f64 = 0.618_033_988_749_894_9;
+const PAYLOAD_SUM: f64 = 65_535.518_974_346_48;
+
+/// `pi`: the seeds are `PI_SEED + k`; the counts the reference kernel gives at 5,000,000.
+const PI_SEED: u32 = 2_463_534_242;
+const PI_ITERATIONS: u64 = 5_000_000;
+const PI_COUNTS: [u64; 8] = [
+    3_928_028, 3_928_744, 3_928_361, 3_925_948, 3_927_376, 3_928_023, 3_926_693, 3_927_209,
+];
+
+type Outcome = Result<(), String>;
+
+/// What every workload needs besides the serializer.
+struct Ctx {
+    worker: PathBuf,
+    quick: bool,
+    peer: String,
+    serializer: &'static str,
+}
+
+impl Ctx {
+    /// A shared count, divided by 10 in quick mode.
+    fn count(&self, full: usize) -> usize {
+        if self.quick {
+            full / 10
+        } else {
+            full
+        }
+    }
+
+    fn options<S: Serializer>(&self, serializer: S, workers: usize) -> FarmOptions<S> {
+        FarmOptions::new(&self.worker)
+            .workers(workers)
+            .serializer(serializer)
+    }
+
+    /// Prints one metric line. `extra` holds the workload's own parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        workload: &str,
+        metric: &str,
+        value: f64,
+        unit: &str,
+        workers: usize,
+        calls: usize,
+        warmup_calls: usize,
+        extra: Value,
+    ) {
+        let extra = match extra {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        let line = Line {
+            peer: &self.peer,
+            workload,
+            metric,
+            value,
+            unit,
+            params: Params {
+                workers,
+                calls,
+                warmup_calls,
+                version: env!("CARGO_PKG_VERSION"),
+                note: NOTE,
+                serializer: self.serializer,
+                quick: self.quick.then_some(true),
+                extra,
+            },
+        };
+        println!(
+            "{}",
+            serde_json::to_string(&line).expect("a metric line always encodes")
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    peer: &'a str,
+    workload: &'a str,
+    metric: &'a str,
+    value: f64,
+    unit: &'a str,
+    params: Params<'a>,
+}
+
+#[derive(Serialize)]
+struct Params<'a> {
+    workers: usize,
+    calls: usize,
+    warmup_calls: usize,
+    version: &'a str,
+    note: &'a str,
+    serializer: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quick: Option<bool>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
+fn main() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        eprintln!("FAILED: panic: {}", one_line(&info.to_string()));
+    }));
+    if let Err(reason) = run() {
+        eprintln!("FAILED: {}", one_line(&reason));
+        std::process::exit(1);
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn run() -> Outcome {
+    let mut workloads = Vec::new();
+    let mut serializer = String::from("json");
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--serializer" {
+            serializer = args.next().ok_or("--serializer needs json or cbor")?;
+        } else if let Some(value) = arg.strip_prefix("--serializer=") {
+            serializer = value.to_owned();
+        } else if arg.starts_with("--") {
+            // Cargo passes `--bench`; other flags are not ours either.
+        } else if arg == "all" {
+            workloads.extend(WORKLOADS.iter().map(|w| w.to_string()));
+        } else if WORKLOADS.contains(&arg.as_str()) {
+            workloads.push(arg);
+        } else {
+            return Err(format!(
+                "unknown workload {arg:?} (expected all or one of {})",
+                WORKLOADS.join(", ")
+            ));
+        }
+    }
+    if workloads.is_empty() {
+        return Err(format!(
+            "no workload given (expected all or one of {})",
+            WORKLOADS.join(", ")
+        ));
+    }
+    let serializer: &'static str = match serializer.as_str() {
+        "json" => "json",
+        "cbor" => "cbor",
+        other => return Err(format!("unknown serializer {other:?} (expected json or cbor)")),
+    };
+    let ctx = Ctx {
+        worker: worker_binary()?,
+        quick: std::env::var("PEERS_QUICK").is_ok_and(|v| v == "1"),
+        peer: format!("workfarm-{serializer}"),
+        serializer,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot build the tokio runtime: {e}"))?;
+    for workload in &workloads {
+        let result = match serializer {
+            "cbor" => runtime.block_on(limited(workload, run_workload(&ctx, Cbor, workload))),
+            _ => runtime.block_on(limited(workload, run_workload(&ctx, Json, workload))),
+        };
+        result.map_err(|e| format!("{workload}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn limited(workload: &str, fut: impl Future<Output = Outcome>) -> Outcome {
+    tokio::time::timeout(WORKLOAD_LIMIT, fut)
+        .await
+        .map_err(|_| format!("{workload} took longer than {WORKLOAD_LIMIT:?}"))?
+}
+
+/// The worker binary: `WORKFARM_WORKER_BIN`, or the reference worker built in release mode.
+fn worker_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("WORKFARM_WORKER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(&cargo)
+        .args(["build", "--release", "-p", "workfarm-worker"])
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", cargo.to_string_lossy()))?;
+    if !status.success() {
+        return Err(format!("building the worker failed ({status})"));
+    }
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    };
+    let path = target.join("release").join("workfarm-worker");
+    if !path.is_file() {
+        return Err(format!("no worker binary at {}", path.display()));
+    }
+    Ok(path)
+}
+
+async fn run_workload<S: Serializer>(ctx: &Ctx, serializer: S, workload: &str) -> Outcome {
+    match workload {
+        "noop_throughput" => noop_throughput(ctx, serializer).await,
+        "latency" => latency(ctx, serializer).await,
+        "payload" => payload(ctx, serializer).await,
+        "pi" => pi(ctx, serializer).await,
+        "startup" => startup(ctx, serializer).await,
+        "queue_memory" => queue_memory(ctx, serializer).await,
+        "scale64" => scale64(ctx, serializer).await,
+        other => Err(format!("unknown workload {other:?}")),
+    }
+}
+
+fn create<S: Serializer>(ctx: &Ctx, serializer: S, workers: usize) -> Result<Farm<S>, String> {
+    Farm::create(ctx.options(serializer, workers)).map_err(|e| format!("Farm::create: {e}"))
+}
+
+fn call_failed(method: &str, i: usize, e: CallError) -> String {
+    format!("{method} call {i} failed: {e}")
+}
+
+/// Submits `noop(i)` for every `i` in `range` at once, then awaits them all, checking each.
+async fn noop_all_at_once<S: Serializer>(farm: &Farm<S>, range: std::ops::Range<usize>) -> Outcome {
+    let calls: Vec<_> = range
+        .clone()
+        .map(|i| farm.run_method::<_, i64>("noop", i as i64))
+        .collect();
+    for (i, call) in range.zip(calls) {
+        let x = call.await.map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    Ok(())
+}
+
+/// `noop(i)` for every `i` in `range`, with exactly `window` calls outstanding (FIFO).
+async fn noop_window<S: Serializer>(farm: &Farm<S>, n: usize, window: usize) -> Outcome {
+    let mut outstanding = VecDeque::with_capacity(window);
+    let mut next = 0;
+    let mut done = 0;
+    while done < n {
+        while next < n && outstanding.len() < window {
+            outstanding.push_back(farm.run_method::<_, i64>("noop", next as i64));
+            next += 1;
+        }
+        let call = outstanding.pop_front().expect("a call is outstanding");
+        let x = call.await.map_err(|e| call_failed("noop", done, e))?;
+        if x != done as i64 {
+            return Err(format!("noop({done}) returned {x}"));
+        }
+        done += 1;
+    }
+    Ok(())
+}
+
+async fn noop_sequential<S: Serializer>(farm: &Farm<S>, n: usize) -> Outcome {
+    for i in 0..n {
+        let x: i64 = farm
+            .run_method("noop", i as i64)
+            .await
+            .map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    Ok(())
+}
+
+/// 1. `noop_throughput`: 2 workers; all at once, then a FIFO window of 64.
+async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "noop_throughput";
+    let workers = 2;
+    let n = ctx.count(20_000);
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+
+    let start = Instant::now();
+    noop_all_at_once(&farm, 0..n).await?;
+    let all_at_once = start.elapsed();
+
+    let window = 64;
+    let start = Instant::now();
+    noop_window(&farm, n, window).await?;
+    let windowed = start.elapsed();
+    farm.shutdown().await;
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    ctx.emit(WORKLOAD, "calls_per_s", rate(all_at_once), "calls/s", workers, n, WARMUP_CALLS, json!({}));
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s_window64",
+        rate(windowed),
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({ "window": window }),
+    );
+    Ok(())
+}
+
+/// 2. `latency`: 1 worker, sequential round trips; nearest-rank p50 and p99.
+async fn latency<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "latency";
+    let workers = 1;
+    let n = ctx.count(2_000);
+    let farm = create(ctx, serializer, workers)?;
+    noop_sequential(&farm, WARMUP_CALLS).await?;
+
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let start = Instant::now();
+        let x: i64 = farm
+            .run_method("noop", i as i64)
+            .await
+            .map_err(|e| call_failed("noop", i, e))?;
+        samples.push(start.elapsed());
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    farm.shutdown().await;
+
+    samples.sort_unstable();
+    let rank = |q: f64| samples[((q * n as f64).ceil() as usize).max(1) - 1].as_nanos() as f64 / 1e3;
+    ctx.emit(WORKLOAD, "p50_us", rank(0.50), "us", workers, n, WARMUP_CALLS, json!({}));
+    ctx.emit(WORKLOAD, "p99_us", rank(0.99), "us", workers, n, WARMUP_CALLS, json!({}));
+    Ok(())
+}
+
+fn payload_values() -> Vec<f64> {
+    (0..PAYLOAD_VALUES)
+        .map(|i| (i as f64 * PAYLOAD_STEP) % 1.0)
+        .collect()
+}
+
+/// Left to right, as the workloads define it.
+fn sum_left_to_right(xs: &[f64]) -> f64 {
+    xs.iter().fold(0.0, |acc, x| acc + x)
+}
+
+fn check_sum(i: usize, got: f64, want: f64) -> Outcome {
+    if (got - want).abs() <= 1e-9 * want.abs() {
+        Ok(())
+    } else {
+        Err(format!("sum call {i} returned {got}, expected {want}"))
+    }
+}
+
+/// 3. `payload`: 2 workers, calls of `sum` on 1 MiB of float64, all at once.
+async fn payload<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "payload";
+    let workers = 2;
+    let n = ctx.count(200);
+    let xs = payload_values();
+    let want = sum_left_to_right(&xs);
+    if (want - PAYLOAD_SUM).abs() > 1e-9 * PAYLOAD_SUM {
+        return Err(format!("the caller's own sum is {want}, expected {PAYLOAD_SUM}"));
+    }
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+    let warm: Vec<_> = (0..2)
+        .map(|_| farm.run_method::<_, f64>("sum", xs.clone()))
+        .collect();
+    for (i, call) in warm.into_iter().enumerate() {
+        let got = call.await.map_err(|e| call_failed("warm-up sum", i, e))?;
+        check_sum(i, got, want)?;
+    }
+
+    // `run_method` takes its argument by value: the copies are made before the clock starts.
+    let copies: Vec<Vec<f64>> = (0..n).map(|_| xs.clone()).collect();
+    let start = Instant::now();
+    let calls: Vec<_> = copies
+        .into_iter()
+        .map(|xs| farm.run_method::<_, f64>("sum", xs))
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let got = call.await.map_err(|e| call_failed("sum", i, e))?;
+        check_sum(i, got, want)?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    farm.shutdown().await;
+
+    let bytes = (n * PAYLOAD_VALUES * 8) as f64;
+    let extra = json!({ "values": PAYLOAD_VALUES, "bytes_per_call": PAYLOAD_VALUES * 8, "warmup_sum_calls": 2 });
+    ctx.emit(WORKLOAD, "MB_per_s", bytes / 1e6 / elapsed, "MB/s", workers, n, WARMUP_CALLS, extra.clone());
+    ctx.emit(WORKLOAD, "calls_per_s", n as f64 / elapsed, "calls/s", workers, n, WARMUP_CALLS, extra);
+    Ok(())
+}
+
+/// The reference kernel, as the worker's `pi_kernel`: xorshift32, draws inside the quarter
+/// circle.
+fn pi_kernel(n: u64, seed: u32) -> u64 {
+    let mut s = seed;
+    let mut step = move || {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        f64::from(s) / 4_294_967_296.0
+    };
+    (0..n)
+        .filter(|_| {
+            let (x, y) = (step(), step());
+            x * x + y * y <= 1.0
+        })
+        .count() as u64
+}
+
+/// 4. `pi`: 8 Monte Carlo calls, first in this process, then on 2 workers at once.
+async fn pi<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "pi";
+    let workers = 2;
+    let iterations = ctx.count(PI_ITERATIONS as usize) as u64;
+    let seeds: Vec<u32> = (0..8).map(|k| PI_SEED + k).collect();
+
+    let start = Instant::now();
+    let own: Vec<u64> = seeds
+        .iter()
+        .map(|&seed| pi_kernel(std::hint::black_box(iterations), seed))
+        .collect();
+    let single = start.elapsed().as_secs_f64();
+    if !ctx.quick && own != PI_COUNTS {
+        return Err(format!("the caller's own counts are {own:?}, expected {PI_COUNTS:?}"));
+    }
+
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+    let start = Instant::now();
+    let calls: Vec<_> = seeds
+        .iter()
+        .map(|&seed| farm.run_method::<_, u64>("pi", (iterations, seed)))
+        .collect();
+    let mut counts = Vec::with_capacity(calls.len());
+    for (k, call) in calls.into_iter().enumerate() {
+        counts.push(call.await.map_err(|e| call_failed("pi", k, e))?);
+    }
+    let wall = start.elapsed().as_secs_f64();
+    farm.shutdown().await;
+    if counts != own {
+        return Err(format!("the farm's counts are {counts:?}, the caller's own {own:?}"));
+    }
+
+    let n = seeds.len();
+    let extra = json!({ "iterations": iterations, "first_seed": PI_SEED, "rng": "xorshift32" });
+    ctx.emit(WORKLOAD, "wall_s", wall, "s", workers, n, WARMUP_CALLS, extra.clone());
+    ctx.emit(WORKLOAD, "speedup", single / wall, "x", workers, n, WARMUP_CALLS, extra.clone());
+    ctx.emit(WORKLOAD, "single_process_s", single, "s", workers, n, WARMUP_CALLS, extra);
+    Ok(())
+}
+
+/// 5. `startup`: from before `Farm::create` to the first result of `noop(1)`.
+async fn startup<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    let workers = 2;
+    let options = ctx.options(serializer, workers);
+    let start = Instant::now();
+    let farm = Farm::create(options).map_err(|e| format!("Farm::create: {e}"))?;
+    let x: i64 = farm
+        .run_method("noop", 1i64)
+        .await
+        .map_err(|e| call_failed("noop", 1, e))?;
+    let elapsed = start.elapsed();
+    farm.shutdown().await;
+    if x != 1 {
+        return Err(format!("noop(1) returned {x}"));
+    }
+    ctx.emit("startup", "ms", elapsed.as_secs_f64() * 1e3, "ms", workers, 1, 0, json!({}));
+    Ok(())
+}
+
+/// This process's resident set, in bytes, from `/proc/self/statm`.
+fn rss_bytes() -> Result<u64, String> {
+    let statm = std::fs::read_to_string("/proc/self/statm").map_err(|e| format!("/proc/self/statm: {e}"))?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("cannot parse /proc/self/statm: {statm:?}"))?;
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Ok(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+/// `queue_memory`: the parent's memory per queued call, 1,000,000 `noop` calls at once.
+async fn queue_memory<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "queue_memory";
+    let workers = 2;
+    let n = ctx.count(1_000_000);
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+
+    let before = rss_bytes()?;
+    let calls: Vec<_> = (0..n)
+        .map(|i| farm.run_method::<_, i64>("noop", i as i64))
+        .collect();
+    // The status request queues behind every call, so the dispatcher holds them all by now.
+    let status = farm.status().await;
+    let after = rss_bytes()?;
+    let queued = status.queued;
+    let in_flight = status.in_flight();
+
+    let start = Instant::now();
+    for (i, call) in calls.into_iter().enumerate() {
+        let x = call.await.map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    let drain = start.elapsed().as_secs_f64();
+    farm.shutdown().await;
+
+    let growth = after.saturating_sub(before);
+    ctx.emit(
+        WORKLOAD,
+        "bytes_per_call",
+        growth as f64 / n as f64,
+        "bytes",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({
+            "rss_before": before,
+            "rss_after": after,
+            "queued_at_measure": queued,
+            "in_flight_at_measure": in_flight,
+            "measure": "RSS growth (/proc/self/statm) after submitting every call, including the caller's futures, divided by calls",
+            "drain_s": drain,
+        }),
+    );
+    Ok(())
+}
+
+/// `scale64`: 64 workers, 20,000 `noop` calls at once.
+async fn scale64<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "scale64";
+    let workers = 64;
+    let n = ctx.count(20_000);
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+    // Every worker answers once before the clock starts, so none is still starting.
+    let hello = farm.broadcast_method::<_, i64>("noop", 7i64).await;
+    if let Some((worker, e)) = hello.failures.first() {
+        return Err(format!("warm-up broadcast failed on {worker:?}: {e}"));
+    }
+    if hello.successes.len() != workers || hello.successes.iter().any(|(_, x)| *x != 7) {
+        return Err(format!(
+            "warm-up broadcast reached {} of {workers} workers",
+            hello.successes.len()
+        ));
+    }
+
+    let start = Instant::now();
+    noop_all_at_once(&farm, 0..n).await?;
+    let elapsed = start.elapsed().as_secs_f64();
+    farm.shutdown().await;
+
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s",
+        n as f64 / elapsed,
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({ "warmup_broadcast": true }),
+    );
+    Ok(())
+}

@@ -14,6 +14,8 @@ use crate::sys::Signal;
 use crate::{Status, WorkerState, WorkerStatus};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
@@ -113,6 +115,8 @@ pub(crate) struct Dispatcher {
     inbound: mpsc::UnboundedReceiver<Inbound>,
     inbound_tx: mpsc::UnboundedSender<Inbound>,
     events: broadcast::Sender<Event>,
+    /// Whether anyone subscribed to events; per-call events are skipped until then.
+    subscribed: Arc<AtomicBool>,
     workers: Vec<Worker>,
     queue: VecDeque<Call>,
     timers: BTreeMap<TimerKey, Timer>,
@@ -133,6 +137,7 @@ impl Dispatcher {
         settings: Settings,
         commands: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<Event>,
+        subscribed: Arc<AtomicBool>,
     ) -> Self {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         Dispatcher {
@@ -141,6 +146,7 @@ impl Dispatcher {
             inbound,
             inbound_tx,
             events,
+            subscribed,
             workers: Vec::new(),
             queue: VecDeque::new(),
             timers: BTreeMap::new(),
@@ -573,7 +579,7 @@ impl Dispatcher {
                 if let Some(key) = f.timer {
                     self.timers.remove(&key);
                 }
-                self.emit(Event::CallDone { worker, call: id, ok: true });
+                self.emit_call_done(worker, id, true);
                 f.call.reply.send(Ok(body));
             }
             FromWorker::Err { id, kind, message } => {
@@ -583,7 +589,7 @@ impl Dispatcher {
                 if let Some(key) = f.timer {
                     self.timers.remove(&key);
                 }
-                self.emit(Event::CallDone { worker, call: id, ok: false });
+                self.emit_call_done(worker, id, false);
                 let method = f.call.method.to_string();
                 let error = match kind {
                     FailureKind::Handler => CallError::Handler { method, message },
@@ -877,6 +883,12 @@ impl Dispatcher {
 
     fn emit(&self, event: Event) {
         let _ = self.events.send(event);
+    }
+
+    fn emit_call_done(&self, worker: WorkerId, call: u64, ok: bool) {
+        if self.subscribed.load(Ordering::Relaxed) {
+            self.emit(Event::CallDone { worker, call, ok });
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use dispatcher::{Command, Dispatcher, Settings};
 use process::SpawnSpec;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tracing::Instrument;
@@ -75,6 +75,8 @@ pub(crate) struct Core {
     events: broadcast::Sender<Event>,
     /// Subscribed at creation so the first `events()` sees the first spawns.
     first_events: Mutex<Option<broadcast::Receiver<Event>>>,
+    /// Set by the first `events()`: until then per-call events are not worth sending.
+    subscribed: Arc<AtomicBool>,
     limiter: Option<(Arc<Semaphore>, usize)>,
     next_call: AtomicU64,
     max_frame: usize,
@@ -201,7 +203,8 @@ impl<S: Serializer> Farm<S> {
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
-        let mut dispatcher = Dispatcher::new(settings, commands_rx, events.clone());
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let mut dispatcher = Dispatcher::new(settings, commands_rx, events.clone(), subscribed.clone());
         dispatcher.start().map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
                 path: program.clone(),
@@ -220,6 +223,7 @@ impl<S: Serializer> Farm<S> {
             commands,
             events,
             first_events: Mutex::new(Some(first_events)),
+            subscribed,
             limiter: options
                 .max_concurrent_calls
                 .map(|n| (Arc::new(Semaphore::new(n)), n)),
@@ -323,11 +327,14 @@ impl<S: Serializer> Farm<S> {
         result
     }
 
-    /// Subscribes to the farm's [`Event`]s. The first subscription also sees the events
-    /// from before it (since `create`), up to the channel's capacity; later ones start now.
+    /// Subscribes to the farm's [`Event`]s. The first subscription also sees the worker
+    /// events from before it (since `create`), up to the channel's capacity; later ones
+    /// start now. [`Event::CallDone`] is sent only once someone has subscribed, so a farm
+    /// nobody watches pays nothing per call for events.
     /// A subscriber that falls behind by more than 4096 events gets
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
     pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.core.subscribed.store(true, Ordering::Relaxed);
         let mut first = self.core.first_events.lock().unwrap_or_else(|e| e.into_inner());
         first.take().unwrap_or_else(|| self.core.events.subscribe())
     }

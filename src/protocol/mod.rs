@@ -90,7 +90,8 @@ pub(crate) enum ToWorker {
     Hello(Hello),
     Call {
         id: u64,
-        method: String,
+        /// The method name; valid UTF-8, checked when decoded (see [`ToWorker::method`]).
+        method: Bytes,
         args: Bytes,
     },
 }
@@ -112,6 +113,11 @@ pub(crate) fn encode_call_head(id: u64, method: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&(method.len() as u16).to_le_bytes());
     out.extend_from_slice(method.as_bytes());
+}
+
+/// The method name of a decoded Call (checked as UTF-8 by [`decode_to_worker`]).
+pub(crate) fn method_name(method: &Bytes) -> &str {
+    std::str::from_utf8(method).unwrap_or_default()
 }
 
 pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> {
@@ -145,10 +151,10 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
             if p.remaining() < n {
                 return Err(malformed("call"));
             }
-            let method = std::str::from_utf8(&p[..n])
-                .map_err(|_| malformed("call"))?
-                .to_owned();
-            p.advance(n);
+            let method = p.split_to(n);
+            if std::str::from_utf8(&method).is_err() {
+                return Err(malformed("call"));
+            }
             Ok(ToWorker::Call {
                 id,
                 method,
@@ -256,7 +262,7 @@ mod tests {
             decode_to_worker(out.into()).unwrap(),
             ToWorker::Call {
                 id: 7,
-                method: "add".into(),
+                method: Bytes::from_static(b"add"),
                 args: Bytes::from_static(b"[1,2]")
             }
         );

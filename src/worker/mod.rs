@@ -325,8 +325,9 @@ impl<S: Serializer> Worker<S> {
                             Ok(ToWorker::Hello(_)) => return Err(serve_error("second handshake from the farm")),
                             Err(e) => return Err(serve_error(format_args!("bad message from the farm: {e}"))),
                         };
-                        match self.handlers.get(&method) {
-                            None => error_frame(id, &Failure::new(FailureKind::UnknownMethod, &method), max_frame, &mut out),
+                        let method = protocol::method_name(&method);
+                        match self.handlers.get(method) {
+                            None => error_frame(id, &Failure::new(FailureKind::UnknownMethod, method), max_frame, &mut out),
                             Some(Handler::Sync(f)) if !parallel => {
                                 reply_frame(id, max_frame, &mut out, |out| f(&serializer, &args, out));
                             }

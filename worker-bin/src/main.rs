@@ -26,6 +26,13 @@ struct Floats {
 }
 
 fn main() {
+    // `workfarm-worker --parent N`: act as a parent that owns a farm of N copies of itself
+    // (for tests that kill or interrupt the parent).
+    if std::env::args().nth(1).as_deref() == Some("--parent") {
+        let workers = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(2);
+        parent_mode(workers);
+        return;
+    }
     // Start-up misbehaviour, chosen by the test through the environment.
     if let Ok(code) = std::env::var("WORKER_EXIT_AT_START") {
         eprintln!("worker-bin: exiting at start as asked");
@@ -168,4 +175,37 @@ fn rand_unit() -> f64 {
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Owns a farm of `workers` copies of this binary: prints each worker's pid, then `ready`,
+/// then waits. On SIGINT it shuts the farm down gracefully and prints how each worker
+/// exited, then `done`.
+fn parent_mode(workers: usize) {
+    use workfarm::{Event, Farm, FarmOptions};
+    let Ok(runtime) = tokio::runtime::Runtime::new() else {
+        std::process::exit(2);
+    };
+    runtime.block_on(async {
+        let farm = match Farm::create(FarmOptions::current_exe().workers(workers)) {
+            Ok(farm) => farm,
+            Err(e) => {
+                eprintln!("parent: {e}");
+                std::process::exit(2);
+            }
+        };
+        let mut events = farm.events();
+        let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+        for (_, pid) in &pids.successes {
+            println!("{pid}");
+        }
+        println!("ready");
+        let _ = tokio::signal::ctrl_c().await;
+        farm.shutdown().await;
+        while let Ok(event) = events.try_recv() {
+            if let Event::Exited { pid, exit, .. } = event {
+                println!("exited {pid} {exit}");
+            }
+        }
+        println!("done");
+    });
 }

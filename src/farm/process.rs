@@ -114,7 +114,7 @@ pub(crate) fn spawn(
     if let Some(dir) = &spec.cwd {
         cmd.current_dir(dir);
     }
-    let mut child = cmd.spawn()?;
+    let mut child = spawn_from_long_lived_thread(cmd)?;
     let pid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -142,6 +142,47 @@ pub(crate) fn spawn(
         control: control_tx,
         pid,
     })
+}
+
+/// Spawns `cmd` from one thread that lives as long as the process.
+///
+/// Linux delivers a worker's parent-death signal when the *thread* that forked it exits, not
+/// the process. Runtime threads come and go (a blocking-pool thread exits after 10 s idle),
+/// so forking from whichever thread runs the dispatcher could kill healthy workers. One
+/// dedicated spawner thread makes the signal mean what it should: the parent process died.
+fn spawn_from_long_lived_thread(mut cmd: Command) -> std::io::Result<Child> {
+    type Job = Box<dyn FnOnce() + Send>;
+    static SPAWNER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<Job>>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("workfarm-spawner".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .ok()
+            .map(|_| std::sync::Mutex::new(tx))
+    });
+    let Some(spawner) = spawner else {
+        // No thread could be started: spawn from here rather than not at all.
+        return cmd.spawn();
+    };
+    let handle = tokio::runtime::Handle::current();
+    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _runtime = handle.enter();
+        let _ = reply_tx.send(cmd.spawn());
+    });
+    let sent = spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    if sent.is_err() {
+        return Err(std::io::Error::other("the spawner thread is gone"));
+    }
+    reply_rx
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
 }
 
 /// Writes queued frames to the worker's stdin, many per `write` when they pile up. Ends

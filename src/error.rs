@@ -118,6 +118,9 @@ pub enum CallError {
         attempts: u32,
         /// The failure of the last attempt.
         last: Box<CallError>,
+        /// The failures of the attempts before the last, oldest first: for a poison pill,
+        /// every worker it took down, with its pid and exit status.
+        earlier: Vec<CallError>,
     },
     /// `max_concurrent_calls` calls are already queued or in flight.
     QueueFull {
@@ -195,7 +198,7 @@ impl fmt::Display for CallError {
             CallError::Protocol { worker, message } => {
                 write!(f, "{worker} broke the protocol: {message}")
             }
-            CallError::RetriesExhausted { attempts, last } => {
+            CallError::RetriesExhausted { attempts, last, .. } => {
                 write!(f, "call failed after {attempts} attempts; last: {last}")
             }
             CallError::QueueFull { limit } => {

@@ -57,6 +57,8 @@ pub(crate) struct Call {
     pub(crate) pinned: Option<WorkerId>,
     /// The worker of the last failed attempt, avoided on retry where another can take it.
     pub(crate) avoid: Option<WorkerId>,
+    /// Why earlier attempts failed (empty until one does).
+    pub(crate) failures: Vec<CallError>,
     pub(crate) reply: Reply,
     /// Holds the call's place under `max_concurrent_calls` until it settles.
     pub(crate) _permit: Option<OwnedSemaphorePermit>,

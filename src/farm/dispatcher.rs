@@ -289,6 +289,7 @@ impl Dispatcher {
                     attempts: 0,
                     pinned: Some(worker.id),
                     avoid: None,
+                    failures: Vec::new(),
                     reply,
                     _permit: None,
                 });
@@ -691,10 +692,11 @@ impl Dispatcher {
             call.reply.send(Err(error));
             return;
         }
+        let mut call = call;
         if retryable && self.mode == Mode::Running && call.attempts <= self.settings.max_retries {
             tracing::debug!(call = call.id, attempt = call.attempts, %error, "retrying call");
-            let mut call = call;
             call.avoid = Some(worker);
+            call.failures.push(error);
             self.queue.push_front(call);
             return;
         }
@@ -702,6 +704,7 @@ impl Dispatcher {
             CallError::RetriesExhausted {
                 attempts: call.attempts,
                 last: Box::new(error),
+                earlier: std::mem::take(&mut call.failures),
             }
         } else {
             error

@@ -384,6 +384,7 @@ impl<S: Serializer> Farm<S> {
             attempts: 0,
             pinned: None,
             avoid: None,
+            failures: Vec::new(),
             reply,
             _permit: permit,
         };

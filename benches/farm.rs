@@ -528,23 +528,41 @@ fn rss_bytes() -> Result<u64, String> {
 }
 
 /// `queue_memory`: the parent's memory per queued call, 1,000,000 `noop` calls at once.
+///
+/// Every worker first gets as many `sleep` calls as it takes at once, so none of the `noop`
+/// calls can leave the queue before the resident set is read.
 async fn queue_memory<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     const WORKLOAD: &str = "queue_memory";
+    const PER_WORKER: usize = 10;
+    const HOLD_MS: u64 = 4_000;
     let workers = 2;
     let n = ctx.count(1_000_000);
     let farm = create(ctx, serializer, workers)?;
     noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
 
+    let holds: Vec<_> = (0..workers * PER_WORKER)
+        .map(|_| farm.run_method::<_, u32>("sleep", HOLD_MS))
+        .collect();
     let before = rss_bytes()?;
+    let start = Instant::now();
     let calls: Vec<_> = (0..n)
         .map(|i| farm.run_method::<_, i64>("noop", i as i64))
         .collect();
     // The status request queues behind every call, so the dispatcher holds them all by now.
     let status = farm.status().await;
     let after = rss_bytes()?;
-    let queued = status.queued;
-    let in_flight = status.in_flight();
+    let submit = start.elapsed().as_secs_f64();
+    if status.queued != n {
+        return Err(format!(
+            "only {} of {n} calls were still queued when measured (submitting took {submit:.2} s, longer than the {HOLD_MS} ms hold)",
+            status.queued
+        ));
+    }
+    let future_bytes = calls.first().map_or(0, std::mem::size_of_val);
 
+    for (i, hold) in holds.into_iter().enumerate() {
+        hold.await.map_err(|e| call_failed("sleep", i, e))?;
+    }
     let start = Instant::now();
     for (i, call) in calls.into_iter().enumerate() {
         let x = call.await.map_err(|e| call_failed("noop", i, e))?;
@@ -565,11 +583,13 @@ async fn queue_memory<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         n,
         WARMUP_CALLS,
         json!({
+            "measure": "growth of the parent's RSS (/proc/self/statm) while every call is queued, caller's futures included, divided by calls",
+            "hold": format!("{} sleep({HOLD_MS} ms) calls fill every worker first, so nothing drains before the measure", workers * PER_WORKER),
+            "queued_at_measure": status.queued,
+            "caller_future_bytes": future_bytes,
             "rss_before": before,
             "rss_after": after,
-            "queued_at_measure": queued,
-            "in_flight_at_measure": in_flight,
-            "measure": "RSS growth (/proc/self/statm) after submitting every call, including the caller's futures, divided by calls",
+            "submit_s": submit,
             "drain_s": drain,
         }),
     );

@@ -383,7 +383,7 @@ async fn oversized_replies_exhaust_the_retries() {
         .expect("call timed out")
         .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts, last } => {
+        CallError::RetriesExhausted { attempts, last, .. } => {
             assert_eq!(*attempts, 3);
             assert!(matches!(**last, CallError::Protocol { .. }), "{last:?}");
         }

@@ -76,7 +76,7 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
         .await
         .expect("the call settles")
         .unwrap_err();
-    let CallError::RetriesExhausted { attempts, last } = &err else {
+    let CallError::RetriesExhausted { attempts, last, .. } = &err else {
         panic!("expected RetriesExhausted, got {err:?}");
     };
     assert_eq!(*attempts, 3);
@@ -132,7 +132,7 @@ async fn stubborn_job_fails_after_max_retries() {
         .expect("the call settles")
         .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts, last } => {
+        CallError::RetriesExhausted { attempts, last, .. } => {
             assert_eq!(*attempts, 4);
             assert!(
                 matches!(&**last, CallError::WorkerDied { exit, .. } if exit.code == Some(9)),
@@ -188,7 +188,7 @@ async fn handler_errors_are_retried_on_another_worker_when_asked() {
     collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. })).await;
     let err = farm.run_method::<_, ()>("fail", "again").await.unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts, last } => {
+        CallError::RetriesExhausted { attempts, last, .. } => {
             assert_eq!(*attempts, 3);
             assert_eq!(
                 **last,
@@ -238,7 +238,8 @@ async fn timed_out_call_is_retried_then_fails_with_timeout_as_last_cause() {
         err,
         CallError::RetriesExhausted {
             attempts: 2,
-            last: Box::new(CallError::Timeout { after })
+            last: Box::new(CallError::Timeout { after }),
+            earlier: vec![CallError::Timeout { after }],
         }
     );
     assert!(err.is_timeout());
@@ -314,7 +315,7 @@ async fn durability_every_call_settles_once_while_workers_die() {
                 ok += 1;
                 pids.insert(pid);
             }
-            Err(CallError::RetriesExhausted { attempts, last }) => {
+            Err(CallError::RetriesExhausted { attempts, last, .. }) => {
                 assert_eq!(attempts, 4);
                 assert!(last.is_worker_lost(), "last cause: {last:?}");
             }

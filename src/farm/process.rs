@@ -34,6 +34,8 @@ pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
 const STDERR_TAIL_LINES: usize = 10;
 /// Frames at least this big are written on their own instead of being copied into a batch.
 const DIRECT_WRITE: usize = 32 * 1024;
+/// Pipe buffer asked for on each side (Linux allows up to 1 MiB unprivileged by default).
+const PIPE_SIZE: usize = 1024 * 1024;
 /// Read buffer size for a worker's stdout.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -122,6 +124,11 @@ pub(crate) fn spawn(
         return Err(std::io::Error::other("child stdio was not piped"));
     };
 
+    {
+        use std::os::fd::AsRawFd;
+        crate::sys::grow_pipe(stdin.as_raw_fd(), PIPE_SIZE);
+        crate::sys::grow_pipe(stdout.as_raw_fd(), PIPE_SIZE);
+    }
     let (frames_tx, frames_rx) = mpsc::unbounded_channel();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let _ = frames_tx.send(hello);

@@ -106,7 +106,10 @@ pub fn process_alive(pid: u32) -> bool {
 pub async fn wait_gone(pid: u32, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     while process_alive(pid) {
-        assert!(tokio::time::Instant::now() < deadline, "process {pid} still alive after {within:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process {pid} still alive after {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

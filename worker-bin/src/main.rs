@@ -126,6 +126,9 @@ fn main() {
             std::mem::forget(block);
             std::process::id()
         })
+        // Writes raw junk on the frame stream, then answers its pid (for protocol-fault
+        // tests): "oversize" is a length prefix over any cap, anything else an unknown tag.
+        .method("garbage", |kind: String| garbage(&kind))
         .method("bytes", |b: serde_bytes::ByteBuf| b)
         .method("floats", |f: Floats| f)
         .method("int_keys", |m: BTreeMap<i64, String>| m)
@@ -162,6 +165,30 @@ fn pi_kernel(n: u64, seed: u32) -> u64 {
             x * x + y * y <= 1.0
         })
         .count() as u64
+}
+
+/// Writes junk to the frame descriptor: the pipe among fds 3.. that is neither stdin's nor
+/// stderr's (fd 1 now points at stderr; the frame fd is a private dup of the old stdout).
+fn garbage(kind: &str) -> u32 {
+    let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+    let (stdin, stderr) = (link(0), link(2));
+    let junk: &[u8] = if kind == "oversize" {
+        &[0xff, 0xff, 0xff, 0x7f, b'j', b'u', b'n', b'k']
+    } else {
+        &[1, 0, 0, 0, 0xee]
+    };
+    for fd in 3..64 {
+        let Some(target) = link(fd) else { continue };
+        if target.to_string_lossy().starts_with("pipe:")
+            && Some(&target) != stdin.as_ref()
+            && Some(&target) != stderr.as_ref()
+        {
+            // SAFETY: write(2) from a live slice to an open descriptor.
+            unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };
+            return std::process::id();
+        }
+    }
+    panic!("garbage: no frame descriptor found")
 }
 
 /// A uniform draw in [0, 1) from the clock and pid; good enough for fault injection.

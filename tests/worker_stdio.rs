@@ -1,0 +1,160 @@
+//! The worker's standard streams and process settings: output from handlers never corrupts the
+//! frame stream, and the arguments, environment and working directory set in `FarmOptions`
+//! reach the worker.
+
+mod support;
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use support::*;
+use workfarm::{Farm, FarmOptions};
+
+/// What the worker's `info` method reports.
+#[derive(Debug, Deserialize)]
+struct Info {
+    pid: u32,
+    args: Vec<String>,
+    cwd: String,
+    env: BTreeMap<String, String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_output_does_not_corrupt_results() {
+    // Far more than a pipe buffer (64 KiB) per call, on stdout and stderr each (it all ends
+    // up on the test's stderr, so not more than that).
+    const CHATTY: usize = 256 * 1024;
+    let farm = Farm::create(options(2)).unwrap();
+    let mut calls = Vec::new();
+    for i in 0..40u32 {
+        let echo = farm.run_method::<_, (u32, String)>("echo", (i, format!("value {i}")));
+        let chatty = (i % 10 == 0).then(|| farm.run_method::<_, usize>("chatty", CHATTY));
+        calls.push((i, echo, chatty));
+    }
+    for (i, echo, chatty) in calls {
+        let (n, s) = tokio::time::timeout(SOON, echo)
+            .await
+            .expect("echo timed out")
+            .expect("echo failed");
+        assert_eq!((n, s), (i, format!("value {i}")));
+        if let Some(chatty) = chatty {
+            let written = tokio::time::timeout(SOON, chatty)
+                .await
+                .expect("chatty timed out")
+                .expect("chatty failed");
+            assert_eq!(written, CHATTY);
+        }
+    }
+    // No worker was lost to a garbled stream.
+    let status = farm.status().await;
+    assert_eq!(status.workers.len(), 2);
+    assert!(status.workers.iter().all(|w| w.state == workfarm::WorkerState::Online));
+    assert_eq!(status.workers.iter().map(|w| w.handed).sum::<u64>(), 44);
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn chatty_call_in_flight_with_async_calls_on_the_same_worker() {
+    let farm = Farm::create(options(1)).unwrap();
+    let sleepers: Vec<_> = (0..5).map(|_| farm.run_method::<_, u32>("sleep", 100u64)).collect();
+    let chatty = farm.run_method::<_, usize>("chatty", 256 * 1024);
+    let big = farm.run_method::<_, String>("big", 300_000usize);
+    assert_eq!(chatty.await.unwrap(), 256 * 1024);
+    let big = big.await.unwrap();
+    assert_eq!(big.len(), 300_000);
+    assert!(big.bytes().all(|b| b == b'y'));
+    let mut pids = Vec::new();
+    for s in sleepers {
+        pids.push(s.await.unwrap());
+    }
+    assert!(pids.windows(2).all(|w| w[0] == w[1]));
+    farm.shutdown().await;
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("workfarm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.canonicalize().unwrap()
+}
+
+#[tokio::test]
+async fn info_reports_env_cwd_and_args() {
+    let dir = scratch_dir("stdio-cwd");
+    let farm = Farm::create(
+        options(1)
+            .env("WORKFARM_TEST_VAR", "hello world")
+            .env("WORKFARM_TEST_EMPTY", "")
+            .current_dir(&dir)
+            .arg("--alpha")
+            .args(["beta", "gamma with space"]),
+    )
+    .unwrap();
+    let info: Info = farm.run_method("info", ()).await.unwrap();
+    assert_eq!(&info.args[1..], ["--alpha", "beta", "gamma with space"]);
+    assert!(info.args[0].ends_with("workfarm-worker"), "{:?}", info.args[0]);
+    assert_eq!(PathBuf::from(&info.cwd), dir);
+    assert_eq!(info.env.get("WORKFARM_TEST_VAR").map(String::as_str), Some("hello world"));
+    assert_eq!(info.env.get("WORKFARM_TEST_EMPTY").map(String::as_str), Some(""));
+    // The farm marks its workers and tells them who their parent is.
+    assert_eq!(info.env.get("WORKFARM_WORKER").map(String::as_str), Some("1"));
+    assert_eq!(
+        info.env.get("WORKFARM_PARENT_PID"),
+        Some(&std::process::id().to_string())
+    );
+    // The parent's environment is inherited.
+    if let Ok(path) = std::env::var("PATH") {
+        assert_eq!(info.env.get("PATH"), Some(&path));
+    }
+    let pid: u32 = farm.run_method("pid", ()).await.unwrap();
+    assert_eq!(info.pid, pid);
+    farm.shutdown().await;
+    let _ = std::fs::remove_dir(&dir);
+}
+
+#[tokio::test]
+async fn defaults_are_the_parent_cwd_and_no_args() {
+    let farm = Farm::create(options(1)).unwrap();
+    let info: Info = farm.run_method("info", ()).await.unwrap();
+    assert_eq!(info.args.len(), 1, "{:?}", info.args);
+    assert_eq!(
+        PathBuf::from(&info.cwd),
+        std::env::current_dir().unwrap().canonicalize().unwrap()
+    );
+    assert!(!info.env.contains_key("WORKFARM_TEST_VAR"));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_worker_and_every_replacement_gets_the_settings() {
+    let dir = scratch_dir("stdio-replacement");
+    let farm = Farm::create(
+        FarmOptions::new(worker_bin())
+            .workers(2)
+            .ttl(1)
+            .env("WORKFARM_TEST_VAR", "again")
+            .current_dir(&dir)
+            .arg("--flag"),
+    )
+    .unwrap();
+    // ttl(1): each call lands on a fresh worker.
+    let mut pids = Vec::new();
+    for _ in 0..4 {
+        let info: Info = farm.run_method("info", ()).await.unwrap();
+        assert_eq!(&info.args[1..], ["--flag"]);
+        assert_eq!(PathBuf::from(&info.cwd), dir);
+        assert_eq!(info.env.get("WORKFARM_TEST_VAR").map(String::as_str), Some("again"));
+        pids.push(info.pid);
+    }
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "a new worker for every call");
+    // Broadcast reaches the current workers, which have the settings too.
+    let infos = farm.broadcast_method::<_, Info>("info", ()).await;
+    assert!(infos.failures.is_empty(), "{:?}", infos.failures);
+    assert!(infos
+        .successes
+        .iter()
+        .all(|(_, i)| i.env.get("WORKFARM_TEST_VAR").map(String::as_str) == Some("again")));
+    farm.shutdown().await;
+    let _ = std::fs::remove_dir(&dir);
+}

@@ -188,7 +188,11 @@ fn run() -> Outcome {
     let serializer: &'static str = match serializer.as_str() {
         "json" => "json",
         "cbor" => "cbor",
-        other => return Err(format!("unknown serializer {other:?} (expected json or cbor)")),
+        other => {
+            return Err(format!(
+                "unknown serializer {other:?} (expected json or cbor)"
+            ))
+        }
     };
     let ctx = Ctx {
         worker: worker_binary()?,
@@ -332,7 +336,16 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     farm.shutdown().await;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    ctx.emit(WORKLOAD, "calls_per_s", rate(all_at_once), "calls/s", workers, n, WARMUP_CALLS, json!({}));
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s",
+        rate(all_at_once),
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({}),
+    );
     ctx.emit(
         WORKLOAD,
         "calls_per_s_window64",
@@ -369,9 +382,28 @@ async fn latency<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     farm.shutdown().await;
 
     samples.sort_unstable();
-    let rank = |q: f64| samples[((q * n as f64).ceil() as usize).max(1) - 1].as_nanos() as f64 / 1e3;
-    ctx.emit(WORKLOAD, "p50_us", rank(0.50), "us", workers, n, WARMUP_CALLS, json!({}));
-    ctx.emit(WORKLOAD, "p99_us", rank(0.99), "us", workers, n, WARMUP_CALLS, json!({}));
+    let rank =
+        |q: f64| samples[((q * n as f64).ceil() as usize).max(1) - 1].as_nanos() as f64 / 1e3;
+    ctx.emit(
+        WORKLOAD,
+        "p50_us",
+        rank(0.50),
+        "us",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({}),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "p99_us",
+        rank(0.99),
+        "us",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({}),
+    );
     Ok(())
 }
 
@@ -402,7 +434,9 @@ async fn payload<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     let xs = payload_values();
     let want = sum_left_to_right(&xs);
     if (want - PAYLOAD_SUM).abs() > 1e-9 * PAYLOAD_SUM {
-        return Err(format!("the caller's own sum is {want}, expected {PAYLOAD_SUM}"));
+        return Err(format!(
+            "the caller's own sum is {want}, expected {PAYLOAD_SUM}"
+        ));
     }
     let farm = create(ctx, serializer, workers)?;
     noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
@@ -430,8 +464,26 @@ async fn payload<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
 
     let bytes = (n * PAYLOAD_VALUES * 8) as f64;
     let extra = json!({ "values": PAYLOAD_VALUES, "bytes_per_call": PAYLOAD_VALUES * 8, "warmup_sum_calls": 2 });
-    ctx.emit(WORKLOAD, "MB_per_s", bytes / 1e6 / elapsed, "MB/s", workers, n, WARMUP_CALLS, extra.clone());
-    ctx.emit(WORKLOAD, "calls_per_s", n as f64 / elapsed, "calls/s", workers, n, WARMUP_CALLS, extra);
+    ctx.emit(
+        WORKLOAD,
+        "MB_per_s",
+        bytes / 1e6 / elapsed,
+        "MB/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        extra.clone(),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s",
+        n as f64 / elapsed,
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        extra,
+    );
     Ok(())
 }
 
@@ -467,7 +519,9 @@ async fn pi<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         .collect();
     let single = start.elapsed().as_secs_f64();
     if !ctx.quick && own != PI_COUNTS {
-        return Err(format!("the caller's own counts are {own:?}, expected {PI_COUNTS:?}"));
+        return Err(format!(
+            "the caller's own counts are {own:?}, expected {PI_COUNTS:?}"
+        ));
     }
 
     let farm = create(ctx, serializer, workers)?;
@@ -484,14 +538,43 @@ async fn pi<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     let wall = start.elapsed().as_secs_f64();
     farm.shutdown().await;
     if counts != own {
-        return Err(format!("the farm's counts are {counts:?}, the caller's own {own:?}"));
+        return Err(format!(
+            "the farm's counts are {counts:?}, the caller's own {own:?}"
+        ));
     }
 
     let n = seeds.len();
     let extra = json!({ "iterations": iterations, "first_seed": PI_SEED, "rng": "xorshift32" });
-    ctx.emit(WORKLOAD, "wall_s", wall, "s", workers, n, WARMUP_CALLS, extra.clone());
-    ctx.emit(WORKLOAD, "speedup", single / wall, "x", workers, n, WARMUP_CALLS, extra.clone());
-    ctx.emit(WORKLOAD, "single_process_s", single, "s", workers, n, WARMUP_CALLS, extra);
+    ctx.emit(
+        WORKLOAD,
+        "wall_s",
+        wall,
+        "s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        extra.clone(),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "speedup",
+        single / wall,
+        "x",
+        workers,
+        n,
+        WARMUP_CALLS,
+        extra.clone(),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "single_process_s",
+        single,
+        "s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        extra,
+    );
     Ok(())
 }
 
@@ -510,13 +593,23 @@ async fn startup<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     if x != 1 {
         return Err(format!("noop(1) returned {x}"));
     }
-    ctx.emit("startup", "ms", elapsed.as_secs_f64() * 1e3, "ms", workers, 1, 0, json!({}));
+    ctx.emit(
+        "startup",
+        "ms",
+        elapsed.as_secs_f64() * 1e3,
+        "ms",
+        workers,
+        1,
+        0,
+        json!({}),
+    );
     Ok(())
 }
 
 /// This process's resident set, in bytes, from `/proc/self/statm`.
 fn rss_bytes() -> Result<u64, String> {
-    let statm = std::fs::read_to_string("/proc/self/statm").map_err(|e| format!("/proc/self/statm: {e}"))?;
+    let statm = std::fs::read_to_string("/proc/self/statm")
+        .map_err(|e| format!("/proc/self/statm: {e}"))?;
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)

@@ -71,14 +71,23 @@ fn floats() -> Vec<f64> {
 }
 
 fn bytes() -> ByteBuf {
-    ByteBuf::from((0..BYTES).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>())
+    ByteBuf::from(
+        (0..BYTES)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 fn nested() -> Nested {
     (0..32)
         .map(|i| {
             let inner = (0..8)
-                .map(|j| (format!("field_{j}"), (0..8).map(|k| i * 1000 + j * 10 + k - 300).collect()))
+                .map(|j| {
+                    (
+                        format!("field_{j}"),
+                        (0..8).map(|k| i * 1000 + j * 10 + k - 300).collect(),
+                    )
+                })
                 .collect();
             (format!("section_{i:02}"), inner)
         })
@@ -100,7 +109,10 @@ where
         .unwrap_or_else(|e| panic!("{group}/{}: decode failed: {e}", serializer.name()));
     if &back != value {
         // Not fatal: JSON without serde_json's `float_roundtrip` may move a float by an ulp.
-        eprintln!("note: {group}/{}: the round trip changed the value", serializer.name());
+        eprintln!(
+            "note: {group}/{}: the round trip changed the value",
+            serializer.name()
+        );
     }
 
     let mut g = c.benchmark_group(group);
@@ -136,12 +148,17 @@ fn float_drift<S: Serializer>(serializer: S, xs: &[f64]) -> (usize, u64) {
     xs.iter()
         .zip(&back)
         .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .fold((0, 0), |(n, worst), (a, b)| (n + 1, worst.max(a.to_bits().abs_diff(b.to_bits()))))
+        .fold((0, 0), |(n, worst), (a, b)| {
+            (n + 1, worst.max(a.to_bits().abs_diff(b.to_bits())))
+        })
 }
 
 fn serialization(c: &mut Criterion) {
     let xs = floats();
-    for (name, (changed, ulps)) in [("json", float_drift(Json, &xs)), ("cbor", float_drift(Cbor, &xs))] {
+    for (name, (changed, ulps)) in [
+        ("json", float_drift(Json, &xs)),
+        ("cbor", float_drift(Cbor, &xs)),
+    ] {
         eprintln!(
             "note: floats_1MiB/{name}: {changed} of {} values change in a round trip (at most {ulps} ulp)",
             xs.len()

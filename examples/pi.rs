@@ -48,13 +48,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut args = std::env::args().skip(1);
     let chunks: u32 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(8);
-    let per_chunk: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5_000_000);
-    let seeds: Vec<u32> = (0..chunks).map(|k| 2_463_534_242u32.wrapping_add(k)).collect();
+    let per_chunk: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(5_000_000);
+    let seeds: Vec<u32> = (0..chunks)
+        .map(|k| 2_463_534_242u32.wrapping_add(k))
+        .collect();
     let draws = u64::from(chunks) * per_chunk;
     println!("{chunks} chunks of {per_chunk} draws");
 
     let start = Instant::now();
-    let inside: u64 = seeds.iter().map(|&seed| count_inside(per_chunk, seed)).sum();
+    let inside: u64 = seeds
+        .iter()
+        .map(|&seed| count_inside(per_chunk, seed))
+        .sum();
     let single = start.elapsed();
     report("one process:", inside, draws, single);
 

@@ -159,12 +159,18 @@ impl CallError {
 
     /// Whether the handler itself failed (returned an error or panicked).
     pub fn is_handler(&self) -> bool {
-        matches!(self.root(), CallError::Handler { .. } | CallError::Panic { .. })
+        matches!(
+            self.root(),
+            CallError::Handler { .. } | CallError::Panic { .. }
+        )
     }
 
     /// Whether a worker died or was dropped while running the call.
     pub fn is_worker_lost(&self) -> bool {
-        matches!(self.root(), CallError::WorkerDied { .. } | CallError::Protocol { .. })
+        matches!(
+            self.root(),
+            CallError::WorkerDied { .. } | CallError::Protocol { .. }
+        )
     }
 
     /// The error of the last attempt, looking through [`CallError::RetriesExhausted`].
@@ -295,7 +301,9 @@ impl fmt::Display for CreateError {
             CreateError::Spawn { path, .. } => {
                 write!(f, "could not start worker {}", path.display())
             }
-            CreateError::NoRuntime => f.write_str("Farm::create must be called within a tokio runtime"),
+            CreateError::NoRuntime => {
+                f.write_str("Farm::create must be called within a tokio runtime")
+            }
         }
     }
 }

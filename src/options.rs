@@ -178,9 +178,12 @@ impl<S: Serializer> FarmOptions<S> {
         self
     }
 
-    /// Largest frame, in bytes, either side may send: a bigger call fails with
-    /// [`CallError::Serialize`](crate::CallError::Serialize), a bigger reply drops its
-    /// worker as a protocol violation. Default: 64 MiB.
+    /// Largest frame, in bytes, either side may send. A bigger call fails at once with
+    /// [`CallError::Serialize`](crate::CallError::Serialize). Workers learn the cap in the
+    /// handshake: a `workfarm` worker whose result is bigger answers with an error instead
+    /// ([`CallError::Handler`](crate::CallError::Handler), "could not encode the result"),
+    /// and a worker that sends a bigger frame anyway is dropped as a protocol violation.
+    /// Default: 64 MiB.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
         self
@@ -324,13 +327,22 @@ mod tests {
     #[test]
     fn zero_values_are_refused() {
         assert_eq!(refused(ok().workers(0)), "workers");
-        assert_eq!(refused(ok().max_concurrent_calls(0)), "max_concurrent_calls");
-        assert_eq!(refused(ok().max_concurrent_calls_per_worker(0)), "max_concurrent_calls_per_worker");
+        assert_eq!(
+            refused(ok().max_concurrent_calls(0)),
+            "max_concurrent_calls"
+        );
+        assert_eq!(
+            refused(ok().max_concurrent_calls_per_worker(0)),
+            "max_concurrent_calls_per_worker"
+        );
         assert_eq!(refused(ok().timeout(Duration::ZERO)), "timeout");
         assert_eq!(refused(ok().ttl(0)), "ttl");
         assert_eq!(refused(ok().max_idle_time(Duration::ZERO)), "max_idle_time");
         assert_eq!(refused(ok().kill_timeout(Duration::ZERO)), "kill_timeout");
-        assert_eq!(refused(ok().startup_timeout(Duration::ZERO)), "startup_timeout");
+        assert_eq!(
+            refused(ok().startup_timeout(Duration::ZERO)),
+            "startup_timeout"
+        );
         assert_eq!(refused(ok().max_frame(10)), "max_frame");
     }
 

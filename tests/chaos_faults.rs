@@ -181,7 +181,9 @@ async fn poison_pill_exhausts_its_retries_while_other_calls_succeed() {
         .unwrap()
         .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts: 4, last } => match &**last {
+        CallError::RetriesExhausted {
+            attempts: 4, last, ..
+        } => match &**last {
             CallError::WorkerDied { exit, .. } => assert_eq!(exit.code, Some(17), "{err:?}"),
             other => panic!("last cause should be WorkerDied, got {other:?}"),
         },
@@ -563,19 +565,20 @@ async fn garbage_frames_drop_the_worker_and_fail_only_that_call() {
             );
         }
         // Reported, dropped, replaced.
-        let exited = wait_for_event(
-            &mut events,
-            SOON,
-            |e| matches!(e, Event::Exited { worker: w, .. } if w == worker),
-        )
+        let mut seen = Vec::new();
+        wait_for_event(&mut events, SOON, |e| {
+            seen.push(e.clone());
+            matches!(e, Event::Exited { worker: w, .. } if w == worker)
+        })
         .await;
-        let Event::Exited { pid: bad_pid, .. } = exited else {
+        let Some(Event::Exited { pid: bad_pid, .. }) = seen.last().cloned() else {
             unreachable!()
         };
         assert!(before.contains(&bad_pid));
         let status = wait_status(&farm, SOON, |s| online_pids(s).len() == 2).await;
         assert!(!online_pids(&status).contains(&bad_pid));
-        let errors = protocol_errors(&drain(&mut events));
+        seen.extend(drain(&mut events));
+        let errors = protocol_errors(&seen);
         assert_eq!(
             errors.len(),
             1,
@@ -600,7 +603,9 @@ async fn garbage_on_every_attempt_exhausts_the_retries() {
         .expect("settles")
         .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts: 3, last } => {
+        CallError::RetriesExhausted {
+            attempts: 3, last, ..
+        } => {
             assert!(matches!(**last, CallError::Protocol { .. }), "{err:?}")
         }
         other => panic!("expected RetriesExhausted {{ attempts: 3 }}, got {other:?}"),

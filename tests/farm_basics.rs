@@ -19,7 +19,9 @@ async fn default_method_and_named_methods() {
 #[tokio::test]
 async fn calls_spread_over_workers() {
     let farm = Farm::create(options(2)).unwrap();
-    let calls: Vec<_> = (0..20).map(|_| farm.run_method::<_, u32>("sleep", 50u64)).collect();
+    let calls: Vec<_> = (0..20)
+        .map(|_| farm.run_method::<_, u32>("sleep", 50u64))
+        .collect();
     let mut pids = HashSet::new();
     for c in calls {
         pids.insert(c.await.unwrap());
@@ -32,13 +34,39 @@ async fn calls_spread_over_workers() {
 async fn handler_errors_and_panics_reach_the_caller() {
     let farm = Farm::create(options(1)).unwrap();
     let err = farm.run_method::<_, ()>("fail", "nope").await.unwrap_err();
-    assert_eq!(err, CallError::Handler { method: "fail".into(), message: "nope".into() });
+    assert_eq!(
+        err,
+        CallError::Handler {
+            method: "fail".into(),
+            message: "nope".into()
+        }
+    );
     let err = farm.run_method::<_, ()>("panic", "boom").await.unwrap_err();
-    assert_eq!(err, CallError::Panic { method: "panic".into(), message: "boom".into() });
-    let err = farm.run_method::<_, ()>("panic_async", "boom2").await.unwrap_err();
-    assert_eq!(err, CallError::Panic { method: "panic_async".into(), message: "boom2".into() });
+    assert_eq!(
+        err,
+        CallError::Panic {
+            method: "panic".into(),
+            message: "boom".into()
+        }
+    );
+    let err = farm
+        .run_method::<_, ()>("panic_async", "boom2")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Panic {
+            method: "panic_async".into(),
+            message: "boom2".into()
+        }
+    );
     let err = farm.run_method::<_, ()>("nope", ()).await.unwrap_err();
-    assert_eq!(err, CallError::UnknownMethod { method: "nope".into() });
+    assert_eq!(
+        err,
+        CallError::UnknownMethod {
+            method: "nope".into()
+        }
+    );
     let ok: i64 = farm.run_method("add", (1, 1)).await.unwrap();
     assert_eq!(ok, 2);
     farm.shutdown().await;

@@ -15,7 +15,10 @@ async fn all_online(farm: &Farm, n: usize) -> Status {
         if s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online) {
             return s;
         }
-        assert!(tokio::time::Instant::now() < deadline, "workers never online: {s:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workers never online: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -27,7 +30,10 @@ async fn wait_in_flight(farm: &Farm, n: usize) {
         if s.in_flight() == n {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never {n} in flight: {s:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} in flight: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -83,7 +89,11 @@ async fn broadcast_method_gives_each_worker_pid() {
     let pids: HashSet<u32> = result.successes.iter().map(|(_, p)| *p).collect();
     assert_eq!(pids.len(), 2, "distinct pids");
     for (id, pid) in &result.successes {
-        let w = status.workers.iter().find(|w| w.id == *id).expect("a live worker");
+        let w = status
+            .workers
+            .iter()
+            .find(|w| w.id == *id)
+            .expect("a live worker");
         assert_eq!(w.pid, *pid);
     }
     // Again, with a tuple argument.
@@ -98,11 +108,17 @@ async fn broadcast_waits_for_busy_workers() {
     let farm = Farm::create(options(2).max_concurrent_calls_per_worker(1)).unwrap();
     all_online(&farm, 2).await;
     // Both workers busy: the broadcast runs on each once its slot frees up.
-    let busy: Vec<_> = (0..2).map(|_| farm.run_method::<_, u32>("block", 300u64)).collect();
+    let busy: Vec<_> = (0..2)
+        .map(|_| farm.run_method::<_, u32>("block", 300u64))
+        .collect();
     wait_in_flight(&farm, 2).await;
     let start = std::time::Instant::now();
     let result = farm.broadcast_method::<_, u32>("pid", ()).await;
-    assert!(start.elapsed() >= Duration::from_millis(200), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(result.successes.len(), 2);
     let mut busy_pids = HashSet::new();
     for call in busy {
@@ -150,11 +166,22 @@ async fn broadcast_failures_are_reported_per_worker() {
 #[tokio::test]
 async fn broadcast_result_of_the_wrong_type_fails_on_each_worker() {
     let farm = Farm::create(options(2)).unwrap();
-    let result = farm.broadcast_method::<_, u32>("echo", "not a number").await;
+    let result = farm
+        .broadcast_method::<_, u32>("echo", "not a number")
+        .await;
     assert!(result.successes.is_empty());
     assert_eq!(result.failures.len(), 2);
     for (_, e) in &result.failures {
-        assert!(matches!(e, CallError::Deserialize { type_name: "u32", .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                CallError::Deserialize {
+                    type_name: "u32",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
     }
     farm.shutdown().await;
 }
@@ -163,7 +190,8 @@ async fn broadcast_result_of_the_wrong_type_fails_on_each_worker() {
 /// failure; the call is not retried on the other worker or on the replacement.
 #[tokio::test]
 async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
-    let counter = std::env::temp_dir().join(format!("workfarm-bcast-stubborn-{}", std::process::id()));
+    let counter =
+        std::env::temp_dir().join(format!("workfarm-bcast-stubborn-{}", std::process::id()));
     let _ = std::fs::remove_file(&counter);
     let farm = Farm::create(options(2).max_concurrent_calls_per_worker(1).max_retries(3)).unwrap();
     let mut events = farm.events();
@@ -175,7 +203,9 @@ async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
     let busy = farm.run_method::<_, u32>("block", 1000u64);
     wait_in_flight(&farm, 1).await;
     let path = counter.display().to_string();
-    let result = farm.broadcast_method::<_, u32>("stubborn", (path, 1u32)).await;
+    let result = farm
+        .broadcast_method::<_, u32>("stubborn", (path, 1u32))
+        .await;
     let busy_pid = busy.await.unwrap();
 
     assert_eq!(result.successes.len() + result.failures.len(), 2);
@@ -183,7 +213,12 @@ async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
     assert_eq!(result.failures.len(), 1, "{result:?}");
     let (ok_worker, twelve) = result.successes[0];
     assert_eq!(twelve, 12);
-    let ok_pid = status.workers.iter().find(|w| w.id == ok_worker).unwrap().pid;
+    let ok_pid = status
+        .workers
+        .iter()
+        .find(|w| w.id == ok_worker)
+        .unwrap()
+        .pid;
     assert_eq!(ok_pid, busy_pid);
     let (dead_worker, err) = &result.failures[0];
     match err {
@@ -213,7 +248,9 @@ async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
         .collect();
     // The block call and the one successful stubborn call: no retry anywhere.
     assert_eq!(done.len(), 2, "{done:?}");
-    assert!(done.iter().all(|(w, _)| *w == ok_worker && *w != replacement));
+    assert!(done
+        .iter()
+        .all(|(w, _)| *w == ok_worker && *w != replacement));
     let _ = std::fs::remove_file(&counter);
 }
 

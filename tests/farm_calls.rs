@@ -55,7 +55,10 @@ async fn unit_tuple_and_struct_arguments() {
     let back: Point = farm.run_method("echo", &p).await.unwrap();
     assert_eq!(back, p);
     // A scalar.
-    let n: i64 = farm.run_method("noop", 9_007_199_254_740_993_i64).await.unwrap();
+    let n: i64 = farm
+        .run_method("noop", 9_007_199_254_740_993_i64)
+        .await
+        .unwrap();
     assert_eq!(n, 9_007_199_254_740_993);
     // A borrowed argument type.
     let s: String = farm.run_method("echo", "borrowed").await.unwrap();
@@ -91,7 +94,10 @@ async fn sync_and_async_methods_answer() {
 #[tokio::test]
 async fn handler_errors_arrive_with_method_and_message() {
     let farm = Farm::create(options(1)).unwrap();
-    let err = farm.run_method::<_, ()>("fail", "disk is full").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("fail", "disk is full")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::Handler {
@@ -101,7 +107,10 @@ async fn handler_errors_arrive_with_method_and_message() {
     );
     assert!(err.is_handler());
     assert!(!err.is_worker_lost());
-    let err = farm.run_method::<_, ()>("fail_async", "later").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("fail_async", "later")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::Handler {
@@ -120,7 +129,10 @@ async fn handler_errors_are_not_retried_by_default() {
     assert!(matches!(err, CallError::Handler { .. }), "{err:?}");
     let status = farm.status().await;
     assert_eq!(status.workers.len(), 1);
-    assert_eq!(status.workers[0].handed, 1, "a handler error is not retried");
+    assert_eq!(
+        status.workers[0].handed, 1,
+        "a handler error is not retried"
+    );
     // Exactly one CallDone, and it failed.
     let done = wait_for_event(&mut events, SOON, |e| matches!(e, Event::CallDone { .. })).await;
     assert!(matches!(done, Event::CallDone { ok: false, .. }));
@@ -132,7 +144,10 @@ async fn sync_and_async_panics_are_caught_and_the_worker_keeps_serving() {
     let farm = Farm::create(options(1)).unwrap();
     let pid = pid_of(&farm).await;
 
-    let err = farm.run_method::<_, ()>("panic", "sync boom").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("panic", "sync boom")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::Panic {
@@ -141,9 +156,16 @@ async fn sync_and_async_panics_are_caught_and_the_worker_keeps_serving() {
         }
     );
     assert!(err.is_handler());
-    assert_eq!(pid_of(&farm).await, pid, "the same process serves after a sync panic");
+    assert_eq!(
+        pid_of(&farm).await,
+        pid,
+        "the same process serves after a sync panic"
+    );
 
-    let err = farm.run_method::<_, ()>("panic_async", "async boom").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("panic_async", "async boom")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::Panic {
@@ -151,11 +173,18 @@ async fn sync_and_async_panics_are_caught_and_the_worker_keeps_serving() {
             message: "async boom".into()
         }
     );
-    assert_eq!(pid_of(&farm).await, pid, "the same process serves after an async panic");
+    assert_eq!(
+        pid_of(&farm).await,
+        pid,
+        "the same process serves after an async panic"
+    );
 
     // A panic does not disturb calls running next to it.
     let sleeper = farm.run_method::<_, u32>("sleep", 200u64);
-    let err = farm.run_method::<_, ()>("panic_async", "mid-flight").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("panic_async", "mid-flight")
+        .await
+        .unwrap_err();
     assert!(matches!(err, CallError::Panic { .. }));
     assert_eq!(sleeper.await.unwrap(), pid);
 
@@ -169,7 +198,10 @@ async fn sync_and_async_panics_are_caught_and_the_worker_keeps_serving() {
 async fn unknown_method() {
     let farm = Farm::create(options(1)).unwrap();
     let pid = pid_of(&farm).await;
-    let err = farm.run_method::<_, ()>("no_such_method", (1, 2)).await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("no_such_method", (1, 2))
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::UnknownMethod {
@@ -186,7 +218,10 @@ async fn bad_arguments_name_the_method() {
     let farm = Farm::create(options(1)).unwrap();
     let pid = pid_of(&farm).await;
     // `add` takes (i64, i64).
-    let err = farm.run_method::<_, i64>("add", "not a pair").await.unwrap_err();
+    let err = farm
+        .run_method::<_, i64>("add", "not a pair")
+        .await
+        .unwrap_err();
     match &err {
         CallError::BadArguments { method, message } => {
             assert_eq!(method, "add");
@@ -196,11 +231,27 @@ async fn bad_arguments_name_the_method() {
     }
     assert!(!err.is_handler());
     // Wrong arity, and the wrong type for an async method.
-    let err = farm.run_method::<_, i64>("add", (1, 2, 3)).await.unwrap_err();
-    assert!(matches!(&err, CallError::BadArguments { method, .. } if method == "add"), "{err:?}");
-    let err = farm.run_method::<_, u32>("sleep", "soon").await.unwrap_err();
-    assert!(matches!(&err, CallError::BadArguments { method, .. } if method == "sleep"), "{err:?}");
-    assert_eq!(pid_of(&farm).await, pid, "bad arguments do not hurt the worker");
+    let err = farm
+        .run_method::<_, i64>("add", (1, 2, 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::BadArguments { method, .. } if method == "add"),
+        "{err:?}"
+    );
+    let err = farm
+        .run_method::<_, u32>("sleep", "soon")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::BadArguments { method, .. } if method == "sleep"),
+        "{err:?}"
+    );
+    assert_eq!(
+        pid_of(&farm).await,
+        pid,
+        "bad arguments do not hurt the worker"
+    );
     farm.shutdown().await;
 }
 
@@ -220,7 +271,10 @@ async fn result_of_the_wrong_type_is_a_deserialize_error_naming_the_type() {
         other => panic!("expected Deserialize, got {other:?}"),
     }
 
-    let err = farm.run_method::<_, Point>("echo", (1, 2)).await.unwrap_err();
+    let err = farm
+        .run_method::<_, Point>("echo", (1, 2))
+        .await
+        .unwrap_err();
     match &err {
         CallError::Deserialize { type_name, .. } => {
             assert!(type_name.ends_with("Point"), "{type_name}");
@@ -262,7 +316,10 @@ async fn argument_frame_over_max_frame_fails_at_once() {
     let s: String = farm.run_method("echo", "y".repeat(900)).await.unwrap();
     assert_eq!(s.len(), 900);
     let status = farm.status().await;
-    assert_eq!(status.workers[0].handed, 3, "pid, block and the small echo; not the big one");
+    assert_eq!(
+        status.workers[0].handed, 3,
+        "pid, block and the small echo; not the big one"
+    );
     farm.shutdown().await;
 }
 
@@ -273,7 +330,10 @@ async fn result_over_max_frame_from_a_conforming_worker_fails_the_call_only() {
     let farm = Farm::create(options(1).max_frame(4096)).unwrap();
     let mut events = farm.events();
     let pid = pid_of(&farm).await;
-    let err = farm.run_method::<_, String>("big", 10_000usize).await.unwrap_err();
+    let err = farm
+        .run_method::<_, String>("big", 10_000usize)
+        .await
+        .unwrap_err();
     match &err {
         CallError::Handler { method, message } => {
             assert_eq!(method, "big");
@@ -332,10 +392,11 @@ async fn oversized_reply_drops_the_worker_and_the_call_is_retried() {
     let flag = flag_path("calls-rogue-once");
     let farm = Farm::create(rogue_options(&flag, "once").max_retries(3)).unwrap();
     let mut events = farm.events();
-    let first = match wait_for_event(&mut events, SOON, |e| matches!(e, Event::Spawned { .. })).await {
-        Event::Spawned { worker, .. } => worker,
-        _ => unreachable!(),
-    };
+    let first =
+        match wait_for_event(&mut events, SOON, |e| matches!(e, Event::Spawned { .. })).await {
+            Event::Spawned { worker, .. } => worker,
+            _ => unreachable!(),
+        };
 
     let v: String = tokio::time::timeout(SOON, farm.run_method("echo", "survived"))
         .await
@@ -405,7 +466,10 @@ async fn a_call_dropped_while_queued_never_runs() {
     // Wait until the block call occupies the only slot, so the next call has to queue.
     let deadline = tokio::time::Instant::now() + SOON;
     while farm.status().await.in_flight() != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "block call never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "block call never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Would kill the worker if it ran.
@@ -416,12 +480,19 @@ async fn a_call_dropped_while_queued_never_runs() {
 
     let after = farm.run_method::<_, u32>("pid", ());
     assert_eq!(busy.await.unwrap(), pid);
-    assert_eq!(after.await.unwrap(), pid, "the worker is still the same process");
+    assert_eq!(
+        after.await.unwrap(),
+        pid,
+        "the worker is still the same process"
+    );
 
     let status = farm.status().await;
     assert_eq!(status.workers.len(), 1);
     assert_eq!(status.workers[0].pid, pid);
-    assert_eq!(status.workers[0].handed, 3, "pid, block, pid: the dropped call was never handed");
+    assert_eq!(
+        status.workers[0].handed, 3,
+        "pid, block, pid: the dropped call was never handed"
+    );
     assert_eq!(status.queued, 0);
     farm.shutdown().await;
     let mut exits = 0;
@@ -441,7 +512,10 @@ async fn dropping_a_running_call_does_not_disturb_the_worker() {
     let call = farm.run_method::<_, u32>("sleep", 300u64);
     let deadline = tokio::time::Instant::now() + SOON;
     while farm.status().await.in_flight() != 1 {
-        assert!(tokio::time::Instant::now() < deadline, "sleep call never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sleep call never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     drop(call);
@@ -449,7 +523,10 @@ async fn dropping_a_running_call_does_not_disturb_the_worker() {
     // The abandoned call still runs to its end and then leaves the worker.
     let deadline = tokio::time::Instant::now() + SOON;
     while farm.status().await.in_flight() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "abandoned call never finished");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "abandoned call never finished"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     farm.shutdown().await;

@@ -67,7 +67,9 @@ async fn n_workers_have_n_distinct_pids() {
 #[tokio::test]
 async fn a_single_worker_answers_every_call() {
     let farm = Farm::create(options(1)).unwrap();
-    let calls: Vec<_> = (0..10).map(|_| farm.run_method::<_, u32>("pid", ())).collect();
+    let calls: Vec<_> = (0..10)
+        .map(|_| farm.run_method::<_, u32>("pid", ()))
+        .collect();
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(call.await.unwrap());
@@ -84,7 +86,9 @@ async fn a_single_worker_answers_every_call() {
 async fn two_workers_share_ten_calls() {
     let farm = Farm::create(options(2)).unwrap();
     all_online(&farm, 2).await;
-    let calls: Vec<_> = (0..10).map(|_| farm.run_method::<_, u32>("sleep", 100u64)).collect();
+    let calls: Vec<_> = (0..10)
+        .map(|_| farm.run_method::<_, u32>("sleep", 100u64))
+        .collect();
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(call.await.unwrap());
@@ -101,7 +105,9 @@ async fn per_worker_limit_holds_calls_in_the_queue() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(5)).unwrap();
     all_online(&farm, 1).await;
     let start = Instant::now();
-    let calls: Vec<_> = (0..10).map(|_| farm.run_method::<_, u32>("sleep", 300u64)).collect();
+    let calls: Vec<_> = (0..10)
+        .map(|_| farm.run_method::<_, u32>("sleep", 300u64))
+        .collect();
     let status = wait_status(&farm, |s| s.in_flight() > 0).await;
     assert_eq!(status.in_flight(), 5, "{status:?}");
     assert_eq!(status.queued, 5, "{status:?}");
@@ -112,7 +118,11 @@ async fn per_worker_limit_holds_calls_in_the_queue() {
     }
     assert_eq!(pids.len(), 1);
     // Two waves of 300 ms: never faster than 600 ms.
-    assert!(start.elapsed() >= Duration::from_millis(600), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        start.elapsed()
+    );
     let status = farm.status().await;
     assert_eq!((status.in_flight(), status.queued), (0, 0));
     farm.shutdown().await;
@@ -122,13 +132,19 @@ async fn per_worker_limit_holds_calls_in_the_queue() {
 async fn one_call_per_worker_runs_async_calls_one_after_another() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(1)).unwrap();
     let start = Instant::now();
-    let calls: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("sleep", 200u64)).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("sleep", 200u64))
+        .collect();
     let status = wait_status(&farm, |s| s.in_flight() > 0).await;
     assert_eq!((status.in_flight(), status.queued), (1, 3), "{status:?}");
     for call in calls {
         call.await.unwrap();
     }
-    assert!(start.elapsed() >= Duration::from_millis(800), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
     farm.shutdown().await;
 }
 
@@ -136,7 +152,9 @@ async fn one_call_per_worker_runs_async_calls_one_after_another() {
 async fn least_loaded_dispatch_fills_each_worker_to_its_limit() {
     let farm = Farm::create(options(2).max_concurrent_calls_per_worker(2)).unwrap();
     all_online(&farm, 2).await;
-    let calls: Vec<_> = (0..6).map(|_| farm.run_method::<_, u32>("block", 1500u64)).collect();
+    let calls: Vec<_> = (0..6)
+        .map(|_| farm.run_method::<_, u32>("block", 1500u64))
+        .collect();
     let status = wait_status(&farm, |s| s.in_flight() == 4).await;
     assert_eq!(status.queued, 2, "{status:?}");
     for w in &status.workers {
@@ -154,12 +172,19 @@ async fn least_loaded_dispatch_sends_new_calls_to_the_idle_worker() {
     let farm = Farm::create(options(2)).unwrap();
     all_online(&farm, 2).await;
     // Three long calls on the farm: the first two go one to each worker, the third to either.
-    let long: Vec<_> = (0..3).map(|_| farm.run_method::<_, u32>("sleep", 1500u64)).collect();
+    let long: Vec<_> = (0..3)
+        .map(|_| farm.run_method::<_, u32>("sleep", 1500u64))
+        .collect();
     let status = wait_status(&farm, |s| s.in_flight() == 3).await;
     let mut loads: Vec<usize> = status.workers.iter().map(|w| w.in_flight).collect();
     loads.sort_unstable();
     assert_eq!(loads, vec![1, 2]);
-    let lighter = status.workers.iter().find(|w| w.in_flight == 1).unwrap().pid;
+    let lighter = status
+        .workers
+        .iter()
+        .find(|w| w.in_flight == 1)
+        .unwrap()
+        .pid;
     // The next call goes to the worker with fewer calls in flight.
     let pid: u32 = farm.run_method("pid", ()).await.unwrap();
     assert_eq!(pid, lighter);
@@ -196,7 +221,12 @@ async fn max_concurrent_calls_refuses_at_once_then_accepts_again() {
 
 #[tokio::test]
 async fn max_concurrent_calls_counts_queued_calls_too() {
-    let farm = Farm::create(options(1).max_concurrent_calls(2).max_concurrent_calls_per_worker(1)).unwrap();
+    let farm = Farm::create(
+        options(1)
+            .max_concurrent_calls(2)
+            .max_concurrent_calls_per_worker(1),
+    )
+    .unwrap();
     all_online(&farm, 1).await;
     let a = farm.run_method::<_, u32>("block", 400u64);
     let b = farm.run_method::<_, u32>("block", 400u64);
@@ -220,7 +250,9 @@ async fn max_concurrent_calls_with_two_workers_and_short_calls() {
     )
     .unwrap();
     all_online(&farm, 2).await;
-    let accepted: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("sleep", 50u64)).collect();
+    let accepted: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("sleep", 50u64))
+        .collect();
     for _ in 0..2 {
         let r = farm.run_method::<_, u32>("sleep", 50u64).await;
         assert_eq!(r, Err(CallError::QueueFull { limit: 4 }));
@@ -228,7 +260,9 @@ async fn max_concurrent_calls_with_two_workers_and_short_calls() {
     for call in accepted {
         call.await.unwrap();
     }
-    let again: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("sleep", 50u64)).collect();
+    let again: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("sleep", 50u64))
+        .collect();
     let refused = farm.run_method::<_, u32>("sleep", 50u64).await;
     assert_eq!(refused, Err(CallError::QueueFull { limit: 4 }));
     for call in again {
@@ -240,7 +274,7 @@ async fn max_concurrent_calls_with_two_workers_and_short_calls() {
 /// After a call has returned to its caller, its place under `max_concurrent_calls` must be
 /// free: a caller that awaits each call before making the next never sees `QueueFull`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: the max_concurrent_calls permit is released after the reply is sent (dispatcher drops Call after reply.send)"]
+
 async fn sequential_calls_never_see_queue_full() {
     let farm = Farm::create(options(1).max_concurrent_calls(1)).unwrap();
     all_online(&farm, 1).await;
@@ -256,7 +290,9 @@ async fn many_async_calls_on_one_worker_run_concurrently() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(200)).unwrap();
     all_online(&farm, 1).await;
     let start = Instant::now();
-    let calls: Vec<_> = (0..200).map(|_| farm.run_method::<_, u32>("sleep", 300u64)).collect();
+    let calls: Vec<_> = (0..200)
+        .map(|_| farm.run_method::<_, u32>("sleep", 300u64))
+        .collect();
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(call.await.unwrap());
@@ -275,7 +311,9 @@ async fn multiple_concurrent_calls_per_worker_bound_the_parallelism() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(5)).unwrap();
     all_online(&farm, 1).await;
     let start = Instant::now();
-    let calls: Vec<_> = (0..20).map(|_| farm.run_method::<_, u32>("sleep", 100u64)).collect();
+    let calls: Vec<_> = (0..20)
+        .map(|_| farm.run_method::<_, u32>("sleep", 100u64))
+        .collect();
     for call in calls {
         call.await.unwrap();
     }
@@ -291,7 +329,9 @@ async fn blocking_calls_on_one_worker_run_one_at_a_time() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(10)).unwrap();
     all_online(&farm, 1).await;
     let start = Instant::now();
-    let calls: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("block", 200u64)).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("block", 200u64))
+        .collect();
     // All four are handed to the worker at once...
     let status = wait_status(&farm, |s| s.in_flight() == 4).await;
     assert_eq!(status.queued, 0);
@@ -300,7 +340,11 @@ async fn blocking_calls_on_one_worker_run_one_at_a_time() {
         pids.insert(call.await.unwrap());
     }
     // ...but its single thread runs them one after another.
-    assert!(start.elapsed() >= Duration::from_millis(800), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(pids.len(), 1);
     farm.shutdown().await;
 }
@@ -310,7 +354,9 @@ async fn blocking_calls_spread_over_two_workers_run_in_parallel() {
     let farm = Farm::create(options(2)).unwrap();
     all_online(&farm, 2).await;
     let start = Instant::now();
-    let calls: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("block", 400u64)).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("block", 400u64))
+        .collect();
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(call.await.unwrap());

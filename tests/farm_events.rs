@@ -37,7 +37,10 @@ async fn spawned_then_online_with_the_worker_pid() {
     while online.len() < 2 {
         match wait_for_event(&mut events, SOON, |_| true).await {
             Event::Spawned { worker, pid } => {
-                assert!(!online.iter().any(|(w, _)| *w == worker), "Spawned after Online");
+                assert!(
+                    !online.iter().any(|(w, _)| *w == worker),
+                    "Spawned after Online"
+                );
                 spawned_workers.push((worker, pid));
             }
             Event::Online { worker, pid } => {
@@ -87,7 +90,10 @@ async fn call_done_reports_success_and_failure() {
     assert_ne!(call_ok, call_err, "each call has its own id");
 
     // A panic and an unknown method are answers too: the worker replied, the handler failed.
-    let _ = farm.run_method::<_, ()>("panic_async", "x").await.unwrap_err();
+    let _ = farm
+        .run_method::<_, ()>("panic_async", "x")
+        .await
+        .unwrap_err();
     let ok = next(&mut events, |e| match e {
         Event::CallDone { ok, .. } => Some(*ok),
         _ => None,
@@ -159,7 +165,11 @@ async fn exited_with_a_signal_when_killed() {
     }
     let started = Instant::now();
     farm.kill().await;
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(call.await, Err(CallError::ShutDown));
     let exits: Vec<_> = drain(&mut events)
         .into_iter()
@@ -172,7 +182,11 @@ async fn exited_with_a_signal_when_killed() {
         .iter()
         .find(|(w, p, _)| *w == busy && *p == busy_pid)
         .unwrap_or_else(|| panic!("no exit for the busy worker: {exits:?}"));
-    assert_eq!(exit.signal, Some(15), "SIGTERM ends the blocked worker: {exit:?}");
+    assert_eq!(
+        exit.signal,
+        Some(15),
+        "SIGTERM ends the blocked worker: {exit:?}"
+    );
 }
 
 #[tokio::test]
@@ -329,7 +343,10 @@ async fn error_when_a_worker_exits_at_start() {
     match error {
         CallError::WorkerStart { message } => {
             assert!(message.contains("exit code 3"), "{message}");
-            assert!(message.contains("exiting at start as asked"), "stderr tail: {message}");
+            assert!(
+                message.contains("exiting at start as asked"),
+                "stderr tail: {message}"
+            );
         }
         other => panic!("expected WorkerStart, got {other:?}"),
     }
@@ -387,9 +404,15 @@ async fn every_event_names_its_worker() {
 async fn later_subscribers_start_now() {
     let farm = Farm::create(options(1)).unwrap();
     let mut first = farm.events();
-    next(&mut first, |e| matches!(e, Event::Online { .. }).then_some(())).await;
+    next(&mut first, |e| {
+        matches!(e, Event::Online { .. }).then_some(())
+    })
+    .await;
     let mut second = farm.events();
-    assert!(second.try_recv().is_err(), "a later subscriber does not see the past");
+    assert!(
+        second.try_recv().is_err(),
+        "a later subscriber does not see the past"
+    );
     let _: u32 = farm.run_method("pid", ()).await.unwrap();
     let ok = next(&mut second, |e| match e {
         Event::CallDone { ok, .. } => Some(*ok),

@@ -27,25 +27,42 @@ async fn worker_is_replaced_after_ttl_calls() {
     let mut events = farm.events();
     let mut pids = Vec::new();
     for _ in 0..3 {
-        pids.push(timeout(SOON, farm.run_method::<_, u32>("pid", ())).await.unwrap().unwrap());
+        pids.push(
+            timeout(SOON, farm.run_method::<_, u32>("pid", ()))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
-    assert!(pids.iter().all(|p| *p == pids[0]), "first three calls on one worker: {pids:?}");
+    assert!(
+        pids.iter().all(|p| *p == pids[0]),
+        "first three calls on one worker: {pids:?}"
+    );
     let old = pids[0];
 
-    let Event::TtlReached { worker } = wait_for_event(&mut events, SOON, |e| matches!(e, Event::TtlReached { .. })).await
+    let Event::TtlReached { worker } =
+        wait_for_event(&mut events, SOON, |e| matches!(e, Event::TtlReached { .. })).await
     else {
         unreachable!()
     };
     // The retired worker exits on its own (stdin closed), not by a signal.
     let exited = wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await;
-    let Event::Exited { worker: gone, pid, exit } = exited else {
+    let Event::Exited {
+        worker: gone,
+        pid,
+        exit,
+    } = exited
+    else {
         unreachable!()
     };
     assert_eq!((gone, pid), (worker, old));
     assert_eq!(exit.code, Some(0), "{exit:?}");
     wait_gone(old, SOON).await;
 
-    let next: u32 = timeout(SOON, farm.run_method("pid", ())).await.unwrap().unwrap();
+    let next: u32 = timeout(SOON, farm.run_method("pid", ()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(next, old, "a new worker took the fourth call");
     farm.shutdown().await;
 }
@@ -56,16 +73,28 @@ async fn retiring_worker_finishes_its_calls_and_takes_no_more() {
     let mut events = farm.events();
     wait_for_event(&mut events, SOON, |e| matches!(e, Event::Online { .. })).await;
     // Five concurrent calls: two per worker, then the next worker.
-    let calls: Vec<_> = (0..5).map(|_| farm.run_method::<_, u32>("sleep", 300u64)).collect();
+    let calls: Vec<_> = (0..5)
+        .map(|_| farm.run_method::<_, u32>("sleep", 300u64))
+        .collect();
     let mut per_pid: HashMap<u32, usize> = HashMap::new();
     let mut order = Vec::new();
     for call in calls {
-        let pid = timeout(SOON, call).await.expect("the call settles").expect("calls of a retiring worker complete");
+        let pid = timeout(SOON, call)
+            .await
+            .expect("the call settles")
+            .expect("calls of a retiring worker complete");
         *per_pid.entry(pid).or_default() += 1;
         order.push(pid);
     }
-    assert_eq!(per_pid.len(), 3, "5 calls with ttl 2 need 3 workers: {order:?}");
-    assert!(per_pid.values().all(|n| *n <= 2), "no worker ran more than ttl calls: {order:?}");
+    assert_eq!(
+        per_pid.len(),
+        3,
+        "5 calls with ttl 2 need 3 workers: {order:?}"
+    );
+    assert!(
+        per_pid.values().all(|n| *n <= 2),
+        "no worker ran more than ttl calls: {order:?}"
+    );
     assert_eq!(order[0], order[1]);
     assert_eq!(order[2], order[3]);
 
@@ -81,7 +110,9 @@ async fn retiring_worker_finishes_its_calls_and_takes_no_more() {
 async fn ttl_one_gives_each_call_a_fresh_worker() {
     // node-worker-farm "single call per worker".
     let farm = Farm::create(options(1).ttl(1)).unwrap();
-    let calls: Vec<_> = (0..8).map(|_| farm.run_method::<_, u32>("pid", ())).collect();
+    let calls: Vec<_> = (0..8)
+        .map(|_| farm.run_method::<_, u32>("pid", ()))
+        .collect();
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(timeout(SOON, call).await.unwrap().unwrap());
@@ -114,7 +145,10 @@ async fn call_longer_than_max_idle_time_is_not_killed() {
     let mut events = farm.events();
     let pid: u32 = farm.run_method("pid", ()).await.unwrap();
     // Started after a reply (the workestrator case): runs three idle periods.
-    let slow: u32 = timeout(SOON, farm.run_method("sleep", 1000u64)).await.unwrap().unwrap();
+    let slow: u32 = timeout(SOON, farm.run_method("sleep", 1000u64))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(slow, pid, "the long call ran to the end on the same worker");
     // Back-to-back calls keep resetting the idle clock.
     for _ in 0..6 {
@@ -123,7 +157,9 @@ async fn call_longer_than_max_idle_time_is_not_killed() {
     }
     let seen = drain(&mut events);
     assert!(
-        !seen.iter().any(|e| matches!(e, Event::IdleReached { .. } | Event::Exited { .. })),
+        !seen
+            .iter()
+            .any(|e| matches!(e, Event::IdleReached { .. } | Event::Exited { .. })),
         "no idle stop while calls were running: {seen:?}"
     );
     farm.shutdown().await;
@@ -137,19 +173,32 @@ async fn idle_worker_exits_and_next_call_starts_a_new_one() {
     let pid: u32 = farm.run_method("pid", ()).await.unwrap();
     let returned = Instant::now();
 
-    let Event::IdleReached { worker } = wait_for_event(&mut events, SOON, |e| matches!(e, Event::IdleReached { .. })).await
+    let Event::IdleReached { worker } = wait_for_event(&mut events, SOON, |e| {
+        matches!(e, Event::IdleReached { .. })
+    })
+    .await
     else {
         unreachable!()
     };
     let waited = returned.elapsed();
-    assert!(waited >= idle - Duration::from_millis(50), "idle after {waited:?}");
-    let Event::Exited { worker: gone, pid: gone_pid, exit } =
-        wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await
+    assert!(
+        waited >= idle - Duration::from_millis(50),
+        "idle after {waited:?}"
+    );
+    let Event::Exited {
+        worker: gone,
+        pid: gone_pid,
+        exit,
+    } = wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await
     else {
         unreachable!()
     };
     assert_eq!((gone, gone_pid), (worker, pid));
-    assert_eq!(exit.code, Some(0), "an idle worker exits on its own: {exit:?}");
+    assert_eq!(
+        exit.code,
+        Some(0),
+        "an idle worker exits on its own: {exit:?}"
+    );
     wait_gone(pid, SOON).await;
 
     // No replacement until a call needs one.
@@ -162,13 +211,23 @@ async fn idle_worker_exits_and_next_call_starts_a_new_one() {
         "{status:?}"
     );
     assert!(
-        !drain(&mut events).iter().any(|e| matches!(e, Event::Spawned { .. })),
+        !drain(&mut events)
+            .iter()
+            .any(|e| matches!(e, Event::Spawned { .. })),
         "spawned a worker nobody needed"
     );
 
-    let next: u32 = timeout(SOON, farm.run_method("pid", ())).await.unwrap().unwrap();
+    let next: u32 = timeout(SOON, farm.run_method("pid", ()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(next, pid);
-    wait_for_event(&mut events, SOON, |e| matches!(e, Event::Spawned { pid, .. } if *pid == next)).await;
+    wait_for_event(
+        &mut events,
+        SOON,
+        |e| matches!(e, Event::Spawned { pid, .. } if *pid == next),
+    )
+    .await;
     farm.shutdown().await;
 }
 
@@ -194,7 +253,9 @@ async fn fresh_worker_that_never_gets_a_call_goes_idle() {
         .collect();
     assert_eq!(idle.len(), 2, "{seen:?}");
     assert_eq!(idle, exited, "{seen:?}");
-    let calls: Vec<_> = (0..4).map(|_| farm.run_method::<_, u32>("sleep", 100u64)).collect();
+    let calls: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("sleep", 100u64))
+        .collect();
     for call in calls {
         timeout(SOON, call).await.unwrap().unwrap();
     }

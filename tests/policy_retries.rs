@@ -18,11 +18,18 @@ fn counter_file(tag: &str) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    std::env::temp_dir().join(format!("workfarm-stubborn-{tag}-{}-{nanos}", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "workfarm-stubborn-{tag}-{}-{nanos}",
+        std::process::id()
+    ))
 }
 
 /// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(farm: &Farm, within: Duration, mut pred: impl FnMut(&Status) -> bool) -> Status {
+async fn wait_status(
+    farm: &Farm,
+    within: Duration,
+    mut pred: impl FnMut(&Status) -> bool,
+) -> Status {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let status = farm.status().await;
@@ -38,7 +45,11 @@ async fn wait_status(farm: &Farm, within: Duration, mut pred: impl FnMut(&Status
 }
 
 fn online(status: &Status) -> usize {
-    status.workers.iter().filter(|w| w.state == WorkerState::Online).count()
+    status
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Online)
+        .count()
 }
 
 /// Drains the events that have already arrived.
@@ -59,9 +70,17 @@ async fn crash_without_retries_fails_with_the_cause_itself() {
         .expect("the call settles")
         .unwrap_err();
     match err {
-        CallError::WorkerDied { pid: died, exit, .. } => {
+        CallError::WorkerDied {
+            pid: died, exit, ..
+        } => {
             assert_eq!(died, pid);
-            assert_eq!(exit, ExitInfo { code: Some(3), signal: None });
+            assert_eq!(
+                exit,
+                ExitInfo {
+                    code: Some(3),
+                    signal: None
+                }
+            );
         }
         other => panic!("expected WorkerDied, got {other:?}"),
     }
@@ -86,9 +105,12 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
     }
     assert!(err.is_worker_lost());
     // Three attempts, three dead workers, each a different process.
-    let exits = collect_events(&mut events, 3, SOON, |e| {
-        matches!(e, Event::Exited { exit, .. } if exit.code == Some(3))
-    })
+    let exits = collect_events(
+        &mut events,
+        3,
+        SOON,
+        |e| matches!(e, Event::Exited { exit, .. } if exit.code == Some(3)),
+    )
     .await;
     let pids: HashSet<u32> = exits
         .iter()
@@ -100,7 +122,9 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
     assert_eq!(pids.len(), 3);
 
     // The farm still serves, on a full set of workers.
-    let sums: Vec<_> = (0..10i64).map(|i| farm.run_method::<_, i64>("add", (i, 1))).collect();
+    let sums: Vec<_> = (0..10i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 1)))
+        .collect();
     for (i, sum) in sums.into_iter().enumerate() {
         assert_eq!(timeout(SOON, sum).await.unwrap().unwrap(), i as i64 + 1);
     }
@@ -112,13 +136,20 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
 async fn stubborn_job_succeeds_within_max_retries() {
     let path = counter_file("ok");
     let farm = Farm::create(options(2).max_retries(5)).unwrap();
-    let got: u32 = timeout(SOON, farm.run_method("stubborn", (path.display().to_string(), 5)))
-        .await
-        .expect("the call settles")
-        .unwrap();
+    let got: u32 = timeout(
+        SOON,
+        farm.run_method("stubborn", (path.display().to_string(), 5)),
+    )
+    .await
+    .expect("the call settles")
+    .unwrap();
     assert_eq!(got, 12);
     let seen = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(seen.trim(), "5", "the job died five times before succeeding");
+    assert_eq!(
+        seen.trim(),
+        "5",
+        "the job died five times before succeeding"
+    );
     let _ = std::fs::remove_file(&path);
     farm.shutdown().await;
 }
@@ -127,10 +158,13 @@ async fn stubborn_job_succeeds_within_max_retries() {
 async fn stubborn_job_fails_after_max_retries() {
     let path = counter_file("exhausted");
     let farm = Farm::create(options(2).max_retries(3)).unwrap();
-    let err = timeout(SOON, farm.run_method::<_, u32>("stubborn", (path.display().to_string(), 5)))
-        .await
-        .expect("the call settles")
-        .unwrap_err();
+    let err = timeout(
+        SOON,
+        farm.run_method::<_, u32>("stubborn", (path.display().to_string(), 5)),
+    )
+    .await
+    .expect("the call settles")
+    .unwrap_err();
     match &err {
         CallError::RetriesExhausted { attempts, last, .. } => {
             assert_eq!(*attempts, 4);
@@ -201,7 +235,10 @@ async fn handler_errors_are_retried_on_another_worker_when_asked() {
         other => panic!("expected RetriesExhausted, got {other:?}"),
     }
     assert!(err.is_handler());
-    let attempts = collect_events(&mut events, 3, SOON, |e| matches!(e, Event::CallDone { ok: false, .. })).await;
+    let attempts = collect_events(&mut events, 3, SOON, |e| {
+        matches!(e, Event::CallDone { ok: false, .. })
+    })
+    .await;
     let workers: Vec<_> = attempts.iter().map(|e| e.worker().unwrap()).collect();
     // Each retry avoids the worker of the attempt before it, since another one has room.
     assert_ne!(workers[0], workers[1], "attempts: {workers:?}");
@@ -233,7 +270,10 @@ async fn timed_out_call_is_retried_then_fails_with_timeout_as_last_cause() {
         .await
         .expect("the call settles")
         .unwrap_err();
-    assert!(started.elapsed() >= after * 2, "two attempts of {after:?} each");
+    assert!(
+        started.elapsed() >= after * 2,
+        "two attempts of {after:?} each"
+    );
     assert_eq!(
         err,
         CallError::RetriesExhausted {
@@ -268,7 +308,12 @@ async fn call_of_a_killed_worker_moves_to_the_other_worker() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let exit = wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { pid, .. } if *pid == victim)).await;
+    let exit = wait_for_event(
+        &mut events,
+        SOON,
+        |e| matches!(e, Event::Exited { pid, .. } if *pid == victim),
+    )
+    .await;
     let Event::Exited { exit, .. } = exit else {
         unreachable!()
     };
@@ -276,25 +321,40 @@ async fn call_of_a_killed_worker_moves_to_the_other_worker() {
 
     // A replacement comes online while the survivor runs both calls; the next call goes to
     // the replacement, the least loaded worker.
-    let Event::Online { pid: replacement, .. } = wait_for_event(&mut events, SOON, |e| {
-        matches!(e, Event::Online { pid, .. } if *pid != victim && *pid != survivor)
-    })
+    let Event::Online {
+        pid: replacement, ..
+    } = wait_for_event(
+        &mut events,
+        SOON,
+        |e| matches!(e, Event::Online { pid, .. } if *pid != victim && *pid != survivor),
+    )
     .await
     else {
         unreachable!()
     };
     let status = wait_status(&farm, SOON, |s| online(s) == 2).await;
     assert_eq!(
-        status.workers.iter().find(|w| w.pid == survivor).map(|w| w.in_flight),
+        status
+            .workers
+            .iter()
+            .find(|w| w.pid == survivor)
+            .map(|w| w.in_flight),
         Some(2),
         "the killed worker's call moved to the survivor: {status:?}"
     );
-    let next: u32 = timeout(SOON, farm.run_method("pid", ())).await.unwrap().unwrap();
+    let next: u32 = timeout(SOON, farm.run_method("pid", ()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(next, replacement);
 
     let a = timeout(SOON, first).await.unwrap().unwrap();
     let b = timeout(SOON, second).await.unwrap().unwrap();
-    assert_eq!((a, b), (survivor, survivor), "both calls completed on the survivor");
+    assert_eq!(
+        (a, b),
+        (survivor, survivor),
+        "both calls completed on the survivor"
+    );
     let status = farm.status().await;
     assert_eq!(online(&status), 2, "back to two live workers: {status:?}");
     assert!(status.workers.iter().all(|w| w.pid != victim));
@@ -306,7 +366,9 @@ async fn durability_every_call_settles_once_while_workers_die() {
     // node-worker-farm "durability": calls that kill their worker half of the time.
     let farm = Farm::create(options(2).max_concurrent_calls_per_worker(1)).unwrap();
     let mut events = farm.events();
-    let calls: Vec<_> = (0..20).map(|_| farm.run_method::<_, u32>("exit_sometimes", 0.5)).collect();
+    let calls: Vec<_> = (0..20)
+        .map(|_| farm.run_method::<_, u32>("exit_sometimes", 0.5))
+        .collect();
     let mut pids = HashSet::new();
     let mut ok = 0;
     for call in calls {

@@ -17,18 +17,28 @@ fn counter_file(tag: &str) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    std::env::temp_dir().join(format!("workfarm-timeout-{tag}-{}-{nanos}", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "workfarm-timeout-{tag}-{}-{nanos}",
+        std::process::id()
+    ))
 }
 
 /// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(farm: &Farm, within: Duration, mut pred: impl FnMut(&Status) -> bool) -> Status {
+async fn wait_status(
+    farm: &Farm,
+    within: Duration,
+    mut pred: impl FnMut(&Status) -> bool,
+) -> Status {
     let deadline = Instant::now() + within;
     loop {
         let status = farm.status().await;
         if pred(&status) {
             return status;
         }
-        assert!(Instant::now() < deadline, "status condition not met within {within:?}: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "status condition not met within {within:?}: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -55,16 +65,23 @@ async fn spinning_call_times_out_and_its_worker_is_replaced() {
     let elapsed = started.elapsed();
     assert_eq!(err, CallError::Timeout { after });
     assert!(elapsed >= after, "timed out after {elapsed:?}");
-    assert!(elapsed < Duration::from_secs(5), "timed out after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "timed out after {elapsed:?}"
+    );
 
     // The worker is stopped with SIGTERM (it does not ignore it), well before kill_timeout.
-    let (pid, exit) = exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
+    let (pid, exit) =
+        exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
     assert_eq!(pid, quick);
     assert_eq!(exit.signal, Some(15), "{exit:?}");
     wait_gone(quick, SOON).await;
 
     // A replacement serves the next call.
-    let next: u32 = timeout(SOON, farm.run_method("pid", ())).await.unwrap().unwrap();
+    let next: u32 = timeout(SOON, farm.run_method("pid", ()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(next, quick);
     farm.shutdown().await;
 }
@@ -84,8 +101,14 @@ async fn slow_call_times_out_and_quick_calls_succeed() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err, CallError::Timeout { after });
-    assert!(started.elapsed() < Duration::from_millis(2500), "did not wait for the call");
-    let next: u32 = timeout(SOON, farm.run_method("sleep", 50u64)).await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "did not wait for the call"
+    );
+    let next: u32 = timeout(SOON, farm.run_method("sleep", 50u64))
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(next, first);
     farm.shutdown().await;
 }
@@ -99,7 +122,9 @@ async fn calls_sharing_a_timed_out_worker_are_requeued_uncharged() {
     let mut events = farm.events();
     wait_for_event(&mut events, SOON, |e| matches!(e, Event::Online { .. })).await;
     let spin = farm.run_method::<_, ()>("spin", ());
-    let others: Vec<_> = (0..4i64).map(|i| farm.run_method::<_, i64>("add", (i, 10))).collect();
+    let others: Vec<_> = (0..4i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 10)))
+        .collect();
     // All five calls share the one worker.
     wait_status(&farm, SOON, |s| s.in_flight() == 5).await;
 
@@ -147,9 +172,13 @@ async fn worker_ignoring_sigterm_is_killed_after_kill_timeout() {
     let pid: u32 = farm.run_method("ignore_sigterm", ()).await.unwrap();
 
     let started = Instant::now();
-    let err = timeout(SOON, farm.run_method::<_, ()>("spin", ())).await.unwrap().unwrap_err();
+    let err = timeout(SOON, farm.run_method::<_, ()>("spin", ()))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err, CallError::Timeout { after });
-    let (dead, exit) = exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
+    let (dead, exit) =
+        exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
     let elapsed = started.elapsed();
     assert_eq!(dead, pid);
     assert_eq!(exit.signal, Some(9), "{exit:?}");
@@ -172,7 +201,8 @@ async fn kill_escalates_to_sigkill_for_a_busy_worker_ignoring_sigterm() {
     timeout(SOON, farm.kill()).await.expect("kill returns");
     let elapsed = started.elapsed();
     assert_eq!(spin.await, Err(CallError::ShutDown));
-    let (dead, exit) = exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
+    let (dead, exit) =
+        exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
     assert_eq!(dead, pid);
     assert_eq!(exit.signal, Some(9), "{exit:?}");
     assert!(elapsed >= grace, "kill returned after {elapsed:?}");
@@ -192,7 +222,8 @@ async fn normal_worker_exits_on_sigterm_before_kill_timeout() {
     timeout(SOON, farm.kill()).await.expect("kill returns");
     let elapsed = started.elapsed();
     assert_eq!(spin.await, Err(CallError::ShutDown));
-    let (dead, exit) = exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
+    let (dead, exit) =
+        exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
     assert_eq!(dead, pid);
     assert_eq!(exit.signal, Some(15), "{exit:?}");
     assert!(elapsed < Duration::from_secs(2), "kill took {elapsed:?}");

@@ -57,7 +57,10 @@ async fn cbor_farm_answers_ordinary_calls() {
     assert_eq!(sum, 42);
     let s: String = farm.run("through the default method").await.unwrap();
     assert_eq!(s, "through the default method");
-    let err = farm.run_method::<_, ()>("fail", "cbor error").await.unwrap_err();
+    let err = farm
+        .run_method::<_, ()>("fail", "cbor error")
+        .await
+        .unwrap_err();
     assert_eq!(
         err,
         CallError::Handler {
@@ -68,7 +71,16 @@ async fn cbor_farm_answers_ordinary_calls() {
     let err = farm.run_method::<_, i64>("add", "nope").await.unwrap_err();
     assert!(matches!(err, CallError::BadArguments { .. }), "{err:?}");
     let err = farm.run_method::<_, u32>("echo", "text").await.unwrap_err();
-    assert!(matches!(err, CallError::Deserialize { type_name: "u32", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            CallError::Deserialize {
+                type_name: "u32",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     farm.shutdown().await;
 }
 
@@ -79,12 +91,19 @@ async fn cbor_carries_nan_infinities_and_negative_zero() {
     let back: Floats = farm.run_method("floats", &sent).await.unwrap();
     assert_same_floats(&back.values, &sent.values);
     let neg_zero = back.values[3];
-    assert_eq!(neg_zero.to_bits(), (-0.0f64).to_bits(), "the sign bit of -0.0 survives");
+    assert_eq!(
+        neg_zero.to_bits(),
+        (-0.0f64).to_bits(),
+        "the sign bit of -0.0 survives"
+    );
 
     // The worker computes with them too.
     let nan: f64 = farm.run_method("sum", vec![1.0, f64::NAN]).await.unwrap();
     assert!(nan.is_nan());
-    let inf: f64 = farm.run_method("sum", vec![f64::INFINITY, 1.0]).await.unwrap();
+    let inf: f64 = farm
+        .run_method("sum", vec![f64::INFINITY, 1.0])
+        .await
+        .unwrap();
     assert_eq!(inf, f64::INFINITY);
     let neg: f64 = farm.run_method("sum", vec![-0.0, -0.0]).await.unwrap();
     assert!(neg == 0.0 && neg.is_sign_negative());
@@ -96,7 +115,12 @@ async fn json_turns_nan_and_infinities_into_null() {
     let farm = Farm::create(options(1)).unwrap();
     // The worker's `floats` needs f64s; JSON sends null for NaN: its decoder refuses.
     let err = farm
-        .run_method::<_, Floats>("floats", Floats { values: vec![1.0, f64::NAN] })
+        .run_method::<_, Floats>(
+            "floats",
+            Floats {
+                values: vec![1.0, f64::NAN],
+            },
+        )
         .await
         .unwrap_err();
     match &err {
@@ -106,11 +130,17 @@ async fn json_turns_nan_and_infinities_into_null() {
         }
         other => panic!("expected BadArguments, got {other:?}"),
     }
-    let err = farm.run_method::<_, f64>("sum", vec![f64::INFINITY]).await.unwrap_err();
+    let err = farm
+        .run_method::<_, f64>("sum", vec![f64::INFINITY])
+        .await
+        .unwrap_err();
     assert!(matches!(err, CallError::BadArguments { .. }), "{err:?}");
 
     // Through the echo, NaN comes back as null: an error for f64, None for Option<f64>.
-    let err = farm.run_method::<_, f64>("echo", f64::NAN).await.unwrap_err();
+    let err = farm
+        .run_method::<_, f64>("echo", f64::NAN)
+        .await
+        .unwrap_err();
     match &err {
         CallError::Deserialize { type_name, message } => {
             assert_eq!(*type_name, "f64");
@@ -157,7 +187,10 @@ async fn json_carries_bytes_as_an_array_of_numbers() {
         .unwrap();
     assert_eq!(back.into_vec(), payload);
     // What the worker sent back is a JSON array of numbers.
-    let raw: serde_json::Value = farm.run_method("bytes", ByteBuf::from(payload)).await.unwrap();
+    let raw: serde_json::Value = farm
+        .run_method("bytes", ByteBuf::from(payload))
+        .await
+        .unwrap();
     assert_eq!(raw, serde_json::json!([0, 1, 254, 255]));
     farm.shutdown().await;
 }
@@ -190,9 +223,16 @@ async fn json_carries_integer_keys_as_strings_and_refuses_other_keys() {
 
     // Keys that are not strings or numbers: JSON cannot encode them, and says so at once.
     let pairs: BTreeMap<(i32, i32), String> = [((1, 2), "x".to_owned())].into();
-    let err = farm.run_method::<_, serde_json::Value>("echo", &pairs).await.unwrap_err();
+    let err = farm
+        .run_method::<_, serde_json::Value>("echo", &pairs)
+        .await
+        .unwrap_err();
     assert!(matches!(err, CallError::Serialize { .. }), "{err:?}");
-    assert_eq!(farm.status().await.workers[0].handed, 2, "the bad call never left");
+    assert_eq!(
+        farm.status().await.workers[0].handed,
+        2,
+        "the bad call never left"
+    );
     farm.shutdown().await;
 }
 
@@ -205,7 +245,12 @@ async fn one_worker_binary_serves_json_and_cbor_farms_side_by_side() {
         .await
         .unwrap();
     let b: Floats = cbor
-        .run_method("floats", Floats { values: vec![f64::NAN] })
+        .run_method(
+            "floats",
+            Floats {
+                values: vec![f64::NAN],
+            },
+        )
         .await
         .unwrap();
     assert_eq!(a.values, vec![1.5]);
@@ -245,7 +290,11 @@ fn record() -> Record {
         name: "naïve — ✓".into(),
         tags: vec![String::new(), "b".into()],
         maybe: Some(-128),
-        shapes: vec![Shape::Unit, Shape::Circle { r: 0.5 }, Shape::Poly(vec![(1, -1), (0, 0)])],
+        shapes: vec![
+            Shape::Unit,
+            Shape::Circle { r: 0.5 },
+            Shape::Poly(vec![(1, -1), (0, 0)]),
+        ],
         nested: [("k".to_owned(), vec![0, 65535])].into(),
     }
 }
@@ -259,7 +308,10 @@ fn both_serializers_round_trip_ordinary_values() {
     assert_eq!(round_trip(&Builtin::Cbor, &r), r);
     assert_eq!(round_trip(&Json, &()), ());
     assert_eq!(round_trip(&Cbor, &()), ());
-    assert_eq!(round_trip(&Cbor, &(1u8, "two".to_owned(), 3.0f32)), (1u8, "two".to_owned(), 3.0f32));
+    assert_eq!(
+        round_trip(&Cbor, &(1u8, "two".to_owned(), 3.0f32)),
+        (1u8, "two".to_owned(), 3.0f32)
+    );
 }
 
 #[test]

@@ -48,7 +48,10 @@ async fn handler_output_does_not_corrupt_results() {
     // No worker was lost to a garbled stream.
     let status = farm.status().await;
     assert_eq!(status.workers.len(), 2);
-    assert!(status.workers.iter().all(|w| w.state == workfarm::WorkerState::Online));
+    assert!(status
+        .workers
+        .iter()
+        .all(|w| w.state == workfarm::WorkerState::Online));
     assert_eq!(status.workers.iter().map(|w| w.handed).sum::<u64>(), 44);
     farm.shutdown().await;
 }
@@ -56,7 +59,9 @@ async fn handler_output_does_not_corrupt_results() {
 #[tokio::test]
 async fn chatty_call_in_flight_with_async_calls_on_the_same_worker() {
     let farm = Farm::create(options(1)).unwrap();
-    let sleepers: Vec<_> = (0..5).map(|_| farm.run_method::<_, u32>("sleep", 100u64)).collect();
+    let sleepers: Vec<_> = (0..5)
+        .map(|_| farm.run_method::<_, u32>("sleep", 100u64))
+        .collect();
     let chatty = farm.run_method::<_, usize>("chatty", 256 * 1024);
     let big = farm.run_method::<_, String>("big", 300_000usize);
     assert_eq!(chatty.await.unwrap(), 256 * 1024);
@@ -91,12 +96,25 @@ async fn info_reports_env_cwd_and_args() {
     .unwrap();
     let info: Info = farm.run_method("info", ()).await.unwrap();
     assert_eq!(&info.args[1..], ["--alpha", "beta", "gamma with space"]);
-    assert!(info.args[0].ends_with("workfarm-worker"), "{:?}", info.args[0]);
+    assert!(
+        info.args[0].ends_with("workfarm-worker"),
+        "{:?}",
+        info.args[0]
+    );
     assert_eq!(PathBuf::from(&info.cwd), dir);
-    assert_eq!(info.env.get("WORKFARM_TEST_VAR").map(String::as_str), Some("hello world"));
-    assert_eq!(info.env.get("WORKFARM_TEST_EMPTY").map(String::as_str), Some(""));
+    assert_eq!(
+        info.env.get("WORKFARM_TEST_VAR").map(String::as_str),
+        Some("hello world")
+    );
+    assert_eq!(
+        info.env.get("WORKFARM_TEST_EMPTY").map(String::as_str),
+        Some("")
+    );
     // The farm marks its workers and tells them who their parent is.
-    assert_eq!(info.env.get("WORKFARM_WORKER").map(String::as_str), Some("1"));
+    assert_eq!(
+        info.env.get("WORKFARM_WORKER").map(String::as_str),
+        Some("1")
+    );
     assert_eq!(
         info.env.get("WORKFARM_PARENT_PID"),
         Some(&std::process::id().to_string())
@@ -142,7 +160,10 @@ async fn every_worker_and_every_replacement_gets_the_settings() {
         let info: Info = farm.run_method("info", ()).await.unwrap();
         assert_eq!(&info.args[1..], ["--flag"]);
         assert_eq!(PathBuf::from(&info.cwd), dir);
-        assert_eq!(info.env.get("WORKFARM_TEST_VAR").map(String::as_str), Some("again"));
+        assert_eq!(
+            info.env.get("WORKFARM_TEST_VAR").map(String::as_str),
+            Some("again")
+        );
         pids.push(info.pid);
     }
     pids.sort_unstable();
@@ -151,10 +172,11 @@ async fn every_worker_and_every_replacement_gets_the_settings() {
     // Broadcast reaches the current workers, which have the settings too.
     let infos = farm.broadcast_method::<_, Info>("info", ()).await;
     assert!(infos.failures.is_empty(), "{:?}", infos.failures);
-    assert!(infos
-        .successes
-        .iter()
-        .all(|(_, i)| i.env.get("WORKFARM_TEST_VAR").map(String::as_str) == Some("again")));
+    assert!(infos.successes.iter().all(|(_, i)| i
+        .env
+        .get("WORKFARM_TEST_VAR")
+        .map(String::as_str)
+        == Some("again")));
     farm.shutdown().await;
     let _ = std::fs::remove_dir(&dir);
 }

@@ -281,7 +281,7 @@ impl Dispatcher {
         let mut receivers = Vec::new();
         if self.mode == Mode::Running {
             for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
-                let (reply, rx) = Reply::new();
+                let (reply, rx) = Reply::new(None);
                 worker.pinned.push_back(Call {
                     id,
                     method: method.clone(),
@@ -291,7 +291,6 @@ impl Dispatcher {
                     avoid: None,
                     failures: Vec::new(),
                     reply,
-                    _permit: None,
                 });
                 receivers.push((worker.id, rx));
             }
@@ -373,7 +372,10 @@ impl Dispatcher {
         let per_worker = self.settings.per_worker;
         for i in 0..self.workers.len() {
             while self.workers[i].in_flight.len() < per_worker
-                && matches!(self.workers[i].state, WorkerState::Online | WorkerState::Retiring)
+                && matches!(
+                    self.workers[i].state,
+                    WorkerState::Online | WorkerState::Retiring
+                )
             {
                 let Some(call) = self.workers[i].pinned.pop_front() else {
                     break;
@@ -416,13 +418,24 @@ impl Dispatcher {
         call.attempts += 1;
         let timer = self.settings.timeout.map(|t| {
             let worker = self.workers[i].id;
-            self.add_timer(t, Timer::CallTimeout { worker, call: call.id })
+            self.add_timer(
+                t,
+                Timer::CallTimeout {
+                    worker,
+                    call: call.id,
+                },
+            )
         });
         let w = &mut self.workers[i];
         if let Some(key) = w.idle_timer.take() {
             self.timers.remove(&key);
         }
-        tracing::trace!(call = call.id, worker = w.id.0, attempt = call.attempts, "call sent");
+        tracing::trace!(
+            call = call.id,
+            worker = w.id.0,
+            attempt = call.attempts,
+            "call sent"
+        );
         w.link.send(call.frame.clone());
         // Broadcast calls do not count towards a worker's ttl.
         let counts_for_ttl = call.pinned.is_none();
@@ -474,7 +487,10 @@ impl Dispatcher {
                 true
             }
             Err(e) => {
-                let message = format!("could not spawn {}: {e}", self.settings.spawn.program.display());
+                let message = format!(
+                    "could not spawn {}: {e}",
+                    self.settings.spawn.program.display()
+                );
                 self.start_failed(Some(id), message);
                 false
             }
@@ -535,7 +551,11 @@ impl Dispatcher {
                 let pid = w.link.pid();
                 tracing::debug!(worker = worker.0, pid, %exit, "worker exited");
                 self.emit(Event::Exited { worker, pid, exit });
-                for key in w.idle_timer.iter().chain(w.in_flight.values().filter_map(|f| f.timer.as_ref())) {
+                for key in w
+                    .idle_timer
+                    .iter()
+                    .chain(w.in_flight.values().filter_map(|f| f.timer.as_ref()))
+                {
                     self.timers.remove(key);
                 }
                 let error = CallError::WorkerDied { worker, pid, exit };
@@ -543,7 +563,10 @@ impl Dispatcher {
                 let failed_start = match (w.state, w.start_failure) {
                     (_, Some(why)) => Some(why),
                     (WorkerState::Starting, None) => {
-                        let mut why = format!("{} exited during startup with {exit}", self.settings.spawn.program.display());
+                        let mut why = format!(
+                            "{} exited during startup with {exit}",
+                            self.settings.spawn.program.display()
+                        );
                         if !stderr_tail.is_empty() {
                             why.push_str("; last stderr lines:\n");
                             why.push_str(&stderr_tail.join("\n"));
@@ -684,8 +707,12 @@ impl Dispatcher {
     /// Applies the retry policy to a failed attempt: re-queue at the front, or settle.
     fn fail_attempt(&mut self, call: Call, error: CallError, worker: WorkerId) {
         let retryable = match &error {
-            CallError::WorkerDied { .. } | CallError::Protocol { .. } | CallError::Timeout { .. } => true,
-            CallError::Handler { .. } | CallError::Panic { .. } => self.settings.retry_handler_errors,
+            CallError::WorkerDied { .. }
+            | CallError::Protocol { .. }
+            | CallError::Timeout { .. } => true,
+            CallError::Handler { .. } | CallError::Panic { .. } => {
+                self.settings.retry_handler_errors
+            }
             _ => false,
         };
         if call.pinned.is_some() {
@@ -740,8 +767,13 @@ impl Dispatcher {
     fn start_failed(&mut self, worker: Option<WorkerId>, why: String) {
         self.start_failures += 1;
         tracing::warn!(failures = self.start_failures, %why, "worker failed to start");
-        let error = CallError::WorkerStart { message: why.clone() };
-        self.emit(Event::Error { worker, error: error.clone() });
+        let error = CallError::WorkerStart {
+            message: why.clone(),
+        };
+        self.emit(Event::Error {
+            worker,
+            error: error.clone(),
+        });
         let online = self.workers.iter().any(|w| w.state == WorkerState::Online);
         if self.start_failures >= START_FAILURES_BEFORE_FAILING && !online {
             self.start_error = Some(why);
@@ -786,7 +818,12 @@ impl Dispatcher {
                     return;
                 };
                 let after = self.settings.timeout.unwrap_or_default();
-                tracing::debug!(worker = worker.0, call, ?after, "call timed out; stopping its worker");
+                tracing::debug!(
+                    worker = worker.0,
+                    call,
+                    ?after,
+                    "call timed out; stopping its worker"
+                );
                 // The calls that shared the worker did nothing wrong: re-queue them uncharged.
                 // Broadcast calls stay: they fail with the worker's exit.
                 let others: Vec<u64> = self.workers[i]
@@ -859,7 +896,9 @@ impl Dispatcher {
                     if w.state != WorkerState::Online {
                         continue;
                     }
-                    if let Some(rss) = crate::sys::rss_bytes(w.link.pid()).filter(|&rss| rss > limit) {
+                    if let Some(rss) =
+                        crate::sys::rss_bytes(w.link.pid()).filter(|&rss| rss > limit)
+                    {
                         let worker = w.id;
                         tracing::debug!(worker = worker.0, rss, limit, "memory limit reached");
                         self.retire(i, Event::MemoryLimitReached { worker, rss });
@@ -894,4 +933,3 @@ impl Dispatcher {
         }
     }
 }
-

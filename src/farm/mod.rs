@@ -176,9 +176,11 @@ impl<S: Serializer> Farm<S> {
             },
             &mut hello,
         );
-        frame::finish(&mut hello, start, options.max_frame).map_err(|_| CreateError::InvalidOption {
-            name: "max_frame",
-            reason: "too small for the handshake",
+        frame::finish(&mut hello, start, options.max_frame).map_err(|_| {
+            CreateError::InvalidOption {
+                name: "max_frame",
+                reason: "too small for the handshake",
+            }
         })?;
         let program = options.program.clone();
         let settings = Settings {
@@ -204,7 +206,8 @@ impl<S: Serializer> Farm<S> {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
         let subscribed = Arc::new(AtomicBool::new(false));
-        let mut dispatcher = Dispatcher::new(settings, commands_rx, events.clone(), subscribed.clone());
+        let mut dispatcher =
+            Dispatcher::new(settings, commands_rx, events.clone(), subscribed.clone());
         dispatcher.start().map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
                 path: program.clone(),
@@ -335,7 +338,11 @@ impl<S: Serializer> Farm<S> {
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.core.subscribed.store(true, Ordering::Relaxed);
-        let mut first = self.core.first_events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut first = self
+            .core
+            .first_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         first.take().unwrap_or_else(|| self.core.events.subscribe())
     }
 
@@ -364,7 +371,11 @@ impl<S: Serializer> Farm<S> {
     }
 
     /// Encodes and queues a call; the receiver yields its outcome.
-    fn submit<A: Serialize>(&self, method: &str, args: &A) -> Result<oneshot::Receiver<Outcome>, CallError> {
+    fn submit<A: Serialize>(
+        &self,
+        method: &str,
+        args: &A,
+    ) -> Result<oneshot::Receiver<Outcome>, CallError> {
         let permit = match &self.core.limiter {
             None => None,
             Some((semaphore, limit)) => Some(
@@ -376,7 +387,7 @@ impl<S: Serializer> Farm<S> {
         };
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode_call(id, method, args)?;
-        let (reply, rx) = Reply::new();
+        let (reply, rx) = Reply::new(permit);
         let call = Call {
             id,
             method: method.into(),
@@ -386,7 +397,6 @@ impl<S: Serializer> Farm<S> {
             avoid: None,
             failures: Vec::new(),
             reply,
-            _permit: permit,
         };
         self.core
             .commands
@@ -395,7 +405,12 @@ impl<S: Serializer> Farm<S> {
         Ok(rx)
     }
 
-    fn encode_call<A: Serialize>(&self, id: u64, method: &str, args: &A) -> Result<Vec<u8>, CallError> {
+    fn encode_call<A: Serialize>(
+        &self,
+        id: u64,
+        method: &str,
+        args: &A,
+    ) -> Result<Vec<u8>, CallError> {
         let type_name = std::any::type_name::<A>();
         if method.len() > u16::MAX as usize {
             return Err(CallError::Serialize {
@@ -420,7 +435,10 @@ impl<S: Serializer> Farm<S> {
     }
 }
 
-fn decode_result<S: Serializer, T: DeserializeOwned>(serializer: &S, body: &[u8]) -> Result<T, CallError> {
+fn decode_result<S: Serializer, T: DeserializeOwned>(
+    serializer: &S,
+    body: &[u8],
+) -> Result<T, CallError> {
     serializer.decode(body).map_err(|e| CallError::Deserialize {
         type_name: std::any::type_name::<T>(),
         message: e.to_string(),

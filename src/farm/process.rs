@@ -82,7 +82,9 @@ impl WorkerLink {
 
     /// Queues a frame for the worker. False if its input is already closed.
     pub(crate) fn send(&self, frame: Bytes) -> bool {
-        self.frames.as_ref().is_some_and(|tx| tx.send(frame).is_ok())
+        self.frames
+            .as_ref()
+            .is_some_and(|tx| tx.send(frame).is_ok())
     }
 
     /// Closes the worker's stdin once queued frames are written: the polite stop.

@@ -164,7 +164,10 @@ mod tests {
         let mut buf = BytesMut::from(&all[..]);
         let mut dec = FrameDecoder::new(64);
         for i in 0..10u8 {
-            assert_eq!(&dec.decode(&mut buf).unwrap().unwrap()[..], &vec![i; i as usize][..]);
+            assert_eq!(
+                &dec.decode(&mut buf).unwrap().unwrap()[..],
+                &vec![i; i as usize][..]
+            );
         }
         assert_eq!(dec.decode(&mut buf).unwrap(), None);
     }

@@ -170,10 +170,22 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
 /// A message from a worker to the farm.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum FromWorker {
-    Ready { version: u16, pid: u32 },
-    Ok { id: u64, body: Bytes },
-    Err { id: u64, kind: FailureKind, message: String },
-    Fatal { message: String },
+    Ready {
+        version: u16,
+        pid: u32,
+    },
+    Ok {
+        id: u64,
+        body: Bytes,
+    },
+    Err {
+        id: u64,
+        kind: FailureKind,
+        message: String,
+    },
+    Fatal {
+        message: String,
+    },
 }
 
 pub(crate) fn encode_ready(pid: u32, out: &mut Vec<u8>) {
@@ -302,7 +314,14 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for bad in [&b""[..], b"\x00", b"\x81\x01", b"\x82abc", b"\x83\0\0\0\0\0\0\0\0\x09", b"\x02\0"] {
+        for bad in [
+            &b""[..],
+            b"\x00",
+            b"\x81\x01",
+            b"\x82abc",
+            b"\x83\0\0\0\0\0\0\0\0\x09",
+            b"\x02\0",
+        ] {
             assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());
         }

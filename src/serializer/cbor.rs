@@ -11,7 +11,11 @@ impl Serializer for Cbor {
         "cbor"
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
         ciborium::into_writer(value, out).map_err(SerializeError::new)
     }
 

@@ -12,7 +12,11 @@ impl Serializer for Json {
         "json"
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
         serde_json::to_writer(out, value).map_err(SerializeError::new)
     }
 

@@ -43,7 +43,11 @@ pub trait Serializer: Clone + Send + Sync + 'static {
     /// # Errors
     ///
     /// When the value cannot be represented in this format.
-    fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError>;
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError>;
 
     /// Decodes one value from the whole of `bytes`.
     ///
@@ -109,7 +113,11 @@ impl Serializer for Builtin {
         }
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
         match self {
             Builtin::Json => Json.encode(value, out),
             Builtin::Cbor => Cbor.encode(value, out),

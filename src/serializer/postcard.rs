@@ -14,7 +14,11 @@ impl Serializer for Postcard {
         "postcard"
     }
 
-    fn encode<T: Serialize + ?Sized>(&self, value: &T, out: &mut Vec<u8>) -> Result<(), SerializeError> {
+    fn encode<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        out: &mut Vec<u8>,
+    ) -> Result<(), SerializeError> {
         let buf = std::mem::take(out);
         *out = postcard::to_extend(value, buf).map_err(SerializeError::new)?;
         Ok(())

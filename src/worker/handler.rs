@@ -35,7 +35,8 @@ impl Failure {
 /// Decodes arguments, runs the user function, encodes its result into the buffer.
 pub(crate) type SyncFn<S> = dyn Fn(&S, &[u8], &mut Vec<u8>) -> Result<(), Failure> + Send + Sync;
 /// Decodes arguments and starts the user's future; the future yields a complete reply frame.
-pub(crate) type AsyncFn<S> = dyn Fn(&S, &[u8], u64, usize) -> Result<BoxFuture, Failure> + Send + Sync;
+pub(crate) type AsyncFn<S> =
+    dyn Fn(&S, &[u8], u64, usize) -> Result<BoxFuture, Failure> + Send + Sync;
 
 pub(crate) enum Handler<S> {
     Sync(Arc<SyncFn<S>>),
@@ -80,26 +81,28 @@ where
     F: Fn(A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
-    Handler::Async(Arc::new(move |s: &S, args: &[u8], id: u64, max_frame: usize| {
-        let args: A = s
-            .decode(args)
-            .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
-        let future = catch_unwind(AssertUnwindSafe(|| f(args)))
-            .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))?;
-        let s = s.clone();
-        Ok(Box::pin(async move {
-            let outcome = CatchUnwind(Box::pin(future)).await;
-            let mut out = Vec::new();
-            reply_frame(id, max_frame, &mut out, |out| {
-                let value = outcome
-                    .map_err(|m| Failure::new(FailureKind::Panic, m))?
-                    .map_err(|e| Failure::new(FailureKind::Handler, e))?;
-                s.encode(&value, out)
-                    .map_err(|e| Failure::new(FailureKind::BadResult, e))
-            });
-            out
-        }) as BoxFuture)
-    }))
+    Handler::Async(Arc::new(
+        move |s: &S, args: &[u8], id: u64, max_frame: usize| {
+            let args: A = s
+                .decode(args)
+                .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+            let future = catch_unwind(AssertUnwindSafe(|| f(args)))
+                .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))?;
+            let s = s.clone();
+            Ok(Box::pin(async move {
+                let outcome = CatchUnwind(Box::pin(future)).await;
+                let mut out = Vec::new();
+                reply_frame(id, max_frame, &mut out, |out| {
+                    let value = outcome
+                        .map_err(|m| Failure::new(FailureKind::Panic, m))?
+                        .map_err(|e| Failure::new(FailureKind::Handler, e))?;
+                    s.encode(&value, out)
+                        .map_err(|e| Failure::new(FailureKind::BadResult, e))
+                });
+                out
+            }) as BoxFuture)
+        },
+    ))
 }
 
 /// Appends a complete reply frame for call `id`: an Ok frame with what `body` encodes, or an

@@ -228,7 +228,9 @@ impl<S: Serializer> Worker<S> {
     /// When stdin/stdout are not the pipes of a farm, the handshake fails, or the farm
     /// breaks the protocol.
     pub fn serve(self) -> Result<(), ServeError> {
-        let parent = std::env::var(PARENT_PID_ENV).ok().and_then(|p| p.parse().ok());
+        let parent = std::env::var(PARENT_PID_ENV)
+            .ok()
+            .and_then(|p| p.parse().ok());
         sys::die_with_parent(parent);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;
@@ -255,7 +257,9 @@ impl<S: Serializer> Worker<S> {
     }
 
     async fn serve_on(self, input: OwnedFd, output: OwnedFd) -> Result<(), ServeError> {
-        let not_a_pipe = |e| serve_error(format_args!("stdin/stdout are not a farm's pipes ({e}); start this binary through workfarm::Farm"));
+        let not_a_pipe = |e| {
+            serve_error(format_args!("stdin/stdout are not a farm's pipes ({e}); start this binary through workfarm::Farm"))
+        };
         let mut reader = pipe::Receiver::from_owned_fd(input).map_err(not_a_pipe)?;
         let mut writer = pipe::Sender::from_owned_fd(output).map_err(not_a_pipe)?;
         let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -264,7 +268,9 @@ impl<S: Serializer> Worker<S> {
         // Handshake: the farm's Hello first, then our Ready (or Fatal).
         let hello = loop {
             match decoder.decode(&mut buf).map_err(serve_error)? {
-                Some(payload) => break protocol::decode_to_worker(payload.freeze()).map_err(serve_error)?,
+                Some(payload) => {
+                    break protocol::decode_to_worker(payload.freeze()).map_err(serve_error)?
+                }
                 None => {
                     if reader.read_buf(&mut buf).await.map_err(serve_error)? == 0 {
                         return Err(serve_error("the farm closed stdin before the handshake"));
@@ -283,7 +289,10 @@ impl<S: Serializer> Worker<S> {
                 hello.version
             ))
         } else if self.serializer.select(&hello.serializer).is_none() {
-            Some(format!("worker does not speak serializer {:?}", hello.serializer))
+            Some(format!(
+                "worker does not speak serializer {:?}",
+                hello.serializer
+            ))
         } else {
             None
         };
@@ -376,4 +385,3 @@ impl<S: Serializer> Worker<S> {
         Ok(())
     }
 }
-

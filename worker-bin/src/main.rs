@@ -29,7 +29,10 @@ fn main() {
     // `workfarm-worker --parent N`: act as a parent that owns a farm of N copies of itself
     // (for tests that kill or interrupt the parent).
     if std::env::args().nth(1).as_deref() == Some("--parent") {
-        let workers = std::env::args().nth(2).and_then(|n| n.parse().ok()).unwrap_or(2);
+        let workers = std::env::args()
+            .nth(2)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(2);
         parent_mode(workers);
         return;
     }
@@ -68,7 +71,9 @@ fn main() {
             std::process::id()
         })
         .try_method("fail", |message: String| Err::<(), _>(message))
-        .try_method_async("fail_async", |message: String| async move { Err::<(), _>(message) })
+        .try_method_async("fail_async", |message: String| async move {
+            Err::<(), _>(message)
+        })
         .method("panic", |message: String| boom(&message))
         .method_async("panic_async", |message: String| async move {
             tokio::task::yield_now().await;

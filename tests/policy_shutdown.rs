@@ -1,0 +1,272 @@
+//! Stopping a farm against real workers: `kill()`, `shutdown()`, dropping the last handle and
+//! `kill_all()`. Every call settles exactly once, and no worker process outlives its farm.
+//! Ports workestrator's "kill", "kill all farms", "no recreation after kill" and
+//! node-worker-farm's "end" tests.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+use tokio::sync::RwLock;
+use tokio::time::{timeout, Instant};
+use workfarm::{CallError, Event, Farm, Status};
+
+/// `kill_all()` kills every farm of this process, so its test runs alone: it takes this lock
+/// for writing, every other test for reading.
+static EXCLUSIVE: RwLock<()> = RwLock::const_new(());
+
+/// Polls the farm's status until `pred` holds, failing the test after `within`.
+async fn wait_status(
+    farm: &Farm,
+    within: Duration,
+    mut pred: impl FnMut(&Status) -> bool,
+) -> Status {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = farm.status().await;
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status condition not met within {within:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn pids(status: &Status) -> Vec<u32> {
+    status.workers.iter().map(|w| w.pid).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_fails_queued_and_in_flight_calls_at_once() {
+    let _shared = EXCLUSIVE.read().await;
+    let farm = Farm::create(options(1).max_concurrent_calls_per_worker(1)).unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| farm.run_method::<_, u32>("sleep", 5000u64))
+        .collect();
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 1 && s.queued == 2).await;
+    let workers = pids(&status);
+
+    let started = Instant::now();
+    timeout(SOON, farm.kill()).await.expect("kill returns");
+    for call in calls {
+        let result = timeout(Duration::from_secs(2), call)
+            .await
+            .expect("settled by kill");
+        assert_eq!(result, Err(CallError::ShutDown));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "calls did not wait for their 5 s sleeps"
+    );
+    for pid in workers {
+        assert!(!process_alive(pid), "worker {pid} outlived kill()");
+    }
+
+    // Later calls fail at once, and nothing is re-created.
+    let late = timeout(Duration::from_secs(1), farm.run_method::<_, u32>("pid", ()))
+        .await
+        .expect("a call after kill settles at once");
+    assert_eq!(late, Err(CallError::ShutDown));
+    assert!(farm.status().await.workers.is_empty());
+    let b = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert!(b.successes.is_empty() && b.failures.is_empty());
+    // A second kill (and a shutdown) after the farm stopped return at once.
+    timeout(Duration::from_secs(1), farm.kill())
+        .await
+        .expect("second kill returns");
+    timeout(Duration::from_secs(1), farm.shutdown())
+        .await
+        .expect("shutdown after kill returns");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_in_flight_calls_and_fails_queued_ones() {
+    let _shared = EXCLUSIVE.read().await;
+    let farm = Farm::create(options(2).max_concurrent_calls_per_worker(1)).unwrap();
+    let mut events = farm.events();
+    let running: Vec<_> = (0..2)
+        .map(|_| farm.run_method::<_, u32>("sleep", 700u64))
+        .collect();
+    let queued: Vec<_> = (0..3)
+        .map(|_| farm.run_method::<_, u32>("sleep", 700u64))
+        .collect();
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 2 && s.queued == 3).await;
+    let workers = pids(&status);
+
+    let stopper = farm.clone();
+    let shutdown = tokio::spawn(async move { stopper.shutdown().await });
+    // Queued calls fail at once, while the running ones are still running.
+    let started = Instant::now();
+    for call in queued {
+        let result = timeout(Duration::from_secs(2), call)
+            .await
+            .expect("queued call settles");
+        assert_eq!(result, Err(CallError::ShutDown));
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "queued calls waited for the running ones"
+    );
+    // Calls made during the shutdown fail at once too.
+    let late = timeout(
+        Duration::from_millis(500),
+        farm.run_method::<_, u32>("pid", ()),
+    )
+    .await
+    .expect("a call during shutdown settles at once");
+    assert_eq!(late, Err(CallError::ShutDown));
+
+    let mut done = Vec::new();
+    for call in running {
+        done.push(
+            timeout(SOON, call)
+                .await
+                .unwrap()
+                .expect("in-flight call completes"),
+        );
+    }
+    done.sort_unstable();
+    let mut expected = workers.clone();
+    expected.sort_unstable();
+    assert_eq!(done, expected, "each worker finished its call");
+
+    timeout(SOON, shutdown)
+        .await
+        .expect("shutdown returns")
+        .unwrap();
+    // Workers left on their own once idle (stdin closed), not by a signal.
+    for _ in 0..2 {
+        let Event::Exited { exit, pid, .. } =
+            wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await
+        else {
+            unreachable!()
+        };
+        assert!(workers.contains(&pid));
+        assert_eq!(exit.code, Some(0), "{exit:?}");
+    }
+    for pid in workers {
+        assert!(!process_alive(pid), "worker {pid} outlived shutdown()");
+    }
+    assert_eq!(
+        farm.run_method::<_, u32>("pid", ()).await,
+        Err(CallError::ShutDown)
+    );
+    assert!(farm.status().await.workers.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_of_an_idle_farm_returns_promptly() {
+    let _shared = EXCLUSIVE.read().await;
+    let farm = Farm::create(options(2)).unwrap();
+    let b = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(b.successes.len(), 2);
+    let started = Instant::now();
+    timeout(SOON, farm.shutdown())
+        .await
+        .expect("shutdown returns");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    for (_, pid) in b.successes {
+        assert!(!process_alive(pid));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropping_the_last_handle_stops_every_worker() {
+    let _shared = EXCLUSIVE.read().await;
+    let farm = Farm::create(options(2)).unwrap();
+    let b = farm.broadcast_method::<_, u32>("pid", ()).await;
+    let workers: Vec<u32> = b.successes.iter().map(|(_, pid)| *pid).collect();
+    assert_eq!(workers.len(), 2);
+    // A clone keeps the farm alive.
+    let clone = farm.clone();
+    drop(farm);
+    assert_eq!(
+        timeout(SOON, clone.run_method::<_, i64>("add", (2, 2)))
+            .await
+            .unwrap(),
+        Ok(4)
+    );
+
+    let in_flight = clone.run_method::<_, u32>("sleep", 5000u64);
+    let queued: Vec<_> = (0..30)
+        .map(|_| clone.run_method::<_, u32>("sleep", 5000u64))
+        .collect();
+    wait_status(&clone, SOON, |s| s.in_flight() == 20 && s.queued == 11).await;
+    let dropped = Instant::now();
+    drop(clone);
+
+    assert_eq!(
+        timeout(SOON, in_flight).await.expect("settles"),
+        Err(CallError::ShutDown)
+    );
+    for call in queued {
+        assert_eq!(
+            timeout(SOON, call).await.expect("settles"),
+            Err(CallError::ShutDown)
+        );
+    }
+    assert!(
+        dropped.elapsed() < Duration::from_secs(3),
+        "calls did not wait for their sleeps"
+    );
+    for pid in workers {
+        wait_gone(pid, SOON).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_all_kills_every_farm() {
+    let _alone = EXCLUSIVE.write().await;
+    let first = Farm::create(options(1)).unwrap();
+    let second = Farm::create(options(2)).unwrap();
+    let a = first.run_method::<_, u32>("sleep", 5000u64);
+    let b = second.run_method::<_, u32>("sleep", 5000u64);
+    let first_pids = pids(&wait_status(&first, SOON, |s| s.in_flight() == 1).await);
+    let second_pids = pids(
+        &wait_status(&second, SOON, |s| {
+            s.in_flight() == 1 && s.workers.len() == 2
+        })
+        .await,
+    );
+
+    let started = Instant::now();
+    timeout(SOON, workfarm::kill_all())
+        .await
+        .expect("kill_all returns");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(timeout(SOON, a).await.unwrap(), Err(CallError::ShutDown));
+    assert_eq!(timeout(SOON, b).await.unwrap(), Err(CallError::ShutDown));
+    for pid in first_pids.into_iter().chain(second_pids) {
+        assert!(!process_alive(pid), "worker {pid} outlived kill_all()");
+    }
+    assert_eq!(
+        first.run_method::<_, u32>("pid", ()).await,
+        Err(CallError::ShutDown)
+    );
+    assert_eq!(
+        second.run_method::<_, u32>("pid", ()).await,
+        Err(CallError::ShutDown)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_all_ignores_dropped_farms() {
+    let _alone = EXCLUSIVE.write().await;
+    let gone = Farm::create(options(1)).unwrap();
+    let pid: u32 = gone.run_method("pid", ()).await.unwrap();
+    drop(gone);
+    wait_gone(pid, SOON).await;
+    let alive = Farm::create(options(1)).unwrap();
+    let alive_pid: u32 = alive.run_method("pid", ()).await.unwrap();
+    timeout(SOON, workfarm::kill_all())
+        .await
+        .expect("kill_all returns");
+    assert!(!process_alive(alive_pid));
+}

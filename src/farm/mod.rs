@@ -296,7 +296,8 @@ impl<S: Serializer> Farm<S> {
     /// Runs `method` once on every worker that is starting or online, and reports each
     /// worker's success or failure apart. A broadcast call never moves to another worker
     /// and is never retried: a worker that dies during it is that worker's failure. It does
-    /// not count towards `max_concurrent_calls` or `ttl`.
+    /// not count towards `max_concurrent_calls` or `ttl`, and goes ahead of calls already
+    /// queued: each worker runs it as soon as it has a free slot.
     pub async fn broadcast_method<A, T>(&self, method: &str, args: A) -> Broadcast<T>
     where
         A: Serialize,

@@ -1,7 +1,7 @@
 //! The shared process-pool workloads (`/work/shared/WORKLOADS.md`), run on workfarm.
 //!
 //! ```text
-//! cargo bench --bench farm -- <workload>... [--serializer json|cbor]
+//! cargo bench --bench farm -- <workload>... [--serializer json|cbor|postcard]
 //! ```
 //!
 //! Workloads: `noop_throughput`, `latency`, `payload`, `pi`, `startup` (the shared five),
@@ -19,7 +19,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use workfarm::serializer::{Cbor, Json, Serializer};
+use workfarm::serializer::{Cbor, Json, Postcard, Serializer};
 use workfarm::{CallError, Farm, FarmOptions};
 
 /// The shared five, in the order `all` runs them, then workfarm's own.
@@ -163,7 +163,9 @@ fn run() -> Outcome {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--serializer" {
-            serializer = args.next().ok_or("--serializer needs json or cbor")?;
+            serializer = args
+                .next()
+                .ok_or("--serializer needs json, cbor or postcard")?;
         } else if let Some(value) = arg.strip_prefix("--serializer=") {
             serializer = value.to_owned();
         } else if arg.starts_with("--") {
@@ -188,9 +190,10 @@ fn run() -> Outcome {
     let serializer: &'static str = match serializer.as_str() {
         "json" => "json",
         "cbor" => "cbor",
+        "postcard" => "postcard",
         other => {
             return Err(format!(
-                "unknown serializer {other:?} (expected json or cbor)"
+                "unknown serializer {other:?} (expected json, cbor or postcard)"
             ))
         }
     };
@@ -207,6 +210,9 @@ fn run() -> Outcome {
     for workload in &workloads {
         let result = match serializer {
             "cbor" => runtime.block_on(limited(workload, run_workload(&ctx, Cbor, workload))),
+            "postcard" => {
+                runtime.block_on(limited(workload, run_workload(&ctx, Postcard, workload)))
+            }
             _ => runtime.block_on(limited(workload, run_workload(&ctx, Json, workload))),
         };
         result.map_err(|e| format!("{workload}: {e}"))?;

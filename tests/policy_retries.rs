@@ -88,6 +88,47 @@ async fn crash_without_retries_fails_with_the_cause_itself() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn crashed_call_is_retried_on_a_surviving_worker() {
+    // `stubborn` with n = 1 kills its first worker, then answers 12. The retry must run on
+    // the other worker, which is online, not wait for the dead one's replacement.
+    let path = counter_file("survivor");
+    let farm = Farm::create(options(2).max_retries(1)).unwrap();
+    let mut events = farm.events();
+    let online: Vec<_> =
+        collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. }))
+            .await
+            .iter()
+            .map(|e| e.worker().unwrap())
+            .collect();
+    let got: u32 = timeout(
+        SOON,
+        farm.run_method("stubborn", (path.display().to_string(), 1)),
+    )
+    .await
+    .expect("the call settles")
+    .unwrap();
+    assert_eq!(got, 12);
+    let dead = wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. }))
+        .await
+        .worker()
+        .unwrap();
+    let done = wait_for_event(&mut events, SOON, |e| {
+        matches!(e, Event::CallDone { ok: true, .. })
+    })
+    .await
+    .worker()
+    .unwrap();
+    assert!(online.contains(&dead));
+    assert!(
+        online.contains(&done),
+        "ran on {done}, one of the first workers {online:?}"
+    );
+    assert_ne!(done, dead);
+    let _ = std::fs::remove_file(&path);
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
     let farm = Farm::create(options(2).max_retries(2)).unwrap();
     let mut events = farm.events();
@@ -95,16 +136,29 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
         .await
         .expect("the call settles")
         .unwrap_err();
-    let CallError::RetriesExhausted { attempts, last, .. } = &err else {
+    let CallError::RetriesExhausted {
+        attempts,
+        last,
+        earlier,
+    } = &err
+    else {
         panic!("expected RetriesExhausted, got {err:?}");
     };
     assert_eq!(*attempts, 3);
-    match &**last {
-        CallError::WorkerDied { exit, .. } => assert_eq!(exit.code, Some(3)),
-        other => panic!("expected the last cause to be WorkerDied, got {other:?}"),
-    }
     assert!(err.is_worker_lost());
-    // Three attempts, three dead workers, each a different process.
+    // Every attempt's failure is kept: three victims, three different processes.
+    assert_eq!(earlier.len(), 2, "{err:?}");
+    let mut victims = HashSet::new();
+    for failure in earlier.iter().chain(std::iter::once(&**last)) {
+        match failure {
+            CallError::WorkerDied { exit, pid, .. } => {
+                assert_eq!(exit.code, Some(3));
+                victims.insert(*pid);
+            }
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+    }
+    assert_eq!(victims.len(), 3, "{err:?}");
     let exits = collect_events(
         &mut events,
         3,
@@ -119,7 +173,7 @@ async fn poison_pill_exhausts_retries_and_the_farm_keeps_serving() {
             _ => unreachable!(),
         })
         .collect();
-    assert_eq!(pids.len(), 3);
+    assert_eq!(pids, victims, "the error names the workers that exited");
 
     // The farm still serves, on a full set of workers.
     let sums: Vec<_> = (0..10i64)
@@ -166,12 +220,19 @@ async fn stubborn_job_fails_after_max_retries() {
     .expect("the call settles")
     .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts, last, .. } => {
+        CallError::RetriesExhausted {
+            attempts,
+            last,
+            earlier,
+        } => {
             assert_eq!(*attempts, 4);
-            assert!(
-                matches!(&**last, CallError::WorkerDied { exit, .. } if exit.code == Some(9)),
-                "last cause: {last:?}"
-            );
+            assert_eq!(earlier.len(), 3);
+            for failure in earlier.iter().chain(std::iter::once(&**last)) {
+                assert!(
+                    matches!(failure, CallError::WorkerDied { exit, .. } if exit.code == Some(9)),
+                    "failure: {failure:?}"
+                );
+            }
         }
         other => panic!("expected RetriesExhausted, got {other:?}"),
     }

@@ -270,3 +270,104 @@ async fn kill_all_ignores_dropped_farms() {
         .expect("kill_all returns");
     assert!(!process_alive(alive_pid));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_during_shutdown_fails_the_in_flight_calls_at_once() {
+    let _shared = EXCLUSIVE.read().await;
+    let farm = Farm::create(options(1)).unwrap();
+    let call = farm.run_method::<_, u32>("sleep", 5000u64);
+    let pid = wait_status(&farm, SOON, |s| s.in_flight() == 1)
+        .await
+        .workers[0]
+        .pid;
+    let stopper = farm.clone();
+    let shutdown = tokio::spawn(async move { stopper.shutdown().await });
+    // The graceful stop waits for the call...
+    wait_status(&farm, SOON, |s| {
+        s.workers
+            .iter()
+            .all(|w| w.state == workfarm::WorkerState::Retiring)
+    })
+    .await;
+    // ...until kill() escalates it.
+    let started = Instant::now();
+    timeout(SOON, farm.kill()).await.expect("kill returns");
+    assert_eq!(
+        timeout(Duration::from_secs(2), call)
+            .await
+            .expect("settled by kill"),
+        Err(CallError::ShutDown)
+    );
+    timeout(SOON, shutdown)
+        .await
+        .expect("shutdown returns too")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(!process_alive(pid));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_kills_a_worker_that_lingers_after_kill_timeout() {
+    // A worker hung before its handshake never reads its closed stdin: SIGKILL follows.
+    let _shared = EXCLUSIVE.read().await;
+    let grace = Duration::from_millis(300);
+    let farm = Farm::create(
+        options(1)
+            .env("WORKER_HANG_AT_START", "1")
+            .kill_timeout(grace),
+    )
+    .unwrap();
+    let mut events = farm.events();
+    let Event::Spawned { pid, .. } =
+        wait_for_event(&mut events, SOON, |e| matches!(e, Event::Spawned { .. })).await
+    else {
+        unreachable!()
+    };
+    let started = Instant::now();
+    timeout(SOON, farm.shutdown())
+        .await
+        .expect("shutdown returns");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= grace, "returned after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "returned after {elapsed:?}"
+    );
+    let Event::Exited { exit, .. } =
+        wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await
+    else {
+        unreachable!()
+    };
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(!process_alive(pid));
+}
+
+#[test]
+fn runtime_shutdown_kills_the_workers_of_a_live_farm() {
+    let _shared = EXCLUSIVE.blocking_read();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (farm, workers) = runtime.block_on(async {
+        let farm = Farm::create(options(2)).unwrap();
+        let b = farm.broadcast_method::<_, u32>("pid", ()).await;
+        let workers: Vec<u32> = b.successes.iter().map(|(_, pid)| *pid).collect();
+        (farm, workers)
+    });
+    assert_eq!(workers.len(), 2);
+    // The farm handle outlives its runtime.
+    drop(runtime);
+    let deadline = std::time::Instant::now() + SOON;
+    for pid in workers {
+        while process_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} outlived the runtime"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    drop(farm);
+}

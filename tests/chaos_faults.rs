@@ -269,6 +269,8 @@ async fn parent_sigkilled_takes_its_workers_with_it() {
 async fn sigint_to_the_parents_group_lets_the_farm_shut_down_gracefully() {
     let (mut child, mut lines, pids) = spawn_parent(true).await;
     let pgid = child.id().unwrap();
+    // The parent prints `ready` just before it installs its SIGINT handler: wait for it.
+    wait_catches_sigint(pgid).await;
     kill_signal("-INT", &format!("-{pgid}"));
     let mut exited = HashMap::new();
     loop {
@@ -299,6 +301,27 @@ async fn sigint_to_the_parents_group_lets_the_farm_shut_down_gracefully() {
         .expect("parent exits")
         .unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// Waits until `pid` catches SIGINT (its SigCgt mask in /proc says so).
+async fn wait_catches_sigint(pid: u32) {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("parent alive");
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .expect("SigCgt in /proc/<pid>/status");
+        if caught & (1 << (libc::SIGINT - 1)) != 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the parent never caught SIGINT"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 // ===== (e) floods of stdout/stderr =====

@@ -266,11 +266,10 @@ async fn handler_errors_are_not_retried_by_default() {
     let marker: i64 = farm.run_method("add", (1, 1)).await.unwrap();
     assert_eq!(marker, 2);
     let mut failed = 0;
-    loop {
-        match wait_for_event(&mut events, SOON, |e| matches!(e, Event::CallDone { .. })).await {
-            Event::CallDone { ok: false, .. } => failed += 1,
-            _ => break,
-        }
+    while let Event::CallDone { ok: false, .. } =
+        wait_for_event(&mut events, SOON, |e| matches!(e, Event::CallDone { .. })).await
+    {
+        failed += 1;
     }
     assert_eq!(failed, 2, "each failing call ran exactly once");
     farm.shutdown().await;
@@ -326,6 +325,11 @@ async fn timed_out_call_is_retried_then_fails_with_timeout_as_last_cause() {
     let after = Duration::from_millis(300);
     let farm = Farm::create(options(2).max_retries(1).timeout(after)).unwrap();
     let mut events = farm.events();
+    let first: Vec<_> = collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. }))
+        .await
+        .iter()
+        .map(|e| e.worker().unwrap())
+        .collect();
     let started = tokio::time::Instant::now();
     let err = timeout(SOON, farm.run_method::<_, ()>("spin", ()))
         .await
@@ -347,7 +351,52 @@ async fn timed_out_call_is_retried_then_fails_with_timeout_as_last_cause() {
     // Both attempts' workers were stopped, and they were two different workers.
     let exits = collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Exited { .. })).await;
     assert_ne!(exits[0].worker(), exits[1].worker());
+    // The retry ran on the other worker that was already online, not on a replacement.
+    for exit in &exits {
+        assert!(
+            first.contains(&exit.worker().unwrap()),
+            "{exits:?} vs {first:?}"
+        );
+    }
     farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_sharing_a_crashed_worker_are_charged_a_retry() {
+    // Unlike a timeout, a crash charges every call the worker had: with no retries the
+    // bystander fails with the crash, with one retry it completes on the replacement.
+    // The crash is `stubborn` with n = 1: it takes down one worker, then answers 12.
+    for (max_retries, expect_ok) in [(0, false), (1, true)] {
+        let path = counter_file(&format!("bystander{max_retries}"));
+        let farm = Farm::create(options(1).max_retries(max_retries)).unwrap();
+        let pid: u32 = farm.run_method("pid", ()).await.unwrap();
+        let bystander = farm.run_method::<_, u32>("sleep", 1000u64);
+        wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
+        let crash = farm.run_method::<_, u32>("stubborn", (path.display().to_string(), 1));
+        let crash = timeout(SOON, crash).await.expect("settles");
+        let result = timeout(SOON, bystander).await.expect("settles");
+        if expect_ok {
+            assert_eq!(crash, Ok(12));
+            let ran_on = result.expect("retried on the replacement");
+            assert_ne!(ran_on, pid);
+        } else {
+            assert!(
+                crash.as_ref().is_err_and(|e| e.is_worker_lost()),
+                "{crash:?}"
+            );
+            match result {
+                Err(CallError::WorkerDied {
+                    pid: died, exit, ..
+                }) => {
+                    assert_eq!(died, pid);
+                    assert_eq!(exit.code, Some(9));
+                }
+                other => panic!("expected WorkerDied, got {other:?}"),
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        farm.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -261,3 +261,19 @@ async fn start_failures_of_several_workers_still_back_off() {
         assert!(!process_alive(pid));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn startup_timeout_does_not_limit_calls() {
+    let startup = Duration::from_millis(300);
+    let farm = Farm::create(options(1).startup_timeout(startup)).unwrap();
+    let pid: u32 = farm.run_method("pid", ()).await.unwrap();
+    let slow: u32 = timeout(SOON, farm.run_method("sleep", 900u64))
+        .await
+        .expect("settles")
+        .expect("a call longer than startup_timeout completes");
+    assert_eq!(slow, pid);
+    let status = farm.status().await;
+    assert_eq!(status.workers.len(), 1);
+    assert_eq!(status.workers[0].pid, pid);
+    farm.shutdown().await;
+}

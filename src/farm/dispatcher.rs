@@ -218,6 +218,9 @@ impl Dispatcher {
                 () = &mut sleep, if deadline.is_some() => self.fire_timers(),
             }
             self.pump();
+            for worker in &mut self.workers {
+                worker.link.flush();
+            }
             if self.mode != Mode::Running && self.workers.is_empty() {
                 break;
             }

@@ -4,8 +4,8 @@
 //! [`Inbound`] messages a worker's tasks send it (frames in, faults, exit). Nothing here
 //! knows about queues, retries or timeouts, so another transport can stand in its place.
 //!
-//! Each worker gets three tasks: a writer that coalesces queued frames into as few `write`
-//! calls as possible, a supervisor that reads and decodes frames and reaps the process, and
+//! Each worker gets three tasks: a writer that drains what the pipe could not take at once
+//! (see [`Outbox`]), a supervisor that reads and decodes frames and reaps the process, and
 //! an stderr forwarder that copies the worker's stderr to ours and remembers the last lines
 //! for error reports (so the pipe never fills).
 
@@ -21,9 +21,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
-use tokio::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::unix::pipe;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::sync::{mpsc, Notify};
 
 /// Environment variable that marks a process as started by a farm.
 pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
@@ -70,7 +72,9 @@ pub(crate) struct SpawnSpec {
 /// The dispatcher's handle on one worker.
 #[derive(Debug)]
 pub(crate) struct WorkerLink {
-    frames: Option<mpsc::UnboundedSender<Bytes>>,
+    outbox: Option<Arc<Outbox>>,
+    /// Small frames handed out this turn of the dispatcher, written together by `flush`.
+    pending: Vec<u8>,
     control: mpsc::UnboundedSender<Signal>,
     pid: u32,
 }
@@ -80,20 +84,122 @@ impl WorkerLink {
         self.pid
     }
 
-    /// Queues a frame for the worker. False if its input is already closed.
-    pub(crate) fn send(&self, frame: Bytes) -> bool {
-        self.frames
-            .as_ref()
-            .is_some_and(|tx| tx.send(frame).is_ok())
+    /// Queues a frame for the worker; it is written by the next [`flush`](Self::flush) at the
+    /// latest. False if the worker's input is already closed.
+    pub(crate) fn send(&mut self, frame: Bytes) -> bool {
+        let Some(outbox) = &self.outbox else {
+            return false;
+        };
+        if frame.len() >= DIRECT_WRITE {
+            if !self.pending.is_empty() {
+                outbox.submit(&self.pending, None);
+                self.pending.clear();
+            }
+            outbox.submit(&frame.clone(), Some(frame));
+        } else {
+            self.pending.extend_from_slice(&frame);
+        }
+        true
+    }
+
+    /// Writes the frames queued since the last flush, in one system call when the pipe has
+    /// room (the dispatcher flushes once per turn, so many calls share a `write`).
+    pub(crate) fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        if let Some(outbox) = &self.outbox {
+            outbox.submit(&self.pending, None);
+        }
+        self.pending.clear();
+        if self.pending.capacity() > 4 * DIRECT_WRITE {
+            self.pending.shrink_to(DIRECT_WRITE);
+        }
     }
 
     /// Closes the worker's stdin once queued frames are written: the polite stop.
     pub(crate) fn close_input(&mut self) {
-        self.frames = None;
+        self.flush();
+        if let Some(outbox) = self.outbox.take() {
+            outbox.close();
+        }
     }
 
     pub(crate) fn signal(&self, signal: Signal) {
         let _ = self.control.send(signal);
+    }
+}
+
+/// Bytes on their way to one worker's stdin.
+///
+/// The dispatcher writes straight into the pipe with a non-blocking `write` while nothing is
+/// waiting (the common case: no task hop, one system call per worker per dispatcher turn).
+/// Whatever the pipe does not take goes to a backlog that the writer task drains as the pipe
+/// empties; while it has work, new bytes queue behind it, so they never overtake each other.
+#[derive(Debug)]
+struct Outbox {
+    pipe: pipe::Sender,
+    backlog: Mutex<Backlog>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: VecDeque<Bytes>,
+    writer_busy: bool,
+    closed: bool,
+    broken: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        self.backlog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `bytes` now if the pipe takes them, or queues the rest for the writer task
+    /// (`owned`, when given, is the same bytes, queued without a copy).
+    fn submit(&self, bytes: &[u8], owned: Option<Bytes>) {
+        let mut backlog = self.lock();
+        if backlog.broken || backlog.closed {
+            return;
+        }
+        let mut written = 0;
+        if !backlog.writer_busy {
+            while written < bytes.len() {
+                match self.pipe.try_write(&bytes[written..]) {
+                    Ok(n) => written += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        // The worker is gone; its supervisor reports the exit.
+                        backlog.broken = true;
+                        return;
+                    }
+                }
+            }
+            if written == bytes.len() {
+                return;
+            }
+        }
+        let rest = match owned {
+            Some(frame) => frame.slice(written..),
+            None => Bytes::copy_from_slice(&bytes[written..]),
+        };
+        backlog.frames.push_back(rest);
+        if !backlog.writer_busy {
+            backlog.writer_busy = true;
+            self.wake.notify_one();
+        }
+    }
+
+    /// No more frames: the writer task drains the backlog and drops the pipe (EOF).
+    fn close(&self) {
+        let mut backlog = self.lock();
+        backlog.closed = true;
+        if !backlog.writer_busy {
+            backlog.writer_busy = true;
+            self.wake.notify_one();
+        }
     }
 }
 
@@ -131,10 +237,14 @@ pub(crate) fn spawn(
         crate::sys::grow_pipe(stdin.as_raw_fd(), PIPE_SIZE);
         crate::sys::grow_pipe(stdout.as_raw_fd(), PIPE_SIZE);
     }
-    let (frames_tx, frames_rx) = mpsc::unbounded_channel();
+    let outbox = Arc::new(Outbox {
+        pipe: pipe::Sender::from_owned_fd(stdin.into_owned_fd()?)?,
+        backlog: Mutex::new(Backlog::default()),
+        wake: Notify::new(),
+    });
+    outbox.submit(&hello, Some(hello.clone()));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let _ = frames_tx.send(hello);
-    tokio::spawn(write_frames(stdin, frames_rx));
+    tokio::spawn(write_frames(outbox.clone()));
     let stderr_task = tokio::spawn(forward_stderr(stderr, pid));
     tokio::spawn(supervise(Supervised {
         worker,
@@ -147,7 +257,8 @@ pub(crate) fn spawn(
         max_frame: spec.max_frame,
     }));
     Ok(WorkerLink {
-        frames: Some(frames_tx),
+        outbox: Some(outbox),
+        pending: Vec::new(),
         control: control_tx,
         pid,
     })
@@ -194,37 +305,46 @@ fn spawn_from_long_lived_thread(mut cmd: Command) -> std::io::Result<Child> {
         .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
 }
 
-/// Writes queued frames to the worker's stdin, many per `write` when they pile up. Ends
-/// (closing stdin) when the link drops its sender, or when the worker stops reading.
-async fn write_frames(mut stdin: ChildStdin, mut frames: mpsc::UnboundedReceiver<Bytes>) {
-    let mut batch: Vec<Bytes> = Vec::with_capacity(256);
-    let mut buf: Vec<u8> = Vec::with_capacity(DIRECT_WRITE);
-    while frames.recv_many(&mut batch, 256).await > 0 {
-        for frame in batch.drain(..) {
-            if frame.len() >= DIRECT_WRITE {
-                if !buf.is_empty() {
-                    if stdin.write_all(&buf).await.is_err() {
+/// Drains an outbox's backlog into the pipe as the worker reads. Ends (dropping its share of
+/// the pipe, so the worker sees EOF once the link has let go too) when the link closes the
+/// outbox, or when the worker stops reading.
+async fn write_frames(outbox: Arc<Outbox>) {
+    loop {
+        outbox.wake.notified().await;
+        loop {
+            let batch: Vec<Bytes> = {
+                let mut backlog = outbox.lock();
+                if backlog.frames.is_empty() {
+                    backlog.writer_busy = false;
+                    if backlog.closed {
                         return;
                     }
-                    buf.clear();
+                    break;
                 }
-                if stdin.write_all(&frame).await.is_err() {
+                backlog.frames.drain(..).collect()
+            };
+            for frame in batch {
+                if write_all(&outbox.pipe, &frame).await.is_err() {
+                    let mut backlog = outbox.lock();
+                    backlog.broken = true;
+                    backlog.frames.clear();
                     return;
                 }
-            } else {
-                buf.extend_from_slice(&frame);
-            }
-        }
-        if !buf.is_empty() {
-            if stdin.write_all(&buf).await.is_err() {
-                return;
-            }
-            buf.clear();
-            if buf.capacity() > 4 * DIRECT_WRITE {
-                buf.shrink_to(DIRECT_WRITE);
             }
         }
     }
+}
+
+async fn write_all(pipe: &pipe::Sender, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        pipe.writable().await?;
+        match pipe.try_write(bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Copies the worker's stderr to ours line by line and returns its last lines.

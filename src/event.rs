@@ -5,12 +5,12 @@ use std::fmt;
 
 /// Names one worker process for the life of its farm. A replacement gets a new id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub(crate) u64);
+pub struct WorkerId(pub(crate) std::num::NonZeroU64);
 
 impl WorkerId {
     /// The id as a number, unique within its farm.
     pub fn as_u64(self) -> u64 {
-        self.0
+        self.0.get()
     }
 }
 

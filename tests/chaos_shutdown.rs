@@ -29,7 +29,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-async fn wait_status(farm: &Farm, within: Duration, mut pred: impl FnMut(&Status) -> bool) -> Status {
+async fn wait_status(
+    farm: &Farm,
+    within: Duration,
+    mut pred: impl FnMut(&Status) -> bool,
+) -> Status {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let status = farm.status().await;
@@ -49,7 +53,9 @@ fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
     loop {
         match events.try_recv() {
             Ok(event) => out.push(event),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => panic!("event receiver lagged by {n}"),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                panic!("event receiver lagged by {n}")
+            }
             Err(_) => return out,
         }
     }
@@ -96,9 +102,19 @@ enum Stop {
 /// calling in a loop, then `stop`. Checks how each call settled and that every worker that
 /// ever ran is gone once `stop` returns.
 async fn stop_round(stop: Stop) {
-    let farm = Farm::create(options(2).max_concurrent_calls_per_worker(2).kill_timeout(Duration::from_millis(300))).unwrap();
+    let farm = Farm::create(
+        options(2)
+            .max_concurrent_calls_per_worker(2)
+            .kill_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
     let mut events = farm.events();
-    collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. })).await;
+    let mut seen = Vec::new();
+    collect_events(&mut events, 2, SOON, |e| {
+        seen.push(e.clone());
+        matches!(e, Event::Online { .. })
+    })
+    .await;
 
     let sleeps: Vec<_> = (0..12)
         .map(|_| tokio::spawn(timeout(SOON, farm.run_method::<_, u32>("sleep", 1000u64))))
@@ -111,20 +127,28 @@ async fn stop_round(stop: Stop) {
 
     let started = Instant::now();
     match stop {
-        Stop::Shutdown => timeout(SOON, farm.shutdown()).await.expect("shutdown returns"),
+        Stop::Shutdown => timeout(SOON, farm.shutdown())
+            .await
+            .expect("shutdown returns"),
         Stop::Kill => timeout(SOON, farm.kill()).await.expect("kill returns"),
     }
     let took = started.elapsed();
 
     // Nothing left running the moment it returns.
-    let seen = drain(&mut events);
+    seen.extend(drain(&mut events));
     let pids = spawned_pids(&seen);
     assert!(pids.len() >= 2, "{seen:?}");
     for &pid in &pids {
-        assert!(!process_alive(pid), "{stop:?}: worker {pid} alive after it returned");
+        assert!(
+            !process_alive(pid),
+            "{stop:?}: worker {pid} alive after it returned"
+        );
     }
     let status = farm.status().await;
-    assert!(status.workers.is_empty() && status.queued == 0, "{status:?}");
+    assert!(
+        status.workers.is_empty() && status.queued == 0,
+        "{status:?}"
+    );
 
     let mut ok = 0;
     for call in sleeps {
@@ -138,7 +162,10 @@ async fn stop_round(stop: Stop) {
         }
     }
     for h in hammers {
-        timeout(SOON, h).await.expect("callers stop").expect("caller task");
+        timeout(SOON, h)
+            .await
+            .expect("callers stop")
+            .expect("caller task");
     }
     let exits: Vec<_> = seen
         .iter()
@@ -147,14 +174,21 @@ async fn stop_round(stop: Stop) {
             _ => None,
         })
         .collect();
-    assert_eq!(exits.len(), pids.len(), "every spawned worker was reaped: {seen:?}");
+    assert_eq!(
+        exits.len(),
+        pids.len(),
+        "every spawned worker was reaped: {seen:?}"
+    );
     match stop {
         Stop::Shutdown => {
             // The 4 in flight ran to the end (none of the queued ones could start: they were
             // failed at once); workers left because their stdin closed.
             assert_eq!(ok, 4, "in-flight calls finish on shutdown");
             assert!(exits.iter().all(|e| e.code == Some(0)), "{exits:?}");
-            assert!(took >= Duration::from_millis(500), "shutdown waited for in-flight calls: {took:?}");
+            assert!(
+                took >= Duration::from_millis(500),
+                "shutdown waited for in-flight calls: {took:?}"
+            );
         }
         Stop::Kill => {
             assert_eq!(ok, 0, "kill fails in-flight calls at once");
@@ -162,7 +196,10 @@ async fn stop_round(stop: Stop) {
         }
     }
     // Later calls are refused at once.
-    let err = timeout(SOON, farm.run_method::<_, i64>("add", (1, 1))).await.unwrap().unwrap_err();
+    let err = timeout(SOON, farm.run_method::<_, i64>("add", (1, 1)))
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err, CallError::ShutDown);
 }
 
@@ -218,7 +255,12 @@ fn shutdown_and_kill_racing_from_several_tasks_both_return() {
             let farm = Farm::create(options(2).kill_timeout(Duration::from_millis(300))).unwrap();
             let mut events = farm.events();
             let calls: Vec<_> = (0..30)
-                .map(|i| tokio::spawn(timeout(SOON, farm.run_method::<_, u32>("sleep", 50u64 * (i % 5)))))
+                .map(|i| {
+                    tokio::spawn(timeout(
+                        SOON,
+                        farm.run_method::<_, u32>("sleep", 50u64 * (i % 5)),
+                    ))
+                })
                 .collect();
             let hammered = Arc::new(AtomicUsize::new(0));
             let hammers: Vec<_> = (0..2).map(|_| hammer(&farm, hammered.clone())).collect();
@@ -275,7 +317,9 @@ fn children() -> HashSet<u32> {
             continue;
         };
         // pid (comm) state ppid ...
-        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
         if ppid == Some(me.as_str()) {
             out.insert(pid);
         }
@@ -307,8 +351,12 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
                 wait_gone(pid, SOON).await;
             }
         }
-        let baseline_children = children();
-        eventually(SOON, || "warm-up children not reaped".into(), || children().is_empty()).await;
+        eventually(
+            SOON,
+            || format!("warm-up children not reaped: {:?}", children()),
+            || children().is_empty(),
+        )
+        .await;
         let (fds, threads) = (fd_count(), thread_count());
 
         let mut pids = Vec::new();
@@ -322,16 +370,21 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
                 1 => {
                     let call = farm.run_method::<_, u32>("sleep", 5_000u64);
                     wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
-                    drop(farm.clone());
                     let pending = tokio::spawn(call);
                     pids.extend(spawned_pids(&drain(&mut events)));
                     drop(farm);
-                    let settled = timeout(SOON, pending).await.expect("the call settles on drop").unwrap();
+                    let settled = timeout(SOON, pending)
+                        .await
+                        .expect("the call settles on drop")
+                        .unwrap();
                     assert_eq!(settled, Err(CallError::ShutDown));
                     continue;
                 }
                 // Used, then dropped.
-                _ => assert_eq!(farm.run_method::<_, i64>("add", (i, 1)).await.unwrap(), i + 1),
+                _ => assert_eq!(
+                    farm.run_method::<_, i64>("add", (i, 1)).await.unwrap(),
+                    i + 1
+                ),
             }
             pids.extend(spawned_pids(&drain(&mut events)));
             drop(farm);
@@ -342,7 +395,7 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
         }
         eventually(
             SOON,
-            || format!("children left (zombies included): {:?} (baseline {baseline_children:?})", children()),
+            || format!("children left (zombies included): {:?}", children()),
             || children().is_empty(),
         )
         .await;
@@ -353,7 +406,10 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
         )
         .await;
         let after = thread_count();
-        assert!(after <= threads + 4, "threads: {threads} before, {after} after");
+        assert!(
+            after <= threads + 4,
+            "threads: {threads} before, {after} after"
+        );
         eprintln!(
             "50 farms, {} workers: fds {fds} -> {}, threads {threads} -> {after}",
             pids.len(),
@@ -368,14 +424,22 @@ fn status_is_empty_after_stop() {
     runtime().block_on(async {
         let farm = Farm::create(options(2)).unwrap();
         wait_status(&farm, SOON, |s| {
-            s.workers.iter().filter(|w| w.state == WorkerState::Online).count() == 2
+            s.workers
+                .iter()
+                .filter(|w| w.state == WorkerState::Online)
+                .count()
+                == 2
         })
         .await;
         farm.shutdown().await;
         let status = farm.status().await;
         assert!(status.workers.is_empty(), "{status:?}");
         // Stopping again is a no-op that returns.
-        timeout(SOON, farm.kill()).await.expect("kill after shutdown returns");
-        timeout(SOON, farm.shutdown()).await.expect("shutdown after shutdown returns");
+        timeout(SOON, farm.kill())
+            .await
+            .expect("kill after shutdown returns");
+        timeout(SOON, farm.shutdown())
+            .await
+            .expect("shutdown after shutdown returns");
     });
 }

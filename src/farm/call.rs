@@ -3,10 +3,12 @@
 use crate::error::CallError;
 use crate::event::WorkerId;
 use bytes::Bytes;
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use std::sync::Arc;
+use tokio::sync::{oneshot, Semaphore};
 
-/// What a call settles with: the encoded result, or why there is none.
-pub(crate) type Outcome = Result<Bytes, CallError>;
+/// What a call settles with: the encoded result, or why there is none (boxed, so the reply
+/// slot of a queued call stays small).
+pub(crate) type Outcome = Result<Bytes, Box<CallError>>;
 
 /// The caller's end of a call. Settles exactly once: by [`Reply::send`], or, if the call is
 /// dropped unanswered (farm killed, dispatcher gone, runtime shut down), with
@@ -18,25 +20,34 @@ pub(crate) type Outcome = Result<Bytes, CallError>;
 #[derive(Debug)]
 pub(crate) struct Reply {
     tx: Option<oneshot::Sender<Outcome>>,
-    permit: Option<OwnedSemaphorePermit>,
+    /// The `max_concurrent_calls` semaphore this call holds one permit of.
+    limiter: Option<Arc<Semaphore>>,
 }
 
 impl Reply {
-    pub(crate) fn new(permit: Option<OwnedSemaphorePermit>) -> (Reply, oneshot::Receiver<Outcome>) {
+    /// A reply slot; `limiter` is a semaphore one permit of which the caller acquired and
+    /// forgot, to be given back when the call settles.
+    pub(crate) fn new(limiter: Option<Arc<Semaphore>>) -> (Reply, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
         (
             Reply {
                 tx: Some(tx),
-                permit,
+                limiter,
             },
             rx,
         )
     }
 
-    pub(crate) fn send(mut self, outcome: Outcome) {
-        self.permit = None;
+    pub(crate) fn send(mut self, outcome: Result<Bytes, CallError>) {
+        self.release();
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome);
+            let _ = tx.send(outcome.map_err(Box::new));
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(limiter) = self.limiter.take() {
+            limiter.add_permits(1);
         }
     }
 
@@ -48,36 +59,63 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        self.permit = None;
+        self.release();
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(CallError::ShutDown));
+            let _ = tx.send(Err(Box::new(CallError::ShutDown)));
         }
     }
 }
 
 /// A call on its way through the farm: queued, in flight, or waiting for a retry.
+///
+/// Kept small (72 bytes), since a million of them may wait in the queue: the id and method
+/// are read back from the frame, and rarely used parts are boxed.
 #[derive(Debug)]
 pub(crate) struct Call {
-    /// Unique within the farm; workers echo it in their reply.
-    pub(crate) id: u64,
-    /// The method name, for error messages.
-    pub(crate) method: Box<str>,
-    /// The complete Call frame, shared between attempts.
-    pub(crate) frame: Bytes,
+    /// The complete Call frame (which holds the call's id and method), written again for each attempt.
+    pub(crate) frame: Box<[u8]>,
     /// Attempts started so far.
     pub(crate) attempts: u32,
     /// Broadcast calls run on this worker only and are never retried elsewhere.
     pub(crate) pinned: Option<WorkerId>,
     /// The worker of the last failed attempt, avoided on retry where another can take it.
     pub(crate) avoid: Option<WorkerId>,
-    /// Why earlier attempts failed (empty until one does).
-    pub(crate) failures: Vec<CallError>,
+    /// Why earlier attempts failed (`None` until one does).
+    pub(crate) failures: Option<Box<Vec<CallError>>>,
     pub(crate) reply: Reply,
+}
+
+impl Call {
+    pub(crate) fn new(frame: Box<[u8]>, pinned: Option<WorkerId>, reply: Reply) -> Self {
+        Call {
+            frame,
+            attempts: 0,
+            pinned,
+            avoid: None,
+            failures: None,
+            reply,
+        }
+    }
+
+    /// The call's id, unique within the farm; workers echo it in their reply.
+    pub(crate) fn id(&self) -> u64 {
+        crate::protocol::id_of_call_frame(&self.frame)
+    }
+
+    /// The method called (empty for the default method).
+    pub(crate) fn method(&self) -> &str {
+        crate::protocol::method_of_call_frame(&self.frame)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_call_stays_small() {
+        assert!(std::mem::size_of::<Call>() <= 72, "{}", std::mem::size_of::<Call>());
+    }
 
     #[test]
     fn reply_settles_once_with_the_value() {
@@ -90,7 +128,7 @@ mod tests {
     fn dropped_reply_settles_with_shut_down() {
         let (reply, mut rx) = Reply::new(None);
         drop(reply);
-        assert_eq!(rx.try_recv().unwrap(), Err(CallError::ShutDown));
+        assert_eq!(rx.try_recv().unwrap(), Err(Box::new(CallError::ShutDown)));
     }
 
     #[test]
@@ -105,14 +143,12 @@ mod tests {
 #[cfg(test)]
 mod permit_tests {
     use super::*;
-    use std::sync::Arc;
-    use tokio::sync::Semaphore;
 
     #[test]
     fn place_is_given_back_before_the_caller_sees_the_result() {
         let limit = Arc::new(Semaphore::new(1));
-        let permit = limit.clone().try_acquire_owned().unwrap();
-        let (reply, mut rx) = Reply::new(Some(permit));
+        limit.try_acquire().unwrap().forget();
+        let (reply, mut rx) = Reply::new(Some(limit.clone()));
         assert_eq!(limit.available_permits(), 0);
         reply.send(Ok(Bytes::new()));
         assert!(rx.try_recv().is_ok());

@@ -27,14 +27,11 @@ const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often workers' memory is measured when `max_memory` is set.
 const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
-/// A request from a [`Farm`](crate::Farm) handle.
+/// A request from a [`Farm`](crate::Farm) handle, other than a call.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Call(Call),
     Broadcast {
-        id: u64,
-        method: Box<str>,
-        frame: Bytes,
+        frame: Box<[u8]>,
         replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
     },
     Status(oneshot::Sender<Status>),
@@ -111,6 +108,8 @@ impl Worker {
 
 pub(crate) struct Dispatcher {
     settings: Settings,
+    /// New calls wait here until a worker has room: this channel is the farm's queue.
+    calls: mpsc::UnboundedReceiver<Call>,
     commands: mpsc::UnboundedReceiver<Command>,
     inbound: mpsc::UnboundedReceiver<Inbound>,
     inbound_tx: mpsc::UnboundedSender<Inbound>,
@@ -118,6 +117,8 @@ pub(crate) struct Dispatcher {
     /// Whether anyone subscribed to events; per-call events are skipped until then.
     subscribed: Arc<AtomicBool>,
     workers: Vec<Worker>,
+    /// Calls taken from the channel (or re-queued after a failure) and not yet handed to a
+    /// worker; served before the channel.
     queue: VecDeque<Call>,
     timers: BTreeMap<TimerKey, Timer>,
     timer_seq: u64,
@@ -135,6 +136,7 @@ pub(crate) struct Dispatcher {
 impl Dispatcher {
     pub(crate) fn new(
         settings: Settings,
+        calls: mpsc::UnboundedReceiver<Call>,
         commands: mpsc::UnboundedReceiver<Command>,
         events: broadcast::Sender<Event>,
         subscribed: Arc<AtomicBool>,
@@ -142,6 +144,7 @@ impl Dispatcher {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         Dispatcher {
             settings,
+            calls,
             commands,
             inbound,
             inbound_tx,
@@ -151,7 +154,7 @@ impl Dispatcher {
             queue: VecDeque::new(),
             timers: BTreeMap::new(),
             timer_seq: 0,
-            next_worker: 1,
+            next_worker: 0,
             mode: Mode::Running,
             short_of_workers: false,
             start_failures: 0,
@@ -181,8 +184,10 @@ impl Dispatcher {
 
     pub(crate) async fn run(mut self) {
         let mut commands_open = true;
+        let mut calls_open = true;
         let mut inbound_buf = Vec::with_capacity(64);
-        let mut command_buf = Vec::with_capacity(256);
+        let mut command_buf = Vec::with_capacity(16);
+        let mut call_buf = Vec::with_capacity(256);
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
         let mut armed: Option<Instant> = None;
@@ -195,6 +200,17 @@ impl Dispatcher {
                 }
             }
             armed = deadline;
+            // Take new calls only as fast as workers can start them; the rest wait in the
+            // channel. (Calls are also taken to fail them fast, or to wake idle-reaped workers.)
+            let room = if self.queue.is_empty() && self.mode == Mode::Running {
+                if self.start_error.is_some() || self.short_of_workers {
+                    call_buf.capacity()
+                } else {
+                    self.free_slots()
+                }
+            } else {
+                0
+            };
             tokio::select! {
                 biased;
                 n = self.inbound.recv_many(&mut inbound_buf, 64) => {
@@ -213,6 +229,14 @@ impl Dispatcher {
                     }
                     for command in command_buf.drain(..) {
                         self.on_command(command);
+                    }
+                }
+                n = self.calls.recv_many(&mut call_buf, room.clamp(1, 1024)), if calls_open && room > 0 => {
+                    if n == 0 {
+                        calls_open = false;
+                    }
+                    for call in call_buf.drain(..) {
+                        self.on_call(call);
                     }
                 }
                 () = &mut sleep, if deadline.is_some() => self.fire_timers(),
@@ -235,13 +259,7 @@ impl Dispatcher {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Call(call) => self.on_call(call),
-            Command::Broadcast {
-                id,
-                method,
-                frame,
-                replies,
-            } => self.on_broadcast(id, method, frame, replies),
+            Command::Broadcast { frame, replies } => self.on_broadcast(frame, replies),
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
@@ -261,13 +279,17 @@ impl Dispatcher {
             call.reply.send(Err(CallError::ShutDown));
             return;
         }
+        if call.reply.is_closed() {
+            // The caller gave up while the call waited.
+            return;
+        }
         if let Some(message) = &self.start_error {
             call.reply.send(Err(CallError::WorkerStart {
                 message: message.clone(),
             }));
             return;
         }
-        tracing::trace!(call = call.id, method = &*call.method, "call queued");
+        tracing::trace!(call = call.id(), method = call.method(), "call taken");
         self.queue.push_back(call);
         if self.short_of_workers {
             self.ensure_workers();
@@ -276,25 +298,16 @@ impl Dispatcher {
 
     fn on_broadcast(
         &mut self,
-        id: u64,
-        method: Box<str>,
-        frame: Bytes,
+        frame: Box<[u8]>,
         replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
     ) {
         let mut receivers = Vec::new();
         if self.mode == Mode::Running {
             for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
                 let (reply, rx) = Reply::new(None);
-                worker.pinned.push_back(Call {
-                    id,
-                    method: method.clone(),
-                    frame: frame.clone(),
-                    attempts: 0,
-                    pinned: Some(worker.id),
-                    avoid: None,
-                    failures: Vec::new(),
-                    reply,
-                });
+                worker
+                    .pinned
+                    .push_back(Call::new(frame.clone(), Some(worker.id), reply));
                 receivers.push((worker.id, rx));
             }
         }
@@ -345,10 +358,25 @@ impl Dispatcher {
         }
     }
 
+    /// Fails every call not yet handed to a worker, and refuses new ones from now on.
     fn fail_queued(&mut self) {
         for call in self.queue.drain(..) {
             call.reply.send(Err(CallError::ShutDown));
         }
+        self.calls.close();
+        while let Ok(call) = self.calls.try_recv() {
+            call.reply.send(Err(CallError::ShutDown));
+        }
+    }
+
+    /// Calls the online workers can start now.
+    fn free_slots(&self) -> usize {
+        let per_worker = self.settings.per_worker;
+        self.workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Online)
+            .map(|w| per_worker.saturating_sub(w.in_flight.len()))
+            .sum()
     }
 
     fn status(&self) -> Status {
@@ -364,7 +392,7 @@ impl Dispatcher {
                     handed: w.handed,
                 })
                 .collect(),
-            queued: self.queue.len(),
+            queued: self.queue.len() + self.calls.len(),
         }
     }
 
@@ -425,7 +453,7 @@ impl Dispatcher {
                 t,
                 Timer::CallTimeout {
                     worker,
-                    call: call.id,
+                    call: call.id(),
                 },
             )
         });
@@ -434,20 +462,20 @@ impl Dispatcher {
             self.timers.remove(&key);
         }
         tracing::trace!(
-            call = call.id,
-            worker = w.id.0,
+            call = call.id(),
+            worker = w.id.as_u64(),
             attempt = call.attempts,
             "call sent"
         );
-        w.link.send(call.frame.clone());
+        w.link.send(&call.frame);
         // Broadcast calls do not count towards a worker's ttl.
         let counts_for_ttl = call.pinned.is_none();
-        w.in_flight.insert(call.id, InFlight { call, timer });
+        w.in_flight.insert(call.id(), InFlight { call, timer });
         if counts_for_ttl {
             w.handed += 1;
             if self.settings.ttl == Some(w.handed) && w.state == WorkerState::Online {
                 let worker = w.id;
-                tracing::debug!(worker = worker.0, "ttl reached");
+                tracing::debug!(worker = worker.as_u64(), "ttl reached");
                 self.retire(i, Event::TtlReached { worker });
             }
         }
@@ -502,7 +530,7 @@ impl Dispatcher {
 
     fn add_worker(&mut self, id: WorkerId, link: WorkerLink) {
         let pid = link.pid();
-        tracing::debug!(worker = id.0, pid, "worker spawned");
+        tracing::debug!(worker = id.as_u64(), pid, "worker spawned");
         self.emit(Event::Spawned { worker: id, pid });
         self.add_timer(self.settings.startup_timeout, Timer::Startup(id));
         self.workers.push(Worker {
@@ -534,7 +562,7 @@ impl Dispatcher {
                 let Some(i) = self.index_of(worker) else {
                     return;
                 };
-                tracing::warn!(worker = worker.0, %message, "worker broke the protocol");
+                tracing::warn!(worker = worker.as_u64(), %message, "worker broke the protocol");
                 let error = CallError::Protocol { worker, message };
                 self.emit(Event::Error {
                     worker: Some(worker),
@@ -552,7 +580,7 @@ impl Dispatcher {
                 };
                 let w = self.workers.swap_remove(i);
                 let pid = w.link.pid();
-                tracing::debug!(worker = worker.0, pid, %exit, "worker exited");
+                tracing::debug!(worker = worker.as_u64(), pid, %exit, "worker exited");
                 self.emit(Event::Exited { worker, pid, exit });
                 for key in w
                     .idle_timer
@@ -588,7 +616,7 @@ impl Dispatcher {
                     self.start_failed(Some(worker), why);
                 } else if was_live {
                     if self.mode == Mode::Running {
-                        tracing::warn!(worker = worker.0, pid, %exit, "worker died");
+                        tracing::warn!(worker = worker.as_u64(), pid, %exit, "worker died");
                     }
                     self.ensure_workers();
                 }
@@ -617,7 +645,7 @@ impl Dispatcher {
                     self.timers.remove(&key);
                 }
                 self.emit_call_done(worker, id, false);
-                let method = f.call.method.to_string();
+                let method = f.call.method().to_owned();
                 let error = match kind {
                     FailureKind::Handler => CallError::Handler { method, message },
                     FailureKind::Panic => CallError::Panic { method, message },
@@ -644,7 +672,7 @@ impl Dispatcher {
                     return;
                 }
                 w.state = WorkerState::Online;
-                tracing::debug!(worker = worker.0, pid, "worker online");
+                tracing::debug!(worker = worker.as_u64(), pid, "worker online");
                 self.start_failures = 0;
                 self.start_error = None;
                 self.emit(Event::Online { worker, pid });
@@ -724,9 +752,9 @@ impl Dispatcher {
         }
         let mut call = call;
         if retryable && self.mode == Mode::Running && call.attempts <= self.settings.max_retries {
-            tracing::debug!(call = call.id, attempt = call.attempts, %error, "retrying call");
+            tracing::debug!(call = call.id(), attempt = call.attempts, %error, "retrying call");
             call.avoid = Some(worker);
-            call.failures.push(error);
+            call.failures.get_or_insert_with(Box::default).push(error);
             self.queue.push_front(call);
             return;
         }
@@ -734,7 +762,7 @@ impl Dispatcher {
             CallError::RetriesExhausted {
                 attempts: call.attempts,
                 last: Box::new(error),
-                earlier: std::mem::take(&mut call.failures),
+                earlier: call.failures.take().map(|f| *f).unwrap_or_default(),
             }
         } else {
             error
@@ -761,7 +789,7 @@ impl Dispatcher {
         if let Some(key) = w.idle_timer.take() {
             self.timers.remove(&key);
         }
-        tracing::debug!(worker = id.0, force, "stopping worker");
+        tracing::debug!(worker = id.as_u64(), force, "stopping worker");
         self.add_timer(self.settings.kill_timeout, Timer::Kill(id));
     }
 
@@ -783,6 +811,7 @@ impl Dispatcher {
             for call in self.queue.drain(..) {
                 call.reply.send(Err(error.clone()));
             }
+            // Calls still in the channel are taken (and failed) by the next turns.
         }
         if self.mode == Mode::Running && self.respawn_timer.is_none() {
             let exp = self.start_failures.saturating_sub(1).min(10);
@@ -822,7 +851,7 @@ impl Dispatcher {
                 };
                 let after = self.settings.timeout.unwrap_or_default();
                 tracing::debug!(
-                    worker = worker.0,
+                    worker = worker.as_u64(),
                     call,
                     ?after,
                     "call timed out; stopping its worker"
@@ -860,7 +889,7 @@ impl Dispatcher {
                 }
                 w.idle_timer = None;
                 if w.state == WorkerState::Online && w.is_drained() {
-                    tracing::debug!(worker = worker.0, "idle time reached");
+                    tracing::debug!(worker = worker.as_u64(), "idle time reached");
                     self.emit(Event::IdleReached { worker });
                     self.stop(i, false);
                     self.short_of_workers = true;
@@ -868,7 +897,7 @@ impl Dispatcher {
             }
             Timer::Kill(worker) => {
                 if let Some(i) = self.index_of(worker) {
-                    tracing::debug!(worker = worker.0, "kill timeout: sending SIGKILL");
+                    tracing::debug!(worker = worker.as_u64(), "kill timeout: sending SIGKILL");
                     self.workers[i].link.signal(Signal::Kill);
                 }
             }
@@ -903,7 +932,7 @@ impl Dispatcher {
                         crate::sys::rss_bytes(w.link.pid()).filter(|&rss| rss > limit)
                     {
                         let worker = w.id;
-                        tracing::debug!(worker = worker.0, rss, limit, "memory limit reached");
+                        tracing::debug!(worker = worker.as_u64(), rss, limit, "memory limit reached");
                         self.retire(i, Event::MemoryLimitReached { worker, rss });
                     }
                 }
@@ -921,9 +950,8 @@ impl Dispatcher {
     }
 
     fn new_worker_id(&mut self) -> WorkerId {
-        let id = WorkerId(self.next_worker);
         self.next_worker += 1;
-        id
+        WorkerId(std::num::NonZeroU64::MIN.saturating_add(self.next_worker - 1))
     }
 
     fn emit(&self, event: Event) {

@@ -17,7 +17,7 @@ use dispatcher::{Command, Dispatcher, Settings};
 use process::SpawnSpec;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tracing::Instrument;
@@ -71,6 +71,10 @@ impl<S: Serializer> Clone for Farm<S> {
 /// What every handle of one farm shares.
 #[derive(Debug)]
 pub(crate) struct Core {
+    /// New calls. They wait in this channel until a worker has room, so the channel *is*
+    /// the queue (no second copy, no growth slack).
+    calls: mpsc::UnboundedSender<Call>,
+    /// Everything else: broadcast, status, shutdown, kill.
     commands: mpsc::UnboundedSender<Command>,
     events: broadcast::Sender<Event>,
     /// Subscribed at creation so the first `events()` sees the first spawns.
@@ -79,6 +83,8 @@ pub(crate) struct Core {
     subscribed: Arc<AtomicBool>,
     limiter: Option<(Arc<Semaphore>, usize)>,
     next_call: AtomicU64,
+    /// Size of the last call frame, to size the next one's buffer right the first time.
+    frame_hint: AtomicUsize,
     max_frame: usize,
 }
 
@@ -204,10 +210,17 @@ impl<S: Serializer> Farm<S> {
             startup_timeout: options.startup_timeout,
         };
         let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (calls, calls_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
         let subscribed = Arc::new(AtomicBool::new(false));
         let mut dispatcher =
-            Dispatcher::new(settings, commands_rx, events.clone(), subscribed.clone());
+            Dispatcher::new(
+            settings,
+            calls_rx,
+            commands_rx,
+            events.clone(),
+            subscribed.clone(),
+        );
         dispatcher.start().map_err(|source| match source.kind() {
             std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
                 path: program.clone(),
@@ -223,6 +236,7 @@ impl<S: Serializer> Farm<S> {
         let span = tracing::debug_span!("farm", program = %program.display());
         tokio::spawn(dispatcher.run().instrument(span));
         let core = Arc::new(Core {
+            calls,
             commands,
             events,
             first_events: Mutex::new(Some(first_events)),
@@ -231,6 +245,7 @@ impl<S: Serializer> Farm<S> {
                 .max_concurrent_calls
                 .map(|n| (Arc::new(Semaphore::new(n)), n)),
             next_call: AtomicU64::new(1),
+            frame_hint: AtomicUsize::new(64),
             max_frame: options.max_frame,
         });
         registry::register(&core);
@@ -276,7 +291,8 @@ impl<S: Serializer> Farm<S> {
         let serializer = self.serializer.clone();
         async move {
             let body = match submitted?.await {
-                Ok(outcome) => outcome?,
+                Ok(Ok(body)) => body,
+                Ok(Err(error)) => return Err(*error),
                 Err(_) => return Err(CallError::ShutDown),
             };
             decode_result(&serializer, &body)
@@ -313,16 +329,14 @@ impl<S: Serializer> Farm<S> {
         };
         let receivers = self
             .core
-            .request(|replies| Command::Broadcast {
-                id,
-                method: method.into(),
-                frame: frame.into(),
-                replies,
-            })
+            .request(|replies| Command::Broadcast { frame, replies })
             .await
             .unwrap_or_default();
         for (worker, rx) in receivers {
-            let outcome = rx.await.unwrap_or(Err(CallError::ShutDown));
+            let outcome = match rx.await {
+                Ok(outcome) => outcome.map_err(|e| *e),
+                Err(_) => Err(CallError::ShutDown),
+            };
             match outcome.and_then(|body| decode_result(&self.serializer, &body)) {
                 Ok(value) => result.successes.push((worker, value)),
                 Err(error) => result.failures.push((worker, error)),
@@ -377,31 +391,24 @@ impl<S: Serializer> Farm<S> {
         method: &str,
         args: &A,
     ) -> Result<oneshot::Receiver<Outcome>, CallError> {
-        let permit = match &self.core.limiter {
+        let limiter = match &self.core.limiter {
             None => None,
-            Some((semaphore, limit)) => Some(
+            Some((semaphore, limit)) => {
+                // The permit is given back by the call's reply slot when it settles.
                 semaphore
-                    .clone()
-                    .try_acquire_owned()
-                    .map_err(|_| CallError::QueueFull { limit: *limit })?,
-            ),
+                    .try_acquire()
+                    .map_err(|_| CallError::QueueFull { limit: *limit })?
+                    .forget();
+                Some(semaphore.clone())
+            }
         };
+        // From here on the reply slot owns the permit: every early return gives it back.
+        let (reply, rx) = Reply::new(limiter);
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode_call(id, method, args)?;
-        let (reply, rx) = Reply::new(permit);
-        let call = Call {
-            id,
-            method: method.into(),
-            frame: frame.into(),
-            attempts: 0,
-            pinned: None,
-            avoid: None,
-            failures: Vec::new(),
-            reply,
-        };
         self.core
-            .commands
-            .send(Command::Call(call))
+            .calls
+            .send(Call::new(frame, None, reply))
             .map_err(|_| CallError::ShutDown)?;
         Ok(rx)
     }
@@ -411,7 +418,7 @@ impl<S: Serializer> Farm<S> {
         id: u64,
         method: &str,
         args: &A,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<Box<[u8]>, CallError> {
         let type_name = std::any::type_name::<A>();
         if method.len() > u16::MAX as usize {
             return Err(CallError::Serialize {
@@ -419,7 +426,9 @@ impl<S: Serializer> Farm<S> {
                 message: "method name longer than 65535 bytes".into(),
             });
         }
-        let mut buf = Vec::with_capacity(64);
+        let hint = self.core.frame_hint.load(Ordering::Relaxed);
+        // Capped, so a small call after a huge one does not reserve a huge buffer.
+        let mut buf = Vec::with_capacity(hint.clamp(32, 16 << 20));
         let start = frame::begin(&mut buf);
         protocol::encode_call_head(id, method, &mut buf);
         self.serializer
@@ -432,7 +441,10 @@ impl<S: Serializer> Farm<S> {
             type_name,
             message: e.to_string(),
         })?;
-        Ok(buf)
+        if buf.len() != hint {
+            self.core.frame_hint.store(buf.len(), Ordering::Relaxed);
+        }
+        Ok(buf.into_boxed_slice())
     }
 }
 

@@ -86,7 +86,7 @@ impl WorkerLink {
 
     /// Queues a frame for the worker; it is written by the next [`flush`](Self::flush) at the
     /// latest. False if the worker's input is already closed.
-    pub(crate) fn send(&mut self, frame: Bytes) -> bool {
+    pub(crate) fn send(&mut self, frame: &[u8]) -> bool {
         let Some(outbox) = &self.outbox else {
             return false;
         };
@@ -95,9 +95,9 @@ impl WorkerLink {
                 outbox.submit(&self.pending, None);
                 self.pending.clear();
             }
-            outbox.submit(&frame.clone(), Some(frame));
+            outbox.submit(frame, None);
         } else {
-            self.pending.extend_from_slice(&frame);
+            self.pending.extend_from_slice(frame);
         }
         true
     }

@@ -115,6 +115,29 @@ pub(crate) fn encode_call_head(id: u64, method: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(method.as_bytes());
 }
 
+/// The call id inside a complete Call frame (length prefix included), or 0 if the frame is
+/// not one.
+pub(crate) fn id_of_call_frame(frame: &[u8]) -> u64 {
+    frame
+        .get(frame::HEAD_LEN + 1..frame::HEAD_LEN + 9)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
+/// The method name inside a complete Call frame (length prefix included), or `""` if the
+/// frame is not one.
+pub(crate) fn method_of_call_frame(frame: &[u8]) -> &str {
+    const METHOD_LEN_AT: usize = frame::HEAD_LEN + 1 + 8;
+    let Some(len) = frame.get(METHOD_LEN_AT..METHOD_LEN_AT + 2) else {
+        return "";
+    };
+    let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+    frame
+        .get(METHOD_LEN_AT + 2..METHOD_LEN_AT + 2 + len)
+        .and_then(|m| std::str::from_utf8(m).ok())
+        .unwrap_or_default()
+}
+
 /// The method name of a decoded Call (checked as UTF-8 by [`decode_to_worker`]).
 pub(crate) fn method_name(method: &Bytes) -> &str {
     std::str::from_utf8(method).unwrap_or_default()
@@ -310,6 +333,18 @@ mod tests {
                 message: "boom".into()
             }
         );
+    }
+
+    #[test]
+    fn method_is_read_back_from_a_call_frame() {
+        let mut out = Vec::new();
+        let start = frame::begin(&mut out);
+        encode_call_head(7, "add", &mut out);
+        out.extend_from_slice(b"[1,2]");
+        frame::finish(&mut out, start, 1024).unwrap();
+        assert_eq!(method_of_call_frame(&out), "add");
+        assert_eq!(id_of_call_frame(&out), 7);
+        assert_eq!(method_of_call_frame(&out[..14]), "");
     }
 
     #[test]

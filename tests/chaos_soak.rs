@@ -212,6 +212,22 @@ async fn soak() {
         rss_after < rss_before + 64 * (1 << 20),
         "RSS grew from {rss_before} to {rss_after} bytes"
     );
+    if std::env::var_os("SOAK_DEBUG_FDS").is_some() {
+        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+        for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            let t = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            *kinds
+                .entry(t.split(':').next().unwrap_or("").to_string())
+                .or_default() += 1;
+        }
+        eprintln!("fd kinds: {kinds:?}");
+        let tasks = runtime_metrics();
+        eprintln!("alive tasks: {tasks}");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        eprintln!("after 20s more: {}", fd_count());
+    }
     assert!(
         fds_after <= fds_before + 16,
         "fds: {fds_before} -> {fds_after}"
@@ -232,4 +248,10 @@ fn classify(i: usize, e: &CallError) -> Settled {
         CallError::WorkerDied { .. } => Settled::FailedWorkerDied,
         other => panic!("call {i}: unexpected root cause {other:?} of {e:?}"),
     }
+}
+
+fn runtime_metrics() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
 }

@@ -6,69 +6,57 @@ use bytes::Bytes;
 use std::sync::Arc;
 use tokio::sync::{oneshot, Semaphore};
 
-/// What a call settles with: the encoded result, or why there is none (boxed, so the reply
-/// slot of a queued call stays small).
-pub(crate) type Outcome = Result<Bytes, Box<CallError>>;
+/// What a call settles with: the encoded result, or why there is none. Both are boxed so
+/// the reply slot a queued call allocates stays small (80 bytes instead of 112); the box is
+/// only filled when the call completes.
+pub(crate) type Outcome = Result<Box<Bytes>, Box<CallError>>;
 
 /// The caller's end of a call. Settles exactly once: by [`Reply::send`], or, if the call is
-/// dropped unanswered (farm killed, dispatcher gone, runtime shut down), with
-/// [`CallError::ShutDown`] from `Drop` (hyper's dispatch `Callback`).
+/// dropped unanswered (farm killed, dispatcher gone, runtime shut down), by the channel
+/// closing, which the caller reads as [`CallError::ShutDown`] (hyper's dispatch `Callback`
+/// does the same with a drop guard).
 ///
 /// It also holds the call's place under `max_concurrent_calls`, and gives it back *before*
 /// the caller is woken, so a caller that awaits each call before making the next never
 /// sees `QueueFull`.
 #[derive(Debug)]
 pub(crate) struct Reply {
-    tx: Option<oneshot::Sender<Outcome>>,
-    /// The `max_concurrent_calls` semaphore this call holds one permit of.
-    limiter: Option<Arc<Semaphore>>,
+    tx: oneshot::Sender<Outcome>,
+    _place: Option<Place>,
+}
+
+/// One permit of the `max_concurrent_calls` semaphore, acquired and forgotten by the
+/// caller; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Place(pub(crate) Arc<Semaphore>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
 }
 
 impl Reply {
-    /// A reply slot; `limiter` is a semaphore one permit of which the caller acquired and
-    /// forgot, to be given back when the call settles.
-    pub(crate) fn new(limiter: Option<Arc<Semaphore>>) -> (Reply, oneshot::Receiver<Outcome>) {
+    pub(crate) fn new(place: Option<Place>) -> (Reply, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
-        (
-            Reply {
-                tx: Some(tx),
-                limiter,
-            },
-            rx,
-        )
+        (Reply { tx, _place: place }, rx)
     }
 
-    pub(crate) fn send(mut self, outcome: Result<Bytes, CallError>) {
-        self.release();
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome.map_err(Box::new));
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(limiter) = self.limiter.take() {
-            limiter.add_permits(1);
-        }
+    pub(crate) fn send(self, outcome: Result<Bytes, CallError>) {
+        let Reply { tx, _place } = self;
+        drop(_place);
+        let _ = tx.send(outcome.map(Box::new).map_err(Box::new));
     }
 
     /// Whether the caller stopped waiting (dropped its future).
     pub(crate) fn is_closed(&self) -> bool {
-        self.tx.as_ref().map_or(true, |tx| tx.is_closed())
-    }
-}
-
-impl Drop for Reply {
-    fn drop(&mut self) {
-        self.release();
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Err(Box::new(CallError::ShutDown)));
-        }
+        self.tx.is_closed()
     }
 }
 
 /// A call on its way through the farm: queued, in flight, or waiting for a retry.
 ///
-/// Kept small (72 bytes), since a million of them may wait in the queue: the id and method
+/// Kept small (64 bytes), since a million of them may wait in the queue: the id and method
 /// are read back from the frame, and rarely used parts are boxed.
 #[derive(Debug)]
 pub(crate) struct Call {
@@ -114,21 +102,28 @@ mod tests {
 
     #[test]
     fn a_queued_call_stays_small() {
-        assert!(std::mem::size_of::<Call>() <= 72, "{}", std::mem::size_of::<Call>());
+        assert!(
+            std::mem::size_of::<Call>() <= 64,
+            "{}",
+            std::mem::size_of::<Call>()
+        );
     }
 
     #[test]
     fn reply_settles_once_with_the_value() {
         let (reply, mut rx) = Reply::new(None);
         reply.send(Ok(Bytes::from_static(b"1")));
-        assert_eq!(rx.try_recv().unwrap().unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(*rx.try_recv().unwrap().unwrap(), Bytes::from_static(b"1"));
     }
 
     #[test]
-    fn dropped_reply_settles_with_shut_down() {
-        let (reply, mut rx) = Reply::new(None);
+    fn dropped_reply_closes_the_channel_and_gives_the_place_back() {
+        let limit = Arc::new(Semaphore::new(1));
+        limit.try_acquire().unwrap().forget();
+        let (reply, mut rx) = Reply::new(Some(Place(limit.clone())));
         drop(reply);
-        assert_eq!(rx.try_recv().unwrap(), Err(Box::new(CallError::ShutDown)));
+        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+        assert_eq!(limit.available_permits(), 1);
     }
 
     #[test]
@@ -148,7 +143,7 @@ mod permit_tests {
     fn place_is_given_back_before_the_caller_sees_the_result() {
         let limit = Arc::new(Semaphore::new(1));
         limit.try_acquire().unwrap().forget();
-        let (reply, mut rx) = Reply::new(Some(limit.clone()));
+        let (reply, mut rx) = Reply::new(Some(Place(limit.clone())));
         assert_eq!(limit.available_permits(), 0);
         reply.send(Ok(Bytes::new()));
         assert!(rx.try_recv().is_ok());

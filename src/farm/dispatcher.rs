@@ -932,7 +932,12 @@ impl Dispatcher {
                         crate::sys::rss_bytes(w.link.pid()).filter(|&rss| rss > limit)
                     {
                         let worker = w.id;
-                        tracing::debug!(worker = worker.as_u64(), rss, limit, "memory limit reached");
+                        tracing::debug!(
+                            worker = worker.as_u64(),
+                            rss,
+                            limit,
+                            "memory limit reached"
+                        );
                         self.retire(i, Event::MemoryLimitReached { worker, rss });
                     }
                 }

@@ -12,7 +12,7 @@ use crate::event::{Event, WorkerId};
 use crate::options::FarmOptions;
 use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
-use call::{Call, Outcome, Reply};
+use call::{Call, Outcome, Place, Reply};
 use dispatcher::{Command, Dispatcher, Settings};
 use process::SpawnSpec;
 use serde::{de::DeserializeOwned, Serialize};
@@ -213,8 +213,7 @@ impl<S: Serializer> Farm<S> {
         let (calls, calls_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
         let subscribed = Arc::new(AtomicBool::new(false));
-        let mut dispatcher =
-            Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             settings,
             calls_rx,
             commands_rx,
@@ -287,10 +286,11 @@ impl<S: Serializer> Farm<S> {
         A: Serialize,
         T: DeserializeOwned,
     {
-        let submitted = self.submit(method, &args);
+        // Boxed, so the future a caller holds for each queued call stays small.
+        let submitted = self.submit(method, &args).map_err(Box::new);
         let serializer = self.serializer.clone();
         async move {
-            let body = match submitted?.await {
+            let body = match submitted.map_err(|e| *e)?.await {
                 Ok(Ok(body)) => body,
                 Ok(Err(error)) => return Err(*error),
                 Err(_) => return Err(CallError::ShutDown),
@@ -391,19 +391,19 @@ impl<S: Serializer> Farm<S> {
         method: &str,
         args: &A,
     ) -> Result<oneshot::Receiver<Outcome>, CallError> {
-        let limiter = match &self.core.limiter {
+        let place = match &self.core.limiter {
             None => None,
             Some((semaphore, limit)) => {
-                // The permit is given back by the call's reply slot when it settles.
                 semaphore
                     .try_acquire()
                     .map_err(|_| CallError::QueueFull { limit: *limit })?
                     .forget();
-                Some(semaphore.clone())
+                // Gives the permit back when dropped: on an early return below, or when
+                // the call settles.
+                Some(Place(semaphore.clone()))
             }
         };
-        // From here on the reply slot owns the permit: every early return gives it back.
-        let (reply, rx) = Reply::new(limiter);
+        let (reply, rx) = Reply::new(place);
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode_call(id, method, args)?;
         self.core

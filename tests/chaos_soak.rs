@@ -193,17 +193,22 @@ async fn soak() {
         calls - sleeps
     );
 
-    // Settle the process: descriptors of the dead workers are closed by their tasks.
+    // Settle the process: the dead workers' descriptors are closed and their tasks end.
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while fd_count() > fds_before + 16 && Instant::now() < deadline {
+    while (fd_count() > fds_before + 16 || tasks() > 0) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rss_after, fds_after) = (rss_bytes(), fd_count());
+    let (rss_after, fds_after, tasks_after) = (rss_bytes(), fd_count(), tasks());
     let kills = kills.load(Ordering::Relaxed);
     println!(
         "soak: calls {calls} (sleep every {sleep_every}), kills {kills}, successes {successes}, failures {failures} \
          (timeout-rooted {timeouts}, worker-died-rooted {died}; noops among them {failed_noops}), retries unknown \
-         (not exposed by the API), wall {wall:.1?}, RSS {} -> {} MiB, fds {fds_before} -> {fds_after}",
+         (not exposed by the API), wall {wall:.1?}, RSS {} -> {} MiB, fds {fds_before} -> {fds_after}, tasks left {tasks_after}",
         rss_before / (1 << 20),
         rss_after / (1 << 20)
     );
@@ -212,26 +217,11 @@ async fn soak() {
         rss_after < rss_before + 64 * (1 << 20),
         "RSS grew from {rss_before} to {rss_after} bytes"
     );
-    if std::env::var_os("SOAK_DEBUG_FDS").is_some() {
-        let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-        for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-            let t = std::fs::read_link(e.path())
-                .map(|p| p.display().to_string())
-                .unwrap_or_default();
-            *kinds
-                .entry(t.split(':').next().unwrap_or("").to_string())
-                .or_default() += 1;
-        }
-        eprintln!("fd kinds: {kinds:?}");
-        let tasks = runtime_metrics();
-        eprintln!("alive tasks: {tasks}");
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        eprintln!("after 20s more: {}", fd_count());
-    }
     assert!(
         fds_after <= fds_before + 16,
         "fds: {fds_before} -> {fds_after}"
     );
+    assert_eq!(tasks_after, 0, "tasks still alive after the farm shut down");
 }
 
 /// Checks a failure is one the policy allows here and says which root it has.
@@ -248,10 +238,4 @@ fn classify(i: usize, e: &CallError) -> Settled {
         CallError::WorkerDied { .. } => Settled::FailedWorkerDied,
         other => panic!("call {i}: unexpected root cause {other:?} of {e:?}"),
     }
-}
-
-fn runtime_metrics() -> usize {
-    tokio::runtime::Handle::current()
-        .metrics()
-        .num_alive_tasks()
 }

@@ -87,6 +87,70 @@ async fn spinning_call_times_out_and_its_worker_is_replaced() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn timed_out_call_is_retried_on_the_other_worker_and_succeeds() {
+    // `slow_once` blocks its first run past the timeout and answers at once after that.
+    let path = counter_file("slow-once");
+    let after = Duration::from_millis(400);
+    let farm = Farm::create(options(2).max_retries(1).timeout(after)).unwrap();
+    let mut events = farm.events();
+    let first: Vec<u32> =
+        collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. }))
+            .await
+            .iter()
+            .map(|e| match e {
+                Event::Online { pid, .. } => *pid,
+                _ => unreachable!(),
+            })
+            .collect();
+    let started = Instant::now();
+    let ran_on: u32 = timeout(
+        SOON,
+        farm.run_method("slow_once", (path.display().to_string(), 5000u64)),
+    )
+    .await
+    .expect("settles")
+    .expect("the retry succeeds");
+    assert!(started.elapsed() >= after);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "did not wait for the slow run"
+    );
+    // The first attempt's worker was stopped; the retry ran on the other original worker.
+    let (stopped, exit) =
+        exited(&wait_for_event(&mut events, SOON, |e| matches!(e, Event::Exited { .. })).await);
+    assert!(exit.is_signal(), "{exit:?}");
+    assert!(
+        first.contains(&stopped) && first.contains(&ran_on),
+        "{first:?}"
+    );
+    assert_ne!(ran_on, stopped);
+    let _ = std::fs::remove_file(&path);
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_waiting_in_the_queue_does_not_count() {
+    // One worker running one call at a time: the second call waits ~400 ms for the first,
+    // then runs 400 ms; 800 ms in all, but only 400 ms of it on a worker.
+    let after = Duration::from_millis(700);
+    let farm = Farm::create(
+        options(1)
+            .max_concurrent_calls_per_worker(1)
+            .max_retries(0)
+            .timeout(after),
+    )
+    .unwrap();
+    let pid: u32 = farm.run_method("pid", ()).await.unwrap();
+    let started = Instant::now();
+    let a = farm.run_method::<_, u32>("sleep", 400u64);
+    let b = farm.run_method::<_, u32>("sleep", 400u64);
+    assert_eq!(timeout(SOON, a).await.unwrap(), Ok(pid));
+    assert_eq!(timeout(SOON, b).await.unwrap(), Ok(pid));
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    farm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn slow_call_times_out_and_quick_calls_succeed() {
     // node-worker-farm "call timeout test": 1 worker; short calls pass, a long one times out,
     // a call after it runs on a new worker.
@@ -117,7 +181,7 @@ async fn slow_call_times_out_and_quick_calls_succeed() {
 async fn calls_sharing_a_timed_out_worker_are_requeued_uncharged() {
     // One single-threaded worker: `spin` wedges it, so the calls sent after it cannot run
     // there. When `spin` times out they must run on the replacement, even with no retries.
-    let after = Duration::from_millis(500);
+    let after = Duration::from_millis(1000);
     let farm = Farm::create(options(1).max_retries(0).timeout(after)).unwrap();
     let mut events = farm.events();
     wait_for_event(&mut events, SOON, |e| matches!(e, Event::Online { .. })).await;

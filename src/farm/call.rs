@@ -56,7 +56,7 @@ impl Reply {
 
 /// A call on its way through the farm: queued, in flight, or waiting for a retry.
 ///
-/// Kept small (64 bytes), since a million of them may wait in the queue: the id and method
+/// Kept small (56 bytes), since a million of them may wait in the queue: the id and method
 /// are read back from the frame, and rarely used parts are boxed.
 #[derive(Debug)]
 pub(crate) struct Call {
@@ -66,11 +66,18 @@ pub(crate) struct Call {
     pub(crate) attempts: u32,
     /// Broadcast calls run on this worker only and are never retried elsewhere.
     pub(crate) pinned: Option<WorkerId>,
-    /// The worker of the last failed attempt, avoided on retry where another can take it.
-    pub(crate) avoid: Option<WorkerId>,
-    /// Why earlier attempts failed (`None` until one does).
-    pub(crate) failures: Option<Box<Vec<CallError>>>,
+    /// What earlier attempts left behind (`None` until one fails).
+    pub(crate) retry: Option<Box<Retry>>,
     pub(crate) reply: Reply,
+}
+
+/// What a call's failed attempts left behind.
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    /// The worker of the last failed attempt, avoided where another can take the call.
+    pub(crate) avoid: Option<WorkerId>,
+    /// Why earlier attempts failed, oldest first.
+    pub(crate) failures: Vec<CallError>,
 }
 
 impl Call {
@@ -79,8 +86,7 @@ impl Call {
             frame,
             attempts: 0,
             pinned,
-            avoid: None,
-            failures: None,
+            retry: None,
             reply,
         }
     }
@@ -88,6 +94,11 @@ impl Call {
     /// The call's id, unique within the farm; workers echo it in their reply.
     pub(crate) fn id(&self) -> u64 {
         crate::protocol::id_of_call_frame(&self.frame)
+    }
+
+    /// The worker to avoid, if an earlier attempt failed there.
+    pub(crate) fn avoid(&self) -> Option<WorkerId> {
+        self.retry.as_ref().and_then(|r| r.avoid)
     }
 
     /// The method called (empty for the default method).

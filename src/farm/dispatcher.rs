@@ -24,6 +24,9 @@ use tokio::time::Instant;
 const START_FAILURES_BEFORE_FAILING: u32 = 3;
 const RESPAWN_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A worker that dies on its own this soon after its handshake, having answered nothing,
+/// counts as failing to start.
+const EARLY_DEATH: Duration = Duration::from_secs(1);
 /// How often workers' memory is measured when `max_memory` is set.
 const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -94,6 +97,9 @@ struct Worker {
     idle_timer: Option<TimerKey>,
     /// Set when the farm stopped the worker before its handshake: why it failed to start.
     start_failure: Option<String>,
+    /// When it came online, while it has answered nothing yet: a worker that dies on its
+    /// own shortly after is counted as failing to start (backoff, no hot respawn loop).
+    online_since: Option<Instant>,
 }
 
 impl Worker {
@@ -420,7 +426,7 @@ impl Dispatcher {
                 self.queue.pop_front();
                 continue;
             }
-            let Some(i) = self.pick(front.avoid) else {
+            let Some(i) = self.pick(front.avoid()) else {
                 break;
             };
             if let Some(call) = self.queue.pop_front() {
@@ -542,6 +548,7 @@ impl Dispatcher {
             handed: 0,
             idle_timer: None,
             start_failure: None,
+            online_since: None,
         });
     }
 
@@ -591,19 +598,21 @@ impl Dispatcher {
                 }
                 let error = CallError::WorkerDied { worker, pid, exit };
                 let was_live = w.is_live();
+                let died_young = w.state == WorkerState::Online
+                    && w.is_drained()
+                    && w.online_since.is_some_and(|t| t.elapsed() < EARLY_DEATH);
+                let describe = |what: &str| {
+                    let mut why = format!("{} {what} with {exit}", self.settings.spawn.program.display());
+                    if !stderr_tail.is_empty() {
+                        why.push_str("; last stderr lines:\n");
+                        why.push_str(&stderr_tail.join("\n"));
+                    }
+                    why
+                };
                 let failed_start = match (w.state, w.start_failure) {
                     (_, Some(why)) => Some(why),
-                    (WorkerState::Starting, None) => {
-                        let mut why = format!(
-                            "{} exited during startup with {exit}",
-                            self.settings.spawn.program.display()
-                        );
-                        if !stderr_tail.is_empty() {
-                            why.push_str("; last stderr lines:\n");
-                            why.push_str(&stderr_tail.join("\n"));
-                        }
-                        Some(why)
-                    }
+                    (WorkerState::Starting, None) => Some(describe("exited during startup")),
+                    (_, None) if died_young => Some(describe("exited right after its handshake")),
                     _ => None,
                 };
                 for call in w.pinned {
@@ -626,6 +635,11 @@ impl Dispatcher {
 
     fn on_message(&mut self, i: usize, message: FromWorker) {
         let worker = self.workers[i].id;
+        if matches!(message, FromWorker::Ok { .. } | FromWorker::Err { .. })
+            && self.workers[i].online_since.take().is_some()
+        {
+            self.start_failures = 0;
+        }
         match message {
             FromWorker::Ok { id, body } => {
                 let Some(f) = self.workers[i].in_flight.remove(&id) else {
@@ -672,8 +686,10 @@ impl Dispatcher {
                     return;
                 }
                 w.state = WorkerState::Online;
+                w.online_since = Some(Instant::now());
                 tracing::debug!(worker = worker.as_u64(), pid, "worker online");
-                self.start_failures = 0;
+                // Calls may be taken again; the failure count (and so the backoff) is only
+                // reset once this worker proves itself by answering a call.
                 self.start_error = None;
                 self.emit(Event::Online { worker, pid });
                 if self.mode != Mode::Running {
@@ -753,8 +769,9 @@ impl Dispatcher {
         let mut call = call;
         if retryable && self.mode == Mode::Running && call.attempts <= self.settings.max_retries {
             tracing::debug!(call = call.id(), attempt = call.attempts, %error, "retrying call");
-            call.avoid = Some(worker);
-            call.failures.get_or_insert_with(Box::default).push(error);
+            let retry = call.retry.get_or_insert_with(Box::default);
+            retry.avoid = Some(worker);
+            retry.failures.push(error);
             self.queue.push_front(call);
             return;
         }
@@ -762,7 +779,7 @@ impl Dispatcher {
             CallError::RetriesExhausted {
                 attempts: call.attempts,
                 last: Box::new(error),
-                earlier: call.failures.take().map(|f| *f).unwrap_or_default(),
+                earlier: call.retry.take().map(|r| r.failures).unwrap_or_default(),
             }
         } else {
             error
@@ -872,6 +889,11 @@ impl Dispatcher {
                         self.timers.remove(&key);
                     }
                     let mut call = other.call;
+                    if self.mode != Mode::Running {
+                        // Shutting down: no worker will take it again.
+                        call.reply.send(Err(CallError::ShutDown));
+                        continue;
+                    }
                     call.attempts = call.attempts.saturating_sub(1);
                     self.queue.push_front(call);
                 }

@@ -41,6 +41,13 @@ fn main() {
         eprintln!("worker-bin: exiting at start as asked");
         std::process::exit(code.parse().unwrap_or(3));
     }
+    if let Some(ms) = std::env::var("WORKER_EXIT_AFTER_MS").ok().and_then(|v| v.parse().ok()) {
+        // Dies on its own shortly after starting (after its handshake, if it is quick).
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            std::process::exit(4);
+        });
+    }
     if std::env::var_os("WORKER_HANG_AT_START").is_some() {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -99,6 +106,19 @@ fn main() {
                 std::process::exit(9);
             }
             12
+        })
+        // Blocks `ms` the first time (creating the marker file), answers at once after;
+        // returns its pid. For "timed out, then retried on another worker" tests.
+        .method("slow_once", |(path, ms): (String, u64)| {
+            if std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .is_ok()
+            {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            std::process::id()
         })
         // Never returns: only a timeout (and a kill) ends it.
         .method("spin", |()| -> () {

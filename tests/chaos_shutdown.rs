@@ -419,8 +419,6 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: the stdin write end (and writer task) of every worker that dies on its own leaks: \
-            WorkerLink is dropped without closing its Outbox, and write_frames waits on a Notify forever"]
 fn workers_killed_with_sigkill_leak_no_descriptors() {
     let _serial = serial();
     runtime().block_on(async {

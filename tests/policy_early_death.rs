@@ -23,7 +23,10 @@ async fn worker_dying_right_after_handshake_is_respawned_with_backoff() {
         }
     }
     assert!(online >= 1, "the worker came online at least once");
-    assert!(spawned <= 8, "{spawned} spawns in 2 s: backoff is not working");
+    assert!(
+        spawned <= 8,
+        "{spawned} spawns in 2 s: backoff is not working"
+    );
     // After three early deaths in a row, calls fail fast with the reason.
     let err = tokio::time::timeout(SOON, farm.run_method::<_, i64>("noop", 1))
         .await

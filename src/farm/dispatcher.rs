@@ -625,7 +625,10 @@ impl Dispatcher {
                     && w.is_drained()
                     && w.online_since.is_some_and(|t| t.elapsed() < EARLY_DEATH);
                 let describe = |what: &str| {
-                    let mut why = format!("{} {what} with {exit}", self.settings.spawn.program.display());
+                    let mut why = format!(
+                        "{} {what} with {exit}",
+                        self.settings.spawn.program.display()
+                    );
                     if !stderr_tail.is_empty() {
                         why.push_str("; last stderr lines:\n");
                         why.push_str(&stderr_tail.join("\n"));

@@ -130,6 +130,16 @@ impl WorkerLink {
     }
 }
 
+impl Drop for WorkerLink {
+    /// A link dropped without `close_input` (its worker died) still lets the writer task
+    /// finish, so neither the task nor the pipe outlives the worker.
+    fn drop(&mut self) {
+        if let Some(outbox) = self.outbox.take() {
+            outbox.close();
+        }
+    }
+}
+
 /// Bytes on their way to one worker's stdin.
 ///
 /// The dispatcher writes straight into the pipe with a non-blocking `write` while nothing is

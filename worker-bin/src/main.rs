@@ -41,7 +41,10 @@ fn main() {
         eprintln!("worker-bin: exiting at start as asked");
         std::process::exit(code.parse().unwrap_or(3));
     }
-    if let Some(ms) = std::env::var("WORKER_EXIT_AFTER_MS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = std::env::var("WORKER_EXIT_AFTER_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         // Dies on its own shortly after starting (after its handshake, if it is quick).
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(ms));

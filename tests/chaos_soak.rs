@@ -50,9 +50,6 @@ enum Settled {
 }
 
 #[test]
-// Known failure (library bug): every SIGKILLed worker leaks its stdin write end and writer
-// task (see `workers_killed_with_sigkill_leak_no_descriptors` in chaos_shutdown.rs), so the
-// fd and task checks at the end fail until that is fixed.
 #[ignore = "soak (minutes): cargo test --release --test chaos_soak -- --ignored --nocapture"]
 fn soak_under_kills_and_timeouts() {
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -15,5 +15,5 @@ pub mod worker;
 pub use error::{CallError, CreateError, ExitInfo};
 pub use event::{Event, WorkerId};
 pub use farm::{kill_all, Broadcast, Farm, Status, WorkerState, WorkerStatus};
-pub use options::FarmOptions;
+pub use options::{FarmOptions, StderrMode};
 pub use protocol::PROTOCOL_VERSION;

@@ -7,6 +7,21 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Where a worker's stderr goes. Whatever the mode, the farm always drains the pipe (so a
+/// chatty worker never blocks on it) and keeps the last lines for error reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StderrMode {
+    /// Copied to the parent's stderr as it comes.
+    #[default]
+    Forward,
+    /// Each line becomes a `tracing` event (level INFO, target `workfarm::worker`, with the
+    /// worker's `pid`).
+    Log,
+    /// Dropped.
+    Discard,
+}
+
 /// Settings for [`Farm::create`](crate::Farm::create). Setters take and return the options
 /// by value; nothing is checked until `create`, which refuses out-of-range values with
 /// [`CreateError::InvalidOption`].
@@ -30,6 +45,7 @@ pub struct FarmOptions<S = Json> {
     pub(crate) args: Vec<OsString>,
     pub(crate) envs: Vec<(OsString, OsString)>,
     pub(crate) cwd: Option<PathBuf>,
+    pub(crate) stderr: StderrMode,
     pub(crate) workers: usize,
     pub(crate) max_concurrent_calls: Option<usize>,
     pub(crate) max_concurrent_calls_per_worker: usize,
@@ -53,6 +69,7 @@ impl FarmOptions<Json> {
             args: Vec::new(),
             envs: Vec::new(),
             cwd: None,
+            stderr: StderrMode::Forward,
             workers: num_cpus::get(),
             max_concurrent_calls: None,
             max_concurrent_calls_per_worker: 10,
@@ -98,6 +115,12 @@ impl<S: Serializer> FarmOptions<S> {
     /// The worker's working directory. Default: the parent's.
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.cwd = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Where workers' stderr goes. Default: [`StderrMode::Forward`] (the parent's stderr).
+    pub fn stderr(mut self, mode: StderrMode) -> Self {
+        self.stderr = mode;
         self
     }
 
@@ -196,6 +219,7 @@ impl<S: Serializer> FarmOptions<S> {
             args: self.args,
             envs: self.envs,
             cwd: self.cwd,
+            stderr: self.stderr,
             workers: self.workers,
             max_concurrent_calls: self.max_concurrent_calls,
             max_concurrent_calls_per_worker: self.max_concurrent_calls_per_worker,

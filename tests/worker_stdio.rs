@@ -24,7 +24,7 @@ async fn handler_output_does_not_corrupt_results() {
     // Far more than a pipe buffer (64 KiB) per call, on stdout and stderr each (it all ends
     // up on the test's stderr, so not more than that).
     const CHATTY: usize = 256 * 1024;
-    let farm = Farm::create(options(2)).unwrap();
+    let farm = Farm::create(options(2).stderr(workfarm::StderrMode::Discard)).unwrap();
     let mut calls = Vec::new();
     for i in 0..40u32 {
         let echo = farm.run_method::<_, (u32, String)>("echo", (i, format!("value {i}")));
@@ -58,7 +58,7 @@ async fn handler_output_does_not_corrupt_results() {
 
 #[tokio::test]
 async fn chatty_call_in_flight_with_async_calls_on_the_same_worker() {
-    let farm = Farm::create(options(1)).unwrap();
+    let farm = Farm::create(options(1).stderr(workfarm::StderrMode::Discard)).unwrap();
     let sleepers: Vec<_> = (0..5)
         .map(|_| farm.run_method::<_, u32>("sleep", 100u64))
         .collect();
@@ -179,4 +179,74 @@ async fn every_worker_and_every_replacement_gets_the_settings() {
         == Some("again")));
     farm.shutdown().await;
     let _ = std::fs::remove_dir(&dir);
+}
+
+/// `StderrMode::Log` turns each stderr line into a tracing event; `Discard` drops them; both
+/// still keep the last lines for start-failure reports.
+mod stderr_modes {
+    use super::support::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use workfarm::{CallError, Farm, StderrMode};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn log_mode_turns_lines_into_tracing_events() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let farm = Farm::create(
+            workfarm::FarmOptions::new(worker_bin())
+                .workers(1)
+                .stderr(StderrMode::Log),
+        )
+        .unwrap();
+        let n: usize = farm.run_method("chatty", 300usize).await.unwrap();
+        assert_eq!(n, 300);
+        farm.shutdown().await;
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let worker_lines = text
+            .lines()
+            .filter(|l| l.contains("workfarm::worker") && l.contains(&"x".repeat(99)))
+            .count();
+        // chatty(300) prints 3 lines to stdout (redirected to stderr) and 3 to stderr.
+        assert_eq!(worker_lines, 6, "{text}");
+    }
+
+    #[tokio::test]
+    async fn discard_mode_still_reports_the_last_lines_on_start_failure() {
+        let farm = Farm::create(
+            options(1)
+                .stderr(StderrMode::Discard)
+                .env("WORKER_EXIT_AT_START", "5"),
+        )
+        .unwrap();
+        let err = tokio::time::timeout(SOON, farm.run_method::<_, i64>("noop", 1))
+            .await
+            .expect("settles")
+            .unwrap_err();
+        match err {
+            CallError::WorkerStart { message } => {
+                assert!(message.contains("exiting at start as asked"), "{message}")
+            }
+            other => panic!("expected WorkerStart, got {other:?}"),
+        }
+        farm.kill().await;
+    }
 }

@@ -196,6 +196,7 @@ impl<S: Serializer> Farm<S> {
                 envs: options.envs,
                 cwd: options.cwd,
                 max_frame: options.max_frame,
+                stderr: options.stderr,
             },
             hello: hello.into(),
             workers: options.workers,

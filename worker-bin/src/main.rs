@@ -253,8 +253,17 @@ fn parent_mode(workers: usize) {
         for (_, pid) in &pids.successes {
             println!("{pid}");
         }
+        // Listen for SIGINT before saying we are ready, so a test may send it right away.
+        let mut interrupt =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+                Ok(interrupt) => interrupt,
+                Err(e) => {
+                    eprintln!("parent: {e}");
+                    std::process::exit(2);
+                }
+            };
         println!("ready");
-        let _ = tokio::signal::ctrl_c().await;
+        let _ = interrupt.recv().await;
         farm.shutdown().await;
         while let Ok(event) = events.try_recv() {
             if let Event::Exited { pid, exit, .. } = event {

@@ -257,11 +257,33 @@ impl<S: Serializer> FarmOptions<S> {
             Err(CreateError::InvalidOption { name, reason })
         }
         let nonzero = |d: Option<Duration>| d.map_or(true, |d| !d.is_zero());
+        for (name, d) in [
+            ("timeout", self.timeout),
+            ("max_idle_time", self.max_idle_time),
+            ("kill_timeout", Some(self.kill_timeout)),
+            ("startup_timeout", Some(self.startup_timeout)),
+        ] {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return invalid(name, "must be at most 100 years (use None for no limit)");
+            }
+        }
         if self.workers == 0 {
             return invalid("workers", "must be at least 1");
         }
+        if self.workers > MAX_WORKERS {
+            return invalid("workers", "must be at most 4096");
+        }
         if self.max_concurrent_calls == Some(0) {
             return invalid("max_concurrent_calls", "must be at least 1");
+        }
+        if self
+            .max_concurrent_calls
+            .is_some_and(|n| n > tokio::sync::Semaphore::MAX_PERMITS)
+        {
+            return invalid(
+                "max_concurrent_calls",
+                "is beyond what can be counted (use None for unbounded)",
+            );
         }
         if self.max_concurrent_calls_per_worker == 0 {
             return invalid("max_concurrent_calls_per_worker", "must be at least 1");
@@ -306,6 +328,11 @@ impl<S: Serializer> FarmOptions<S> {
         Ok(())
     }
 }
+
+/// Longest duration an option takes: deadlines must stay representable.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Most workers a farm starts.
+const MAX_WORKERS: usize = 4096;
 
 #[cfg(unix)]
 fn is_executable(meta: &std::fs::Metadata) -> bool {
@@ -368,6 +395,22 @@ mod tests {
             "startup_timeout"
         );
         assert_eq!(refused(ok().max_frame(10)), "max_frame");
+    }
+
+    #[test]
+    fn values_too_large_to_handle_are_refused() {
+        assert_eq!(refused(ok().timeout(Duration::MAX)), "timeout");
+        assert_eq!(refused(ok().max_idle_time(Duration::MAX)), "max_idle_time");
+        assert_eq!(refused(ok().kill_timeout(Duration::MAX)), "kill_timeout");
+        assert_eq!(
+            refused(ok().startup_timeout(Duration::MAX)),
+            "startup_timeout"
+        );
+        assert_eq!(
+            refused(ok().max_concurrent_calls(usize::MAX)),
+            "max_concurrent_calls"
+        );
+        assert_eq!(refused(ok().workers(usize::MAX)), "workers");
     }
 
     #[test]

@@ -27,6 +27,8 @@ const RESPAWN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A worker that dies on its own this soon after its handshake, having answered nothing,
 /// counts as failing to start.
 const EARLY_DEATH: Duration = Duration::from_secs(1);
+/// Stands in for a deadline too far away to represent.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// How often workers' memory is measured when `max_memory` is set.
 const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -153,8 +155,6 @@ pub(crate) struct Dispatcher {
     timer_seq: u64,
     next_worker: u64,
     mode: Mode,
-    /// Workers were stopped for idleness and not replaced: spawn when calls arrive.
-    short_of_workers: bool,
     start_failures: u32,
     /// Set after repeated start failures with no worker online: calls fail fast with it.
     start_error: Option<String>,
@@ -185,7 +185,6 @@ impl Dispatcher {
             timer_seq: 0,
             next_worker: 0,
             mode: Mode::Running,
-            short_of_workers: false,
             start_failures: 0,
             start_error: None,
             respawn_timer: None,
@@ -230,10 +229,13 @@ impl Dispatcher {
             }
             armed = deadline;
             // Take new calls only as fast as workers can start them; the rest wait in the
-            // channel. (Calls are also taken to fail them fast, or to wake idle-reaped workers.)
+            // channel. Calls are also taken to fail them fast, and one at a time while workers
+            // are missing (idle-reaped, crashed), so an arriving call wakes us to spawn them.
             let room = if self.queue.is_empty() && self.mode == Mode::Running {
-                if self.start_error.is_some() || self.short_of_workers {
+                if self.start_error.is_some() {
                     call_buf.capacity()
+                } else if self.live_workers() < self.settings.workers {
+                    self.free_slots().max(1)
                 } else {
                     self.free_slots()
                 }
@@ -273,6 +275,11 @@ impl Dispatcher {
             self.pump();
             for worker in &mut self.workers {
                 worker.link.flush();
+            }
+            // Calls are waiting: make sure workers exist to run them (replacing idle-reaped
+            // or lost ones; a no-op while enough are live, or while backing off).
+            if self.mode == Mode::Running && !(self.queue.is_empty() && self.calls.is_empty()) {
+                self.ensure_workers();
             }
             if self.mode != Mode::Running && self.workers.is_empty() {
                 break;
@@ -320,9 +327,6 @@ impl Dispatcher {
         }
         tracing::trace!(call = call.id(), method = call.method(), "call taken");
         self.queue.push_back(call);
-        if self.short_of_workers {
-            self.ensure_workers();
-        }
     }
 
     fn on_broadcast(
@@ -405,7 +409,12 @@ impl Dispatcher {
             .iter()
             .filter(|w| w.state == WorkerState::Online)
             .map(|w| per_worker.saturating_sub(w.in_flight.len()))
-            .sum()
+            .fold(0, usize::saturating_add)
+    }
+
+    /// Workers starting or online (not retiring or stopping).
+    fn live_workers(&self) -> usize {
+        self.workers.iter().filter(|w| w.is_live()).count()
     }
 
     fn status(&self) -> Status {
@@ -525,9 +534,7 @@ impl Dispatcher {
         if self.mode != Mode::Running || self.respawn_timer.is_some() {
             return;
         }
-        self.short_of_workers = false;
-        let live = self.workers.iter().filter(|w| w.is_live()).count();
-        for _ in live..self.settings.workers {
+        for _ in self.live_workers()..self.settings.workers {
             if !self.spawn_worker() {
                 break;
             }
@@ -593,6 +600,16 @@ impl Dispatcher {
                     return;
                 };
                 tracing::warn!(worker = worker.as_u64(), %message, "worker broke the protocol");
+                if self.workers[i].state == WorkerState::Starting {
+                    // Say, a `println!` before `serve()`, or not a workfarm worker at all:
+                    // a start failure (backoff, then fail fast), not a crash to respawn at once.
+                    self.workers[i].start_failure = Some(format!(
+                        "{} broke the protocol before its handshake ({message}); does it print to stdout before serving?",
+                        self.settings.spawn.program.display()
+                    ));
+                    self.stop(i, true);
+                    return;
+                }
                 let error = CallError::Protocol { worker, message };
                 self.emit(Event::Error {
                     worker: Some(worker),
@@ -867,7 +884,10 @@ impl Dispatcher {
 
     fn add_timer(&mut self, after: Duration, timer: Timer) -> TimerKey {
         self.timer_seq += 1;
-        let key = (Instant::now() + after, self.timer_seq);
+        // Options are validated, so this cannot overflow; saturate rather than panic anyway.
+        let now = Instant::now();
+        let at = now.checked_add(after).unwrap_or(now + FAR_FUTURE);
+        let key = (at, self.timer_seq);
         self.timers.insert(key, timer);
         key
     }
@@ -939,8 +959,8 @@ impl Dispatcher {
                 if w.state == WorkerState::Online && w.is_drained() {
                     tracing::debug!(worker = worker.as_u64(), "idle time reached");
                     self.emit(Event::IdleReached { worker });
+                    // Not replaced until calls need it: the point is to give memory back.
                     self.stop(i, false);
-                    self.short_of_workers = true;
                 }
             }
             Timer::Kill(worker) => {

@@ -325,8 +325,17 @@ impl<S: Serializer> Farm<S> {
             failures: Vec::new(),
         };
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
-        let Ok(frame) = self.encode_call(id, method, &args) else {
-            return result;
+        let frame = match self.encode_call(id, method, &args) {
+            Ok(frame) => frame,
+            Err(error) => {
+                // Nothing was sent: each live worker's call failed the same way.
+                for worker in self.status().await.workers {
+                    if matches!(worker.state, WorkerState::Starting | WorkerState::Online) {
+                        result.failures.push((worker.id, error.clone()));
+                    }
+                }
+                return result;
+            }
         };
         let receivers = self
             .core

@@ -75,6 +75,8 @@ pub(crate) struct SpawnSpec {
 #[derive(Debug)]
 pub(crate) struct WorkerLink {
     outbox: Option<Arc<Outbox>>,
+    /// The writer task, stopped when the link is dropped (its worker has exited by then).
+    writer: tokio::task::AbortHandle,
     /// Small frames handed out this turn of the dispatcher, written together by `flush`.
     pending: Vec<u8>,
     control: mpsc::UnboundedSender<Signal>,
@@ -133,12 +135,14 @@ impl WorkerLink {
 }
 
 impl Drop for WorkerLink {
-    /// A link dropped without `close_input` (its worker died) still lets the writer task
-    /// finish, so neither the task nor the pipe outlives the worker.
+    /// A link is dropped once its worker has exited (or the farm is gone): the writer task and
+    /// the pipe must not outlive it.
     fn drop(&mut self) {
         if let Some(outbox) = self.outbox.take() {
             outbox.close();
         }
+        // It may wait for a pipe that a runaway grandchild keeps open but never reads.
+        self.writer.abort();
     }
 }
 
@@ -256,7 +260,7 @@ pub(crate) fn spawn(
     });
     outbox.submit(&hello, Some(hello.clone()));
     let (control_tx, control_rx) = mpsc::unbounded_channel();
-    tokio::spawn(write_frames(outbox.clone()));
+    let writer = tokio::spawn(write_frames(outbox.clone())).abort_handle();
     let stderr_task = tokio::spawn(forward_stderr(stderr, pid, spec.stderr));
     tokio::spawn(supervise(Supervised {
         worker,
@@ -270,6 +274,7 @@ pub(crate) fn spawn(
     }));
     Ok(WorkerLink {
         outbox: Some(outbox),
+        writer,
         pending: Vec::new(),
         control: control_tx,
         pid,
@@ -305,8 +310,18 @@ fn spawn_from_long_lived_thread(mut cmd: Command) -> std::io::Result<Child> {
     let handle = tokio::runtime::Handle::current();
     let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
-        let _runtime = handle.enter();
-        let _ = reply_tx.send(cmd.spawn());
+        // A panic here (say, a runtime without its I/O driver) must not kill the thread
+        // every later spawn of the process depends on.
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _runtime = handle.enter();
+            cmd.spawn()
+        }))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "spawning panicked: the tokio runtime needs its I/O and time drivers (enable_all)",
+            ))
+        });
+        let _ = reply_tx.send(spawned);
     });
     let sent = spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job);
     if sent.is_err() {
@@ -508,9 +523,14 @@ async fn supervise(s: Supervised) {
             () = &mut drain_grace, if status.is_some() => reading = false,
         }
     }
+    let abort = stderr_task.abort_handle();
     let stderr_tail = match tokio::time::timeout(Duration::from_millis(200), stderr_task).await {
         Ok(Ok(tail)) => tail,
-        _ => Vec::new(),
+        _ => {
+            // A grandchild that left the group may hold the pipe open: stop reading it.
+            abort.abort();
+            Vec::new()
+        }
     };
     let exit = status.unwrap_or(ExitInfo {
         code: None,

@@ -19,9 +19,12 @@ impl Serializer for Postcard {
         value: &T,
         out: &mut Vec<u8>,
     ) -> Result<(), SerializeError> {
-        let buf = std::mem::take(out);
-        *out = postcard::to_extend(value, buf).map_err(SerializeError::new)?;
-        Ok(())
+        let start = out.len();
+        let result = postcard::to_extend(value, Append(out)).map(drop);
+        result.map_err(|e| {
+            out.truncate(start);
+            SerializeError::new(e)
+        })
     }
 
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, SerializeError> {
@@ -33,5 +36,36 @@ impl Serializer for Postcard {
             )));
         }
         Ok(value)
+    }
+}
+
+/// Appends to a borrowed buffer, so a failed encode cannot lose what `out` held before.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_encode_keeps_what_the_buffer_held() {
+        #[derive(serde::Serialize)]
+        struct Flat {
+            #[serde(flatten)]
+            inner: std::collections::BTreeMap<String, u8>,
+        }
+        let mut out = b"earlier".to_vec();
+        let value = Flat {
+            inner: [("a".to_owned(), 1)].into(),
+        };
+        assert!(Postcard.encode(&value, &mut out).is_err());
+        assert_eq!(out, b"earlier");
+        Postcard.encode(&7u8, &mut out).unwrap();
+        assert_eq!(out, b"earlier\x07");
     }
 }

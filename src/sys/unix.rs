@@ -88,13 +88,20 @@ pub(crate) fn take_stdout_for_frames() -> io::Result<OwnedFd> {
     }
 }
 
-/// Takes ownership of fd 0 for frames from the farm.
+/// Takes fd 0 for frames from the farm, and points fd 0 at `/dev/null`, so a handler (or a
+/// child process it starts) that reads stdin cannot steal protocol bytes.
 pub(crate) fn take_stdin() -> io::Result<OwnedFd> {
-    // SAFETY: duplicating fd 0 gives a descriptor that nothing else owns.
+    // SAFETY: fcntl, open and dup2 on the standard descriptors; the returned fd is new and
+    // owned by nobody else; the path is a NUL-terminated literal.
     unsafe {
         let fd = libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 3);
         if fd < 0 {
             return Err(io::Error::last_os_error());
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
         }
         Ok(OwnedFd::from_raw_fd(fd))
     }
@@ -110,9 +117,15 @@ pub(crate) fn die_with_parent(expected_parent: Option<u32>) {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
     if let Some(expected) = expected_parent {
-        // SAFETY: getppid has no preconditions.
-        let parent = unsafe { libc::getppid() };
-        if u32::try_from(parent).ok() != Some(expected) {
+        // SAFETY: getppid has no preconditions; kill with signal 0 only checks existence.
+        let (parent, expected_alive) = unsafe {
+            let alive = libc::pid_t::try_from(expected).is_ok_and(|p| libc::kill(p, 0) == 0);
+            (libc::getppid(), alive)
+        };
+        // A wrapper (`sh -c`, `timeout`) between farm and worker is fine; a farm that is
+        // already gone is not.
+        if u32::try_from(parent).ok() != Some(expected) && !expected_alive {
+            eprintln!("workfarm worker: the farm (pid {expected}) is gone; exiting");
             std::process::exit(1);
         }
     }

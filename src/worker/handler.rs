@@ -83,11 +83,14 @@ where
 {
     Handler::Async(Arc::new(
         move |s: &S, args: &[u8], id: u64, max_frame: usize| {
-            let args: A = s
-                .decode(args)
-                .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
-            let future = catch_unwind(AssertUnwindSafe(|| f(args)))
-                .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))?;
+            // A user `Deserialize` impl may panic too, not only the handler.
+            let future = catch_unwind(AssertUnwindSafe(|| {
+                let args: A = s
+                    .decode(args)
+                    .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+                Ok(f(args))
+            }))
+            .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))??;
             let s = s.clone();
             Ok(Box::pin(async move {
                 let outcome = CatchUnwind(Box::pin(future)).await;
@@ -106,7 +109,8 @@ where
 }
 
 /// Appends a complete reply frame for call `id`: an Ok frame with what `body` encodes, or an
-/// Err frame if `body` fails or the result is over the frame cap.
+/// Err frame if `body` fails, panics (say, in a user `Serialize` impl), or the result is over
+/// the frame cap.
 pub(crate) fn reply_frame(
     id: u64,
     max_frame: usize,
@@ -115,7 +119,9 @@ pub(crate) fn reply_frame(
 ) {
     let start = frame::begin(out);
     protocol::encode_ok_head(id, out);
-    let failure = match body(out) {
+    let outcome = catch_unwind(AssertUnwindSafe(|| body(&mut *out)))
+        .unwrap_or_else(|p| Err(Failure::new(FailureKind::Panic, panic_message(&*p))));
+    let failure = match outcome {
         Ok(()) => match frame::finish(out, start, max_frame) {
             Ok(()) => return,
             Err(e) => Failure::new(FailureKind::BadResult, e),

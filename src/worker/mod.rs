@@ -231,6 +231,10 @@ impl<S: Serializer> Worker<S> {
         let parent = std::env::var(PARENT_PID_ENV)
             .ok()
             .and_then(|p| p.parse().ok());
+        // Children a handler starts must not think a farm started them. (Still
+        // single-threaded here, unless called from inside a runtime.)
+        std::env::remove_var(WORKER_ENV);
+        std::env::remove_var(PARENT_PID_ENV);
         sys::die_with_parent(parent);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;

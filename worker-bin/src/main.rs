@@ -19,6 +19,15 @@ struct Info {
     env: BTreeMap<String, String>,
 }
 
+/// A type whose deserialization panics.
+struct PanicOnDecode;
+
+impl<'de> Deserialize<'de> for PanicOnDecode {
+    fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        panic!("deserialize panicked")
+    }
+}
+
 /// A record with strings, for serialization tests.
 #[derive(Serialize, Deserialize)]
 struct Floats {
@@ -157,6 +166,9 @@ fn main() {
         // Writes raw junk on the frame stream, then answers its pid (for protocol-fault
         // tests): "oversize" is a length prefix over any cap, anything else an unknown tag.
         .method("garbage", |kind: String| garbage(&kind))
+        // Arguments whose own Deserialize impl panics (user serde code can panic too).
+        .method("decode_panic", |_: PanicOnDecode| 0u8)
+        .method_async("decode_panic_async", |_: PanicOnDecode| async { 0u8 })
         .method("bytes", |b: serde_bytes::ByteBuf| b)
         .method("floats", |f: Floats| f)
         .method("int_keys", |m: BTreeMap<i64, String>| m)

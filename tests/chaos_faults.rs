@@ -336,7 +336,7 @@ impl QuietStderr {
         unsafe {
             let saved = libc::dup(2);
             assert!(saved >= 0);
-            let null = libc::open(b"/dev/null\0".as_ptr().cast(), libc::O_WRONLY);
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
             assert!(null >= 0);
             libc::dup2(null, 2);
             libc::close(null);

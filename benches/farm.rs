@@ -1,7 +1,7 @@
 //! The shared process-pool workloads (`/work/shared/WORKLOADS.md`), run on workfarm.
 //!
 //! ```text
-//! cargo bench --bench farm -- <workload>... [--serializer json|cbor|postcard]
+//! cargo bench --bench farm -- <workload>... [--serializer json|cbor|postcard] [--runtime current-thread|multi-thread]
 //! ```
 //!
 //! Workloads: `noop_throughput`, `latency`, `payload`, `pi`, `startup` (the shared five),
@@ -31,6 +31,7 @@ const WORKLOADS: &[&str] = &[
     "startup",
     "queue_memory",
     "scale64",
+    "pipe_floor",
 ];
 
 const NOTE: &str = "10 calls in flight per worker (default max_concurrent_calls_per_worker)";
@@ -58,6 +59,7 @@ struct Ctx {
     quick: bool,
     peer: String,
     serializer: &'static str,
+    runtime: String,
 }
 
 impl Ctx {
@@ -106,6 +108,7 @@ impl Ctx {
                 version: env!("CARGO_PKG_VERSION"),
                 note: NOTE,
                 serializer: self.serializer,
+                runtime: &self.runtime,
                 quick: self.quick.then_some(true),
                 extra,
             },
@@ -135,6 +138,7 @@ struct Params<'a> {
     version: &'a str,
     note: &'a str,
     serializer: &'a str,
+    runtime: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     quick: Option<bool>,
     #[serde(flatten)]
@@ -160,6 +164,7 @@ fn one_line(s: &str) -> String {
 fn run() -> Outcome {
     let mut workloads = Vec::new();
     let mut serializer = String::from("json");
+    let mut runtime_flavor = String::from("current-thread");
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--serializer" {
@@ -168,6 +173,10 @@ fn run() -> Outcome {
                 .ok_or("--serializer needs json, cbor or postcard")?;
         } else if let Some(value) = arg.strip_prefix("--serializer=") {
             serializer = value.to_owned();
+        } else if arg == "--runtime" {
+            runtime_flavor = args
+                .next()
+                .ok_or("--runtime needs current-thread or multi-thread")?;
         } else if arg.starts_with("--") {
             // Cargo passes `--bench`; other flags are not ours either.
         } else if arg == "all" {
@@ -202,8 +211,21 @@ fn run() -> Outcome {
         quick: std::env::var("PEERS_QUICK").is_ok_and(|v| v == "1"),
         peer: format!("workfarm-{serializer}"),
         serializer,
+        runtime: runtime_flavor.clone(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The farm's dispatcher and I/O tasks run on the caller's runtime. On a current-thread
+    // runtime a round trip wakes two threads (ours and the worker's), as a bare pipe
+    // ping-pong does; a multi-thread runtime adds hand-offs between its threads.
+    let mut builder = match runtime_flavor.as_str() {
+        "current-thread" => tokio::runtime::Builder::new_current_thread(),
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
+        other => {
+            return Err(format!(
+                "unknown runtime {other:?} (expected current-thread or multi-thread)"
+            ))
+        }
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .map_err(|e| format!("cannot build the tokio runtime: {e}"))?;
@@ -263,6 +285,7 @@ async fn run_workload<S: Serializer>(ctx: &Ctx, serializer: S, workload: &str) -
         "startup" => startup(ctx, serializer).await,
         "queue_memory" => queue_memory(ctx, serializer).await,
         "scale64" => scale64(ctx, serializer).await,
+        "pipe_floor" => pipe_floor(ctx),
         other => Err(format!("unknown workload {other:?}")),
     }
 }
@@ -728,6 +751,61 @@ async fn scale64<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         n,
         WARMUP_CALLS,
         json!({ "warmup_broadcast": true }),
+    );
+    Ok(())
+}
+
+/// `pipe_floor`: the same 2,000 sequential round trips as `latency`, but of 16 raw bytes
+/// through `cat` (no farm, no runtime, no serializer): what the machine allows at the
+/// moment, to read the `latency` figures against on this noisy shared machine.
+fn pipe_floor(ctx: &Ctx) -> Outcome {
+    use std::io::{Read, Write};
+    const WORKLOAD: &str = "pipe_floor";
+    let n = ctx.count(2_000);
+    let mut child = std::process::Command::new("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start cat: {e}"))?;
+    let (Some(mut to), Some(mut from)) = (child.stdin.take(), child.stdout.take()) else {
+        return Err("cat has no pipes".into());
+    };
+    let mut buf = [7u8; 16];
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..WARMUP_CALLS + n {
+        let start = Instant::now();
+        to.write_all(&buf)
+            .map_err(|e| format!("write to cat: {e}"))?;
+        from.read_exact(&mut buf)
+            .map_err(|e| format!("read from cat: {e}"))?;
+        if i >= WARMUP_CALLS {
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(to);
+    let _ = child.wait();
+    samples.sort_by(f64::total_cmp);
+    let rank = |q: f64| samples[((q * n as f64).ceil() as usize).saturating_sub(1)];
+    let extra = json!({ "bytes": 16, "peer_process": "cat" });
+    ctx.emit(
+        WORKLOAD,
+        "p50_us",
+        rank(0.5),
+        "us",
+        1,
+        n,
+        WARMUP_CALLS,
+        extra.clone(),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "p99_us",
+        rank(0.99),
+        "us",
+        1,
+        n,
+        WARMUP_CALLS,
+        extra,
     );
     Ok(())
 }

@@ -665,6 +665,15 @@ async fn queue_memory<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     let holds: Vec<_> = (0..workers * PER_WORKER)
         .map(|_| farm.run_method::<_, u32>("sleep", HOLD_MS))
         .collect();
+    // Wait until the holds occupy every slot (on a current-thread runtime the dispatcher
+    // only runs when we yield).
+    let deadline = Instant::now() + Duration::from_millis(HOLD_MS / 2);
+    while farm.status().await.in_flight() < workers * PER_WORKER {
+        if Instant::now() > deadline {
+            return Err("the hold calls did not all start".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let before = rss_bytes()?;
     let start = Instant::now();
     let calls: Vec<_> = (0..n)

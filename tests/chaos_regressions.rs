@@ -114,10 +114,8 @@ async fn panicking_deserialize_is_caught_in_sync_and_async_handlers() {
 #[tokio::test]
 async fn broadcast_that_cannot_be_encoded_fails_on_every_worker() {
     let farm = Farm::create(options(2).max_frame(1024)).unwrap();
-    let _: Vec<u32> = vec![
-        farm.run_method("pid", ()).await.unwrap(),
-        farm.run_method("pid", ()).await.unwrap(),
-    ];
+    let mut events = farm.events();
+    collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. })).await;
     let result = farm
         .broadcast_method::<_, String>("echo", "z".repeat(4096))
         .await;
@@ -126,14 +124,13 @@ async fn broadcast_that_cannot_be_encoded_fails_on_every_worker() {
     for (_, e) in &result.failures {
         assert!(matches!(e, CallError::Serialize { .. }), "{e:?}");
     }
-    let live = farm
-        .status()
-        .await
+    // Nothing reached the workers: both are still online and idle.
+    let status = farm.status().await;
+    assert_eq!(status.workers.len(), 2);
+    assert!(status
         .workers
         .iter()
-        .filter(|w| w.state == WorkerState::Online)
-        .count();
-    assert_eq!(live, 2);
+        .all(|w| w.state == WorkerState::Online && w.in_flight == 0));
     farm.shutdown().await;
 }
 

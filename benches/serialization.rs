@@ -12,7 +12,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use workfarm::serializer::{Cbor, Json, Serializer};
+use workfarm::serializer::{Cbor, Json, Postcard, Serializer};
 
 /// A typical small argument: a few scalars and a short string.
 #[derive(Serialize, Deserialize, PartialEq, Debug)]
@@ -131,12 +131,13 @@ where
     g.finish();
 }
 
-fn bench_both<T>(c: &mut Criterion, group: &str, value: T)
+fn bench_all<T>(c: &mut Criterion, group: &str, value: T)
 where
     T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
 {
     bench_format(c, group, Json, &value);
     bench_format(c, group, Cbor, &value);
+    bench_format(c, group, Postcard, &value);
 }
 
 /// How many of `xs` come back different after a round trip, and the largest distance in ulps.
@@ -158,17 +159,18 @@ fn serialization(c: &mut Criterion) {
     for (name, (changed, ulps)) in [
         ("json", float_drift(Json, &xs)),
         ("cbor", float_drift(Cbor, &xs)),
+        ("postcard", float_drift(Postcard, &xs)),
     ] {
         eprintln!(
             "note: floats_1MiB/{name}: {changed} of {} values change in a round trip (at most {ulps} ulp)",
             xs.len()
         );
     }
-    bench_both(c, "small_struct", small());
-    bench_both(c, "string_record", record());
-    bench_both(c, "floats_1MiB", floats());
-    bench_both(c, "bytes_1MiB", bytes());
-    bench_both(c, "nested_map", nested());
+    bench_all(c, "small_struct", small());
+    bench_all(c, "string_record", record());
+    bench_all(c, "floats_1MiB", floats());
+    bench_all(c, "bytes_1MiB", bytes());
+    bench_all(c, "nested_map", nested());
 }
 
 fn config() -> Criterion {

@@ -40,6 +40,8 @@ pub(crate) enum Command {
         replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
     },
     Status(oneshot::Sender<Status>),
+    /// Answer once every worker is online, or no worker can start, or the farm stops.
+    Ready(oneshot::Sender<Result<(), CallError>>),
     Shutdown(oneshot::Sender<()>),
     Kill(oneshot::Sender<()>),
 }
@@ -160,6 +162,7 @@ pub(crate) struct Dispatcher {
     start_error: Option<String>,
     respawn_timer: Option<TimerKey>,
     waiters: Vec<oneshot::Sender<()>>,
+    ready_waiters: Vec<oneshot::Sender<Result<(), CallError>>>,
 }
 
 impl Dispatcher {
@@ -189,6 +192,7 @@ impl Dispatcher {
             start_error: None,
             respawn_timer: None,
             waiters: Vec::new(),
+            ready_waiters: Vec::new(),
         }
     }
 
@@ -276,6 +280,9 @@ impl Dispatcher {
             for worker in &mut self.workers {
                 worker.link.flush();
             }
+            if !self.ready_waiters.is_empty() {
+                self.answer_ready_waiters();
+            }
             // Calls are waiting: make sure workers exist to run them (replacing idle-reaped
             // or lost ones; a no-op while enough are live, or while backing off).
             if self.mode == Mode::Running && !(self.queue.is_empty() && self.calls.is_empty()) {
@@ -299,6 +306,7 @@ impl Dispatcher {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
+            Command::Ready(tx) => self.ready_waiters.push(tx),
             Command::Shutdown(tx) => {
                 self.waiters.push(tx);
                 self.shutdown();
@@ -399,6 +407,29 @@ impl Dispatcher {
         self.calls.close();
         while let Ok(call) = self.calls.try_recv() {
             call.reply.send(Err(CallError::ShutDown));
+        }
+    }
+
+    fn answer_ready_waiters(&mut self) {
+        let answer = if self.mode != Mode::Running {
+            Err(CallError::ShutDown)
+        } else if let Some(message) = &self.start_error {
+            Err(CallError::WorkerStart {
+                message: message.clone(),
+            })
+        } else if self
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Online)
+            .count()
+            >= self.settings.workers
+        {
+            Ok(())
+        } else {
+            return;
+        };
+        for waiter in self.ready_waiters.drain(..) {
+            let _ = waiter.send(answer.clone());
         }
     }
 

@@ -371,6 +371,21 @@ impl<S: Serializer> Farm<S> {
         first.take().unwrap_or_else(|| self.core.events.subscribe())
     }
 
+    /// Waits until every worker has finished its handshake (jest-worker's `start()`), so
+    /// start-up problems surface here rather than on the first call, and the first calls
+    /// do not pay for process start-up.
+    ///
+    /// # Errors
+    ///
+    /// [`CallError::WorkerStart`] once workers have failed to start several times in a row
+    /// (see the README on start failures), [`CallError::ShutDown`] if the farm stops first.
+    pub async fn ready(&self) -> Result<(), CallError> {
+        self.core
+            .request(Command::Ready)
+            .await
+            .unwrap_or(Err(CallError::ShutDown))
+    }
+
     /// A snapshot of the workers and the queue. Empty once the farm has stopped.
     pub async fn status(&self) -> Status {
         self.core.request(Command::Status).await.unwrap_or_default()

@@ -43,3 +43,21 @@ async fn ready_after_shutdown_is_shut_down() {
     farm.shutdown().await;
     assert_eq!(farm.ready().await, Err(CallError::ShutDown));
 }
+
+#[tokio::test]
+async fn ready_restarts_idle_reaped_workers() {
+    let farm =
+        Farm::create(options(2).max_idle_time(std::time::Duration::from_millis(100))).unwrap();
+    let mut events = farm.events();
+    farm.ready().await.unwrap();
+    collect_events(&mut events, 2, SOON, |e| {
+        matches!(e, workfarm::Event::Exited { .. })
+    })
+    .await;
+    assert!(farm.status().await.workers.is_empty());
+    tokio::time::timeout(SOON, farm.ready())
+        .await
+        .expect("ready answers after idle reaping")
+        .unwrap();
+    farm.shutdown().await;
+}

@@ -42,3 +42,37 @@ async fn worker_dying_right_after_handshake_is_respawned_with_backoff() {
     }
     farm.kill().await;
 }
+
+/// The same with calls waiting: the worker dies with calls in flight, which are retried, but
+/// its replacements still come with backoff rather than as fast as the OS allows.
+#[tokio::test]
+async fn early_deaths_with_calls_queued_still_back_off() {
+    let farm = Farm::create(
+        options(1)
+            .env("WORKER_EXIT_AFTER_MS", "30")
+            .stderr(workfarm::StderrMode::Discard),
+    )
+    .unwrap();
+    let mut events = farm.events();
+    let calls: Vec<_> = (0..200)
+        .map(|_| farm.run_method::<_, u32>("sleep", 200u64))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut spawned = 0;
+    while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        if matches!(event, Event::Spawned { .. }) {
+            spawned += 1;
+        }
+    }
+    assert!(
+        spawned <= 10,
+        "{spawned} spawns in 2 s with calls queued: no backoff"
+    );
+    farm.kill().await;
+    for call in calls {
+        let settled = tokio::time::timeout(SOON, call)
+            .await
+            .expect("every call settles");
+        assert!(settled.is_err());
+    }
+}

@@ -306,7 +306,11 @@ impl Dispatcher {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
-            Command::Ready(tx) => self.ready_waiters.push(tx),
+            Command::Ready(tx) => {
+                self.ready_waiters.push(tx);
+                // Idle-reaped workers are replaced on demand; waiting for them is demand.
+                self.ensure_workers();
+            }
             Command::Shutdown(tx) => {
                 self.waiters.push(tx);
                 self.shutdown();
@@ -589,7 +593,7 @@ impl Dispatcher {
                     "could not spawn {}: {e}",
                     self.settings.spawn.program.display()
                 );
-                self.start_failed(Some(id), message);
+                self.start_failed(Some(id), message, true);
                 false
             }
         }
@@ -631,22 +635,29 @@ impl Dispatcher {
                     return;
                 };
                 tracing::warn!(worker = worker.as_u64(), %message, "worker broke the protocol");
-                if self.workers[i].state == WorkerState::Starting {
-                    // Say, a `println!` before `serve()`, or not a workfarm worker at all:
-                    // a start failure (backoff, then fail fast), not a crash to respawn at once.
-                    self.workers[i].start_failure = Some(format!(
-                        "{} broke the protocol before its handshake ({message}); does it print to stdout before serving?",
-                        self.settings.spawn.program.display()
-                    ));
-                    self.stop(i, true);
-                    return;
-                }
-                let error = CallError::Protocol { worker, message };
                 self.emit(Event::Error {
                     worker: Some(worker),
-                    error: error.clone(),
+                    error: CallError::Protocol {
+                        worker,
+                        message: message.clone(),
+                    },
                 });
-                self.lose_worker(i, error);
+                if self.is_young(i) {
+                    // Say, a `println!` before `serve()`, or not a workfarm worker at all:
+                    // a start failure (backoff, then fail fast), not a crash to respawn at once.
+                    let when = if self.workers[i].state == WorkerState::Starting {
+                        "before its handshake"
+                    } else {
+                        "before answering anything"
+                    };
+                    let why = format!(
+                        "{} broke the protocol {when} ({message}); does it print to stdout before serving?",
+                        self.settings.spawn.program.display()
+                    );
+                    self.fail_young_worker(i, why, CallError::Protocol { worker, message });
+                    return;
+                }
+                self.lose_worker(i, CallError::Protocol { worker, message });
             }
             Inbound::Exited {
                 worker,
@@ -669,9 +680,13 @@ impl Dispatcher {
                 }
                 let error = CallError::WorkerDied { worker, pid, exit };
                 let was_live = w.is_live();
+                // Died on its own soon after its handshake, having answered nothing: broken
+                // at start, even if calls were already handed to it.
                 let died_young = w.state == WorkerState::Online
-                    && w.is_drained()
                     && w.online_since.is_some_and(|t| t.elapsed() < EARLY_DEATH);
+                // With calls in flight, one of them may be a poison pill rather than the
+                // worker being broken: back off, but do not fail every call fast for it.
+                let blame_worker = w.is_drained();
                 let describe = |what: &str| {
                     let mut why = format!(
                         "{} {what} with {exit}",
@@ -696,7 +711,7 @@ impl Dispatcher {
                     self.fail_attempt(f.call, error.clone(), worker);
                 }
                 if let Some(why) = failed_start {
-                    self.start_failed(Some(worker), why);
+                    self.start_failed(Some(worker), why, blame_worker);
                 } else if was_live {
                     if self.mode == Mode::Running {
                         tracing::warn!(worker = worker.as_u64(), pid, %exit, "worker died");
@@ -771,10 +786,12 @@ impl Dispatcher {
                 }
             }
             FromWorker::Fatal { message } => {
-                let w = &mut self.workers[i];
-                if w.state == WorkerState::Starting {
-                    w.start_failure = Some(format!("worker refused to start: {message}"));
-                    self.stop(i, true);
+                if self.is_young(i) {
+                    let error = CallError::Protocol {
+                        worker,
+                        message: format!("worker gave up: {message}"),
+                    };
+                    self.fail_young_worker(i, format!("worker refused to start: {message}"), error);
                 } else {
                     self.lose_worker(
                         i,
@@ -785,6 +802,33 @@ impl Dispatcher {
                     );
                 }
             }
+        }
+    }
+
+    /// Whether worker `i` has not proven itself yet: still starting, or online for less than
+    /// `EARLY_DEATH` without answering a call.
+    fn is_young(&self, i: usize) -> bool {
+        let w = &self.workers[i];
+        w.state == WorkerState::Starting
+            || (w.state == WorkerState::Online
+                && w.online_since.is_some_and(|t| t.elapsed() < EARLY_DEATH))
+    }
+
+    /// A young worker failed: stop it, count a start failure when it exits (backoff, not an
+    /// immediate respawn), and send its calls through the retry policy.
+    fn fail_young_worker(&mut self, i: usize, why: String, error: CallError) {
+        let worker = self.workers[i].id;
+        self.workers[i].start_failure = Some(why);
+        let calls: Vec<InFlight> = self.workers[i].in_flight.drain().map(|(_, f)| f).collect();
+        for call in self.workers[i].pinned.drain(..) {
+            call.reply.send(Err(error.clone()));
+        }
+        self.stop(i, true);
+        for f in calls {
+            if let Some(key) = f.timer {
+                self.timers.remove(&key);
+            }
+            self.fail_attempt(f.call, error.clone(), worker);
         }
     }
 
@@ -886,7 +930,9 @@ impl Dispatcher {
 
     /// Counts a start failure, backs off before the next spawn, and fails calls fast once no
     /// worker has started for a while.
-    fn start_failed(&mut self, worker: Option<WorkerId>, why: String) {
+    /// `fail_fast`: whether this failure may make calls fail fast (not when the worker died
+    /// with calls in flight, one of which may be to blame).
+    fn start_failed(&mut self, worker: Option<WorkerId>, why: String, fail_fast: bool) {
         self.start_failures += 1;
         tracing::warn!(failures = self.start_failures, %why, "worker failed to start");
         let error = CallError::WorkerStart {
@@ -897,7 +943,13 @@ impl Dispatcher {
             error: error.clone(),
         });
         let online = self.workers.iter().any(|w| w.state == WorkerState::Online);
-        if self.start_failures >= START_FAILURES_BEFORE_FAILING && !online {
+        if self.start_failures >= START_FAILURES_BEFORE_FAILING && fail_fast {
+            // Whoever waits for every worker to be ready will not see that happen soon.
+            for waiter in self.ready_waiters.drain(..) {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
+        if self.start_failures >= START_FAILURES_BEFORE_FAILING && fail_fast && !online {
             self.start_error = Some(why);
             for call in self.queue.drain(..) {
                 call.reply.send(Err(error.clone()));

@@ -122,7 +122,7 @@ struct Worker {
     /// Calls handed to it so far (for `ttl`).
     handed: u64,
     idle_timer: Option<TimerKey>,
-    /// Set when the farm stopped the worker before its handshake: why it failed to start.
+    /// Set when the farm stopped the worker before it proved itself: why it failed to start.
     start_failure: Option<String>,
     /// When it came online, while it has answered nothing yet: a worker that dies on its
     /// own shortly after is counted as failing to start (backoff, no hot respawn loop).

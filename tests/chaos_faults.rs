@@ -14,26 +14,6 @@ use tokio::sync::broadcast;
 use tokio::time::timeout;
 use workfarm::{CallError, CreateError, Event, Farm, FarmOptions, Status, WorkerState};
 
-/// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(
-    farm: &Farm,
-    within: Duration,
-    mut pred: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "status condition not met within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 fn online_pids(status: &Status) -> HashSet<u32> {
     status
         .workers

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use tokio::sync::broadcast;
 use tokio::time::timeout;
-use workfarm::{CallError, Event, Farm, Status, WorkerState};
+use workfarm::{CallError, Event, Farm, WorkerState};
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -27,25 +27,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-async fn wait_status(
-    farm: &Farm,
-    within: Duration,
-    mut pred: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "status condition not met within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {

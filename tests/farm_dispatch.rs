@@ -16,25 +16,9 @@ async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
     std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
 }
 
-/// Polls the farm's status until `pred` holds, failing the test after `SOON`.
-async fn wait_status(farm: &Farm, mut pred: impl FnMut(&Status) -> bool) -> Status {
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "status never matched; last: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// Waits until `n` workers are online.
 async fn all_online(farm: &Farm, n: usize) -> Status {
-    wait_status(farm, |s| {
+    wait_status(farm, SOON, |s| {
         s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online)
     })
     .await
@@ -108,7 +92,7 @@ async fn per_worker_limit_holds_calls_in_the_queue() {
     let calls: Vec<_> = (0..10)
         .map(|_| farm.run_method::<_, u32>("sleep", 300u64))
         .collect();
-    let status = wait_status(&farm, |s| s.in_flight() > 0).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() > 0).await;
     assert_eq!(status.in_flight(), 5, "{status:?}");
     assert_eq!(status.queued, 5, "{status:?}");
     assert_eq!(status.workers[0].in_flight, 5);
@@ -135,7 +119,7 @@ async fn one_call_per_worker_runs_async_calls_one_after_another() {
     let calls: Vec<_> = (0..4)
         .map(|_| farm.run_method::<_, u32>("sleep", 200u64))
         .collect();
-    let status = wait_status(&farm, |s| s.in_flight() > 0).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() > 0).await;
     assert_eq!((status.in_flight(), status.queued), (1, 3), "{status:?}");
     for call in calls {
         call.await.unwrap();
@@ -155,7 +139,7 @@ async fn least_loaded_dispatch_fills_each_worker_to_its_limit() {
     let calls: Vec<_> = (0..6)
         .map(|_| farm.run_method::<_, u32>("block", 1500u64))
         .collect();
-    let status = wait_status(&farm, |s| s.in_flight() == 4).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 4).await;
     assert_eq!(status.queued, 2, "{status:?}");
     for w in &status.workers {
         assert_eq!(w.in_flight, 2, "{status:?}");
@@ -175,7 +159,7 @@ async fn least_loaded_dispatch_sends_new_calls_to_the_idle_worker() {
     let long: Vec<_> = (0..3)
         .map(|_| farm.run_method::<_, u32>("sleep", 1500u64))
         .collect();
-    let status = wait_status(&farm, |s| s.in_flight() == 3).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 3).await;
     let mut loads: Vec<usize> = status.workers.iter().map(|w| w.in_flight).collect();
     loads.sort_unstable();
     assert_eq!(loads, vec![1, 2]);
@@ -207,7 +191,7 @@ async fn max_concurrent_calls_refuses_at_once_then_accepts_again() {
             Poll::Pending => panic!("a call over the limit must be refused without waiting"),
         }
     }
-    let status = wait_status(&farm, |s| s.in_flight() == 2).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 2).await;
     assert_eq!(status.queued, 0, "{status:?}");
     let pid = a.await.unwrap();
     assert_eq!(b.await.unwrap(), pid);
@@ -232,7 +216,7 @@ async fn max_concurrent_calls_counts_queued_calls_too() {
     let b = farm.run_method::<_, u32>("block", 400u64);
     let over = farm.run_method::<_, u32>("pid", ()).await;
     assert_eq!(over, Err(CallError::QueueFull { limit: 2 }));
-    let status = wait_status(&farm, |s| s.in_flight() == 1).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     assert_eq!(status.queued, 1, "{status:?}");
     a.await.unwrap();
     b.await.unwrap();
@@ -333,7 +317,7 @@ async fn blocking_calls_on_one_worker_run_one_at_a_time() {
         .map(|_| farm.run_method::<_, u32>("block", 200u64))
         .collect();
     // All four are handed to the worker at once...
-    let status = wait_status(&farm, |s| s.in_flight() == 4).await;
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 4).await;
     assert_eq!(status.queued, 0);
     let mut pids = HashSet::new();
     for call in calls {

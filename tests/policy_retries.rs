@@ -6,43 +6,10 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::time::Duration;
 use support::*;
 use tokio::time::timeout;
 use workfarm::{CallError, Event, ExitInfo, Farm, Status, WorkerState};
-
-/// A counter file for the worker's `stubborn` method, unique to this test run.
-fn counter_file(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!(
-        "workfarm-stubborn-{tag}-{}-{nanos}",
-        std::process::id()
-    ))
-}
-
-/// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(
-    farm: &Farm,
-    within: Duration,
-    mut pred: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "status condition not met within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn online(status: &Status) -> usize {
     status

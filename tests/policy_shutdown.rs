@@ -15,26 +15,6 @@ use workfarm::{CallError, Event, Farm, Status};
 /// for writing, every other test for reading.
 static EXCLUSIVE: RwLock<()> = RwLock::const_new(());
 
-/// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(
-    farm: &Farm,
-    within: Duration,
-    mut pred: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + within;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status condition not met within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn pids(status: &Status) -> Vec<u32> {
     status.workers.iter().map(|w| w.pid).collect()
 }

@@ -6,42 +6,10 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 use support::*;
 use tokio::time::{timeout, Instant};
-use workfarm::{CallError, Event, Farm, Status};
-
-fn counter_file(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!(
-        "workfarm-timeout-{tag}-{}-{nanos}",
-        std::process::id()
-    ))
-}
-
-/// Polls the farm's status until `pred` holds, failing the test after `within`.
-async fn wait_status(
-    farm: &Farm,
-    within: Duration,
-    mut pred: impl FnMut(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + within;
-    loop {
-        let status = farm.status().await;
-        if pred(&status) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status condition not met within {within:?}: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+use workfarm::{CallError, Event, Farm};
 
 fn exited(event: &Event) -> (u32, workfarm::ExitInfo) {
     match event {

@@ -817,19 +817,8 @@ impl Dispatcher {
     /// A young worker failed: stop it, count a start failure when it exits (backoff, not an
     /// immediate respawn), and send its calls through the retry policy.
     fn fail_young_worker(&mut self, i: usize, why: String, error: CallError) {
-        let worker = self.workers[i].id;
         self.workers[i].start_failure = Some(why);
-        let calls: Vec<InFlight> = self.workers[i].in_flight.drain().map(|(_, f)| f).collect();
-        for call in self.workers[i].pinned.drain(..) {
-            call.reply.send(Err(error.clone()));
-        }
-        self.stop(i, true);
-        for f in calls {
-            if let Some(key) = f.timer {
-                self.timers.remove(&key);
-            }
-            self.fail_attempt(f.call, error.clone(), worker);
-        }
+        self.stop_and_fail_calls(i, error);
     }
 
     /// After a batch of replies: stop a retiring worker that is done, or start its idle clock.
@@ -854,6 +843,13 @@ impl Dispatcher {
     /// The farm gives up on worker `i` (timeout or protocol violation): stop it, re-queue
     /// its calls, start a replacement.
     fn lose_worker(&mut self, i: usize, error: CallError) {
+        self.stop_and_fail_calls(i, error);
+        self.ensure_workers();
+    }
+
+    /// Stops worker `i` (SIGTERM, then SIGKILL) and sends each of its calls through the
+    /// retry policy with `error`; its broadcast calls fail with it.
+    fn stop_and_fail_calls(&mut self, i: usize, error: CallError) {
         let worker = self.workers[i].id;
         let calls: Vec<InFlight> = self.workers[i].in_flight.drain().map(|(_, f)| f).collect();
         for call in self.workers[i].pinned.drain(..) {
@@ -866,7 +862,6 @@ impl Dispatcher {
             }
             self.fail_attempt(f.call, error.clone(), worker);
         }
-        self.ensure_workers();
     }
 
     /// Applies the retry policy to a failed attempt: re-queue at the front, or settle.

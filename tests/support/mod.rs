@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::sync::broadcast;
-use workfarm::{Event, FarmOptions};
+use workfarm::{Event, Farm, FarmOptions, Status};
 
 /// Installs a per-test tracing subscriber (`RUST_LOG=workfarm=debug` to see the farm's logs).
 pub fn trace_init() {
@@ -112,4 +112,34 @@ pub async fn wait_gone(pid: u32, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls the farm's status until `pred` holds, failing the test after `within`.
+pub async fn wait_status(
+    farm: &Farm,
+    within: Duration,
+    mut pred: impl FnMut(&Status) -> bool,
+) -> Status {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let status = farm.status().await;
+        if pred(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status condition not met within {within:?}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A fresh path for a counter file (the worker's `stubborn` and `slow_once` methods),
+/// unique to this test run.
+pub fn counter_file(tag: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir().join(format!("workfarm-{tag}-{}-{nanos}", std::process::id()))
 }

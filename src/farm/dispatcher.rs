@@ -13,7 +13,8 @@ use crate::protocol::{FailureKind, FromWorker, PROTOCOL_VERSION};
 use crate::sys::Signal;
 use crate::{Status, WorkerState, WorkerStatus};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +151,13 @@ pub(crate) struct Dispatcher {
     /// Whether anyone subscribed to events; per-call events are skipped until then.
     subscribed: Arc<AtomicBool>,
     workers: Vec<Worker>,
+    /// Where each worker sits in `workers`.
+    index: HashMap<WorkerId, usize>,
+    /// Online workers with room, least loaded first, so picking one does not scan every
+    /// worker. Entries are never updated in place: one is pushed whenever a worker's load
+    /// changes, and entries that no longer match their worker are dropped as they surface.
+    candidates: BinaryHeap<Reverse<(usize, u64, WorkerId)>>,
+    candidate_seq: u64,
     /// Calls taken from the channel (or re-queued after a failure) and not yet handed to a
     /// worker; served before the channel.
     queue: VecDeque<Call>,
@@ -183,6 +191,9 @@ impl Dispatcher {
             events,
             subscribed,
             workers: Vec::new(),
+            index: HashMap::new(),
+            candidates: BinaryHeap::new(),
+            candidate_seq: 0,
             queue: VecDeque::new(),
             timers: BTreeMap::new(),
             timer_seq: 0,
@@ -503,19 +514,88 @@ impl Dispatcher {
     }
 
     /// The least-loaded worker that takes new calls, avoiding `avoid` if another has room.
-    fn pick(&self, avoid: Option<WorkerId>) -> Option<usize> {
+    /// Costs O(log workers), not a scan.
+    fn pick(&mut self, avoid: Option<WorkerId>) -> Option<usize> {
+        #[cfg(debug_assertions)]
+        let expected = self.pick_by_scan(avoid).map(|j| self.load_key(j, avoid));
         let per_worker = self.settings.per_worker;
-        let mut best: Option<(bool, usize, usize)> = None;
-        for (i, w) in self.workers.iter().enumerate() {
-            if w.state != WorkerState::Online || w.in_flight.len() >= per_worker {
+        let mut held = None;
+        let found = loop {
+            let Some(Reverse((load, seq, id))) = self.candidates.pop() else {
+                break None;
+            };
+            let Some(&i) = self.index.get(&id) else {
+                continue;
+            };
+            let w = &self.workers[i];
+            if w.state != WorkerState::Online || w.in_flight.len() != load || load >= per_worker {
+                continue; // stale
+            }
+            if Some(id) == avoid {
+                held.get_or_insert((load, seq, id, i));
                 continue;
             }
-            let key = (Some(w.id) == avoid, w.in_flight.len(), i);
-            if best.map_or(true, |b| (key.0, key.1) < (b.0, b.1)) {
-                best = Some(key);
+            break Some(i);
+        };
+        let picked = match (found, held) {
+            (Some(i), Some((load, seq, id, _))) => {
+                self.candidates.push(Reverse((load, seq, id)));
+                Some(i)
+            }
+            (Some(i), None) => Some(i),
+            (None, Some((.., i))) => Some(i),
+            (None, None) => None,
+        };
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(
+            picked.map(|i| self.load_key(i, avoid)),
+            expected,
+            "candidate heap out of step"
+        );
+        picked
+    }
+
+    /// Offers worker `i` to `pick` at its current load, if it takes calls.
+    fn offer(&mut self, i: usize) {
+        let w = &self.workers[i];
+        if w.state != WorkerState::Online || w.in_flight.len() >= self.settings.per_worker {
+            return;
+        }
+        self.candidate_seq += 1;
+        let entry = Reverse((w.in_flight.len(), self.candidate_seq, w.id));
+        self.candidates.push(entry);
+        // Stale entries are dropped as they surface; bound them anyway.
+        if self.candidates.len() > 8 * self.workers.len() + 64 {
+            self.candidates.clear();
+            for j in 0..self.workers.len() {
+                let w = &self.workers[j];
+                if w.state == WorkerState::Online && w.in_flight.len() < self.settings.per_worker {
+                    self.candidate_seq += 1;
+                    self.candidates
+                        .push(Reverse((w.in_flight.len(), self.candidate_seq, w.id)));
+                }
             }
         }
-        best.map(|b| b.2)
+    }
+
+    /// What `pick` minimises: avoided last, then load.
+    #[cfg(debug_assertions)]
+    fn load_key(&self, i: usize, avoid: Option<WorkerId>) -> (bool, usize) {
+        let w = &self.workers[i];
+        (Some(w.id) == avoid, w.in_flight.len())
+    }
+
+    /// `pick` by scanning every worker: the reference the heap is checked against in debug
+    /// builds (every test run).
+    #[cfg(debug_assertions)]
+    fn pick_by_scan(&self, avoid: Option<WorkerId>) -> Option<usize> {
+        let per_worker = self.settings.per_worker;
+        (0..self.workers.len())
+            .filter(|&i| {
+                let w = &self.workers[i];
+                w.state == WorkerState::Online && w.in_flight.len() < per_worker
+            })
+            .min_by_key(|&i| self.load_key(i, avoid))
     }
 
     fn hand(&mut self, i: usize, mut call: Call) {
@@ -552,6 +632,7 @@ impl Dispatcher {
                 self.retire(i, Event::TtlReached { worker });
             }
         }
+        self.offer(i);
     }
 
     /// Worker `i` takes no new calls, finishes what it has, and is replaced now.
@@ -604,6 +685,7 @@ impl Dispatcher {
         tracing::debug!(worker = id.as_u64(), pid, "worker spawned");
         self.emit(Event::Spawned { worker: id, pid });
         self.add_timer(self.settings.startup_timeout, Timer::Startup(id));
+        self.index.insert(id, self.workers.len());
         self.workers.push(Worker {
             id,
             link,
@@ -668,6 +750,10 @@ impl Dispatcher {
                     return;
                 };
                 let w = self.workers.swap_remove(i);
+                self.index.remove(&worker);
+                if let Some(moved) = self.workers.get(i) {
+                    self.index.insert(moved.id, i);
+                }
                 let pid = w.link.pid();
                 tracing::debug!(worker = worker.as_u64(), pid, %exit, "worker exited");
                 self.emit(Event::Exited { worker, pid, exit });
@@ -823,6 +909,7 @@ impl Dispatcher {
 
     /// After a batch of replies: stop a retiring worker that is done, or start its idle clock.
     fn after_reply(&mut self, i: usize) {
+        self.offer(i);
         let w = &mut self.workers[i];
         if !w.is_drained() {
             return;
@@ -1097,7 +1184,7 @@ impl Dispatcher {
     // ===== helpers =====
 
     fn index_of(&self, worker: WorkerId) -> Option<usize> {
-        self.workers.iter().position(|w| w.id == worker)
+        self.index.get(&worker).copied()
     }
 
     fn new_worker_id(&mut self) -> WorkerId {

@@ -12,7 +12,6 @@ use crate::event::{Event, WorkerId};
 use crate::protocol::{FailureKind, FromWorker, PROTOCOL_VERSION};
 use crate::sys::Signal;
 use crate::{Status, WorkerState, WorkerStatus};
-use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,7 +50,7 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) spawn: SpawnSpec,
-    pub(crate) hello: Bytes,
+    pub(crate) hello: Box<[u8]>,
     pub(crate) workers: usize,
     pub(crate) per_worker: usize,
     pub(crate) max_retries: u32,
@@ -214,7 +213,7 @@ impl Dispatcher {
             let link = process::spawn(
                 &self.settings.spawn,
                 id,
-                self.settings.hello.clone(),
+                &self.settings.hello,
                 self.inbound_tx.clone(),
             )?;
             self.add_worker(id, link);
@@ -662,7 +661,7 @@ impl Dispatcher {
         match process::spawn(
             &self.settings.spawn,
             id,
-            self.settings.hello.clone(),
+            &self.settings.hello,
             self.inbound_tx.clone(),
         ) {
             Ok(link) => {

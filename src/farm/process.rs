@@ -89,21 +89,20 @@ impl WorkerLink {
     }
 
     /// Queues a frame for the worker; it is written by the next [`flush`](Self::flush) at the
-    /// latest. False if the worker's input is already closed.
-    pub(crate) fn send(&mut self, frame: &[u8]) -> bool {
+    /// latest. Dropped if the worker's input is already closed.
+    pub(crate) fn send(&mut self, frame: &[u8]) {
         let Some(outbox) = &self.outbox else {
-            return false;
+            return;
         };
         if frame.len() >= DIRECT_WRITE {
             if !self.pending.is_empty() {
-                outbox.submit(&self.pending, None);
+                outbox.submit(&self.pending);
                 self.pending.clear();
             }
-            outbox.submit(frame, None);
+            outbox.submit(frame);
         } else {
             self.pending.extend_from_slice(frame);
         }
-        true
     }
 
     /// Writes the frames queued since the last flush, in one system call when the pipe has
@@ -113,7 +112,7 @@ impl WorkerLink {
             return;
         }
         if let Some(outbox) = &self.outbox {
-            outbox.submit(&self.pending, None);
+            outbox.submit(&self.pending);
         }
         self.pending.clear();
         if self.pending.capacity() > 4 * DIRECT_WRITE {
@@ -172,9 +171,9 @@ impl Outbox {
         self.backlog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes `bytes` now if the pipe takes them, or queues the rest for the writer task
-    /// (`owned`, when given, is the same bytes, queued without a copy).
-    fn submit(&self, bytes: &[u8], owned: Option<Bytes>) {
+    /// Writes `bytes` now if the pipe takes them, or queues a copy of the rest for the writer
+    /// task.
+    fn submit(&self, bytes: &[u8]) {
         let mut backlog = self.lock();
         if backlog.broken || backlog.closed {
             return;
@@ -197,11 +196,9 @@ impl Outbox {
                 return;
             }
         }
-        let rest = match owned {
-            Some(frame) => frame.slice(written..),
-            None => Bytes::copy_from_slice(&bytes[written..]),
-        };
-        backlog.frames.push_back(rest);
+        backlog
+            .frames
+            .push_back(Bytes::copy_from_slice(&bytes[written..]));
         if !backlog.writer_busy {
             backlog.writer_busy = true;
             self.wake.notify_one();
@@ -223,7 +220,7 @@ impl Outbox {
 pub(crate) fn spawn(
     spec: &SpawnSpec,
     worker: WorkerId,
-    hello: Bytes,
+    hello: &[u8],
     inbound: mpsc::UnboundedSender<Inbound>,
 ) -> std::io::Result<WorkerLink> {
     let mut cmd = Command::new(&spec.program);
@@ -258,7 +255,7 @@ pub(crate) fn spawn(
         backlog: Mutex::new(Backlog::default()),
         wake: Notify::new(),
     });
-    outbox.submit(&hello, Some(hello.clone()));
+    outbox.submit(hello);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_frames(outbox.clone())).abort_handle();
     let stderr_task = tokio::spawn(forward_stderr(stderr, pid, spec.stderr));

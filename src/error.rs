@@ -96,7 +96,7 @@ pub enum CallError {
         /// The timeout that elapsed.
         after: Duration,
     },
-    /// The worker running the call died.
+    /// The worker holding the call died.
     WorkerDied {
         /// The worker.
         worker: WorkerId,
@@ -104,6 +104,10 @@ pub enum CallError {
         pid: u32,
         /// How it ended.
         exit: ExitInfo,
+        /// Whether the call's handler was running when the worker died. `false`: it only
+        /// waited inside the worker behind other calls, so it cannot have caused the death;
+        /// such an attempt is not charged against `max_retries` (the call is re-run free).
+        running: bool,
     },
     /// The worker broke the protocol (a malformed or oversized frame) and was dropped.
     Protocol {
@@ -119,7 +123,9 @@ pub enum CallError {
         /// The failure of the last attempt.
         last: Box<CallError>,
         /// The failures of the attempts before the last, oldest first: for a poison pill,
-        /// every worker it took down, with its pid and exit status.
+        /// every worker it took down, with its pid and exit status. Workers that died while
+        /// the call only waited in them appear too, as `WorkerDied { running: false, .. }`;
+        /// those were not charged and do not count in `attempts`.
         earlier: Vec<CallError>,
     },
     /// `max_concurrent_calls` calls are already queued or in flight.
@@ -198,8 +204,14 @@ impl fmt::Display for CallError {
                 write!(f, "bad arguments for {}: {message}", MethodName(method))
             }
             CallError::Timeout { after } => write!(f, "call timed out after {after:?}"),
-            CallError::WorkerDied { worker, pid, exit } => {
-                write!(f, "{worker} (pid {pid}) died: {exit}")
+            CallError::WorkerDied {
+                worker,
+                pid,
+                exit,
+                running,
+            } => {
+                let when = if *running { "" } else { " while the call waited" };
+                write!(f, "{worker} (pid {pid}) died{when}: {exit}")
             }
             CallError::Protocol { worker, message } => {
                 write!(f, "{worker} broke the protocol: {message}")

@@ -41,6 +41,14 @@ pub enum StderrMode {
 #[derive(Debug, Clone)]
 #[must_use = "options do nothing until passed to Farm::create"]
 pub struct FarmOptions<S = Json> {
+    pub(crate) settings: Settings,
+    pub(crate) serializer: S,
+}
+
+/// Every setting but the serializer: what the dispatcher and the transport read. One struct,
+/// shared, so no setting is copied field by field on its way in.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
     pub(crate) program: PathBuf,
     pub(crate) args: Vec<OsString>,
     pub(crate) envs: Vec<(OsString, OsString)>,
@@ -48,7 +56,9 @@ pub struct FarmOptions<S = Json> {
     pub(crate) stderr: StderrMode,
     pub(crate) workers: usize,
     pub(crate) max_concurrent_calls: Option<usize>,
-    pub(crate) max_concurrent_calls_per_worker: usize,
+    /// `None`: as many sync calls as the worker runs at once, and up to
+    /// [`ASYNC_CALLS_PER_WORKER`] async ones.
+    pub(crate) max_concurrent_calls_per_worker: Option<usize>,
     pub(crate) max_retries: u32,
     pub(crate) retry_handler_errors: bool,
     pub(crate) timeout: Option<Duration>,
@@ -58,13 +68,17 @@ pub struct FarmOptions<S = Json> {
     pub(crate) kill_timeout: Duration,
     pub(crate) startup_timeout: Duration,
     pub(crate) max_frame: usize,
-    pub(crate) serializer: S,
 }
+
+/// Async calls one worker runs at once unless `max_concurrent_calls_per_worker` says
+/// otherwise.
+pub(crate) const ASYNC_CALLS_PER_WORKER: usize = 10;
 
 impl FarmOptions<Json> {
     /// Options for a farm of `program`, with every other setting at its default.
     pub fn new(program: impl AsRef<Path>) -> Self {
         FarmOptions {
+            settings: Settings {
             program: program.as_ref().to_path_buf(),
             args: Vec::new(),
             envs: Vec::new(),
@@ -72,7 +86,7 @@ impl FarmOptions<Json> {
             stderr: StderrMode::Forward,
             workers: num_cpus::get(),
             max_concurrent_calls: None,
-            max_concurrent_calls_per_worker: 10,
+            max_concurrent_calls_per_worker: None,
             max_retries: 3,
             retry_handler_errors: false,
             timeout: None,
@@ -82,6 +96,7 @@ impl FarmOptions<Json> {
             kill_timeout: Duration::from_millis(500),
             startup_timeout: Duration::from_secs(10),
             max_frame: DEFAULT_MAX_FRAME,
+            },
             serializer: Json,
         }
     }
@@ -96,50 +111,61 @@ impl FarmOptions<Json> {
 impl<S: Serializer> FarmOptions<S> {
     /// Adds an argument to the worker's command line. Default: none.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
-        self.args.push(arg.into());
+        self.settings.args.push(arg.into());
         self
     }
 
     /// Adds arguments to the worker's command line. Default: none.
     pub fn args<I: IntoIterator<Item = A>, A: Into<OsString>>(mut self, args: I) -> Self {
-        self.args.extend(args.into_iter().map(Into::into));
+        self.settings.args.extend(args.into_iter().map(Into::into));
         self
     }
 
     /// Sets an environment variable for the worker, on top of the parent's environment.
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.envs.push((key.into(), value.into()));
+        self.settings.envs.push((key.into(), value.into()));
         self
     }
 
     /// The worker's working directory. Default: the parent's.
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
-        self.cwd = Some(dir.as_ref().to_path_buf());
+        self.settings.cwd = Some(dir.as_ref().to_path_buf());
         self
     }
 
     /// Where workers' stderr goes. Default: [`StderrMode::Forward`] (the parent's stderr).
     pub fn stderr(mut self, mode: StderrMode) -> Self {
-        self.stderr = mode;
+        self.settings.stderr = mode;
         self
     }
 
     /// Number of worker processes. Default: the number of CPUs. Must be at least 1.
     pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
+        self.settings.workers = n;
         self
     }
 
     /// Most calls queued plus in flight; beyond it a call fails at once with
     /// [`CallError::QueueFull`](crate::CallError::QueueFull). Default: unbounded.
     pub fn max_concurrent_calls(mut self, n: impl Into<Option<usize>>) -> Self {
-        self.max_concurrent_calls = n.into();
+        self.settings.max_concurrent_calls = n.into();
         self
     }
 
-    /// Most calls one worker runs at once. Default: 10.
+    /// Most calls one worker holds at once, running or waiting to run.
+    ///
+    /// Default: what the worker can really run at once — as many sync calls as it has
+    /// threads (1 for a default worker, `n` with `Worker::threads(n)`), and up to 10 async
+    /// calls. So a call never waits inside a worker behind another one, where a crash or a
+    /// hang of the other could delay it.
+    ///
+    /// A larger value pipelines sync calls: the extra ones wait inside the worker, which
+    /// saves a round trip per call (faster for many short calls) but may delay them behind
+    /// a slow call while another worker sits idle. They are still never charged for their
+    /// worker's faults: a call that had not started when its worker died or was stopped is
+    /// re-queued free, and its `timeout` clock starts only when its handler starts.
     pub fn max_concurrent_calls_per_worker(mut self, n: usize) -> Self {
-        self.max_concurrent_calls_per_worker = n;
+        self.settings.max_concurrent_calls_per_worker = Some(n);
         self
     }
 
@@ -147,35 +173,36 @@ impl<S: Serializer> FarmOptions<S> {
     /// protocol (and, with [`retry_handler_errors`](Self::retry_handler_errors), after a
     /// handler error). Default: 3.
     pub fn max_retries(mut self, n: u32) -> Self {
-        self.max_retries = n;
+        self.settings.max_retries = n;
         self
     }
 
     /// Whether a handler's own error or panic is retried too. Default: `false`, since
     /// retrying a deterministic error only repeats it.
     pub fn retry_handler_errors(mut self, yes: bool) -> Self {
-        self.retry_handler_errors = yes;
+        self.settings.retry_handler_errors = yes;
         self
     }
 
-    /// Longest a call may run once handed to a worker; the worker is then stopped, the call
-    /// fails with [`CallError::Timeout`](crate::CallError::Timeout) (or is retried), and the
-    /// other calls on that worker are re-queued. Default: none.
+    /// Longest a call may run, from when its handler starts (time spent queued, or waiting
+    /// inside a worker behind another call, does not count); the worker is then stopped, the
+    /// call fails with [`CallError::Timeout`](crate::CallError::Timeout) (or is retried), and
+    /// the other calls on that worker are re-queued without being charged. Default: none.
     pub fn timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.timeout = timeout.into();
+        self.settings.timeout = timeout.into();
         self
     }
 
     /// Calls a worker is handed before it is retired and replaced. Default: none.
     pub fn ttl(mut self, calls: impl Into<Option<u64>>) -> Self {
-        self.ttl = calls.into();
+        self.settings.ttl = calls.into();
         self
     }
 
     /// How long a worker may have no call in flight before it is stopped; a replacement is
     /// started when calls need it. Default: none.
     pub fn max_idle_time(mut self, idle: impl Into<Option<Duration>>) -> Self {
-        self.max_idle_time = idle.into();
+        self.settings.max_idle_time = idle.into();
         self
     }
 
@@ -184,20 +211,20 @@ impl<S: Serializer> FarmOptions<S> {
     /// guard). Checked every 500 ms; Linux only (elsewhere it is never exceeded).
     /// Default: none.
     pub fn max_memory(mut self, bytes: impl Into<Option<u64>>) -> Self {
-        self.max_memory = bytes.into();
+        self.settings.max_memory = bytes.into();
         self
     }
 
     /// Grace between a polite stop (stdin closed, `SIGTERM`) and `SIGKILL`. Default: 500 ms.
     pub fn kill_timeout(mut self, grace: Duration) -> Self {
-        self.kill_timeout = grace;
+        self.settings.kill_timeout = grace;
         self
     }
 
     /// Longest a worker may take from spawn to handshake before it is killed as failed to
     /// start. Default: 10 s.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = timeout;
+        self.settings.startup_timeout = timeout;
         self
     }
 
@@ -208,42 +235,26 @@ impl<S: Serializer> FarmOptions<S> {
     /// and a worker that sends a bigger frame anyway is dropped as a protocol violation.
     /// Default: 64 MiB.
     pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.max_frame = bytes;
+        self.settings.max_frame = bytes;
         self
     }
 
     /// The serializer for arguments and results. Default: [`Json`].
     pub fn serializer<T: Serializer>(self, serializer: T) -> FarmOptions<T> {
         FarmOptions {
-            program: self.program,
-            args: self.args,
-            envs: self.envs,
-            cwd: self.cwd,
-            stderr: self.stderr,
-            workers: self.workers,
-            max_concurrent_calls: self.max_concurrent_calls,
-            max_concurrent_calls_per_worker: self.max_concurrent_calls_per_worker,
-            max_retries: self.max_retries,
-            retry_handler_errors: self.retry_handler_errors,
-            timeout: self.timeout,
-            ttl: self.ttl,
-            max_idle_time: self.max_idle_time,
-            max_memory: self.max_memory,
-            kill_timeout: self.kill_timeout,
-            startup_timeout: self.startup_timeout,
-            max_frame: self.max_frame,
+            settings: self.settings,
             serializer,
         }
     }
 
     /// The worker binary.
     pub fn get_program(&self) -> &Path {
-        &self.program
+        &self.settings.program
     }
 
     /// The number of workers.
     pub fn get_workers(&self) -> usize {
-        self.workers
+        self.settings.workers
     }
 
     /// The serializer.
@@ -258,25 +269,26 @@ impl<S: Serializer> FarmOptions<S> {
         }
         let nonzero = |d: Option<Duration>| d.map_or(true, |d| !d.is_zero());
         for (name, d) in [
-            ("timeout", self.timeout),
-            ("max_idle_time", self.max_idle_time),
-            ("kill_timeout", Some(self.kill_timeout)),
-            ("startup_timeout", Some(self.startup_timeout)),
+            ("timeout", self.settings.timeout),
+            ("max_idle_time", self.settings.max_idle_time),
+            ("kill_timeout", Some(self.settings.kill_timeout)),
+            ("startup_timeout", Some(self.settings.startup_timeout)),
         ] {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return invalid(name, "must be at most 100 years (use None for no limit)");
             }
         }
-        if self.workers == 0 {
+        if self.settings.workers == 0 {
             return invalid("workers", "must be at least 1");
         }
-        if self.workers > MAX_WORKERS {
+        if self.settings.workers > MAX_WORKERS {
             return invalid("workers", "must be at most 4096");
         }
-        if self.max_concurrent_calls == Some(0) {
+        if self.settings.max_concurrent_calls == Some(0) {
             return invalid("max_concurrent_calls", "must be at least 1");
         }
         if self
+            .settings
             .max_concurrent_calls
             .is_some_and(|n| n > tokio::sync::Semaphore::MAX_PERMITS)
         {
@@ -285,42 +297,42 @@ impl<S: Serializer> FarmOptions<S> {
                 "is beyond what can be counted (use None for unbounded)",
             );
         }
-        if self.max_concurrent_calls_per_worker == 0 {
+        if self.settings.max_concurrent_calls_per_worker == Some(0) {
             return invalid("max_concurrent_calls_per_worker", "must be at least 1");
         }
-        if !nonzero(self.timeout) {
+        if !nonzero(self.settings.timeout) {
             return invalid("timeout", "must be longer than zero");
         }
-        if self.ttl == Some(0) {
+        if self.settings.ttl == Some(0) {
             return invalid("ttl", "must be at least 1");
         }
-        if !nonzero(self.max_idle_time) {
+        if !nonzero(self.settings.max_idle_time) {
             return invalid("max_idle_time", "must be longer than zero");
         }
-        if self.max_memory == Some(0) {
+        if self.settings.max_memory == Some(0) {
             return invalid("max_memory", "must be at least 1 byte");
         }
-        if self.kill_timeout.is_zero() {
+        if self.settings.kill_timeout.is_zero() {
             return invalid("kill_timeout", "must be longer than zero");
         }
-        if self.startup_timeout.is_zero() {
+        if self.settings.startup_timeout.is_zero() {
             return invalid("startup_timeout", "must be longer than zero");
         }
-        if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
+        if self.settings.max_frame < 64 || self.settings.max_frame > u32::MAX as usize {
             return invalid("max_frame", "must be between 64 bytes and 4 GiB");
         }
         if self.serializer.name().is_empty() || self.serializer.name().len() > 255 {
             return invalid("serializer", "name must be 1 to 255 bytes");
         }
-        match std::fs::metadata(&self.program) {
+        match std::fs::metadata(&self.settings.program) {
             Err(_) => {
                 return Err(CreateError::WorkerNotFound {
-                    path: self.program.clone(),
+                    path: self.settings.program.clone(),
                 })
             }
             Ok(meta) if !is_executable(&meta) => {
                 return Err(CreateError::NotExecutable {
-                    path: self.program.clone(),
+                    path: self.settings.program.clone(),
                 })
             }
             Ok(_) => {}
@@ -364,15 +376,15 @@ mod tests {
     fn defaults_are_valid() {
         let o = ok();
         assert!(o.validate().is_ok());
-        assert_eq!(o.workers, num_cpus::get());
-        assert_eq!(o.max_concurrent_calls_per_worker, 10);
-        assert_eq!(o.max_retries, 3);
-        assert_eq!(o.kill_timeout, Duration::from_millis(500));
-        assert_eq!(o.max_concurrent_calls, None);
-        assert_eq!(o.timeout, None);
-        assert_eq!(o.ttl, None);
-        assert_eq!(o.max_idle_time, None);
-        assert!(!o.retry_handler_errors);
+        assert_eq!(o.settings.workers, num_cpus::get());
+        assert_eq!(o.settings.max_concurrent_calls_per_worker, None);
+        assert_eq!(o.settings.max_retries, 3);
+        assert_eq!(o.settings.kill_timeout, Duration::from_millis(500));
+        assert_eq!(o.settings.max_concurrent_calls, None);
+        assert_eq!(o.settings.timeout, None);
+        assert_eq!(o.settings.ttl, None);
+        assert_eq!(o.settings.max_idle_time, None);
+        assert!(!o.settings.retry_handler_errors);
     }
 
     #[test]

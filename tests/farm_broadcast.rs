@@ -222,7 +222,7 @@ async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
     assert_eq!(ok_pid, busy_pid);
     let (dead_worker, err) = &result.failures[0];
     match err {
-        CallError::WorkerDied { worker, pid, exit } => {
+        CallError::WorkerDied { worker, pid, exit, .. } => {
             assert_eq!(worker, dead_worker);
             assert_ne!(*pid, busy_pid);
             assert!(pids.contains(pid));
@@ -263,7 +263,7 @@ async fn every_worker_exiting_in_a_broadcast_fails_each_without_retry() {
     assert_eq!(result.failures.len(), 2);
     for (id, err) in &result.failures {
         match err {
-            CallError::WorkerDied { worker, pid, exit } => {
+            CallError::WorkerDied { worker, pid, exit, .. } => {
                 assert_eq!(worker, id);
                 assert_eq!(exit.code, Some(4));
                 let w = status.workers.iter().find(|w| w.id == *id).unwrap();

@@ -15,18 +15,16 @@ pub(crate) type Outcome = Result<Box<Bytes>, Box<CallError>>;
 /// dropped unanswered (farm killed, dispatcher gone, runtime shut down), by the channel
 /// closing, which the caller reads as [`CallError::ShutDown`] (hyper's dispatch `Callback`
 /// does the same with a drop guard).
-///
-/// It also holds the call's place under `max_concurrent_calls`, and gives it back *before*
-/// the caller is woken, so a caller that awaits each call before making the next never
-/// sees `QueueFull`.
 #[derive(Debug)]
 pub(crate) struct Reply {
     tx: oneshot::Sender<Outcome>,
-    _place: Option<Place>,
 }
 
-/// One permit of the `max_concurrent_calls` semaphore, acquired and forgotten by the
-/// caller; given back when dropped.
+/// One permit of the `max_concurrent_calls` semaphore, acquired and forgotten when the call
+/// is made; given back when dropped. The caller's future holds it, so it comes back the
+/// moment the call settles (before the caller sees the result: a caller that awaits each
+/// call before making the next never sees `QueueFull`) or the future is dropped (an
+/// abandoned call frees its place at once, even while it still waits in the queue).
 #[derive(Debug)]
 pub(crate) struct Place(pub(crate) Arc<Semaphore>);
 
@@ -37,15 +35,13 @@ impl Drop for Place {
 }
 
 impl Reply {
-    pub(crate) fn new(place: Option<Place>) -> (Reply, oneshot::Receiver<Outcome>) {
+    pub(crate) fn new() -> (Reply, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
-        (Reply { tx, _place: place }, rx)
+        (Reply { tx }, rx)
     }
 
     pub(crate) fn send(self, outcome: Result<Bytes, CallError>) {
-        let Reply { tx, _place } = self;
-        drop(_place);
-        let _ = tx.send(outcome.map(Box::new).map_err(Box::new));
+        let _ = self.tx.send(outcome.map(Box::new).map_err(Box::new));
     }
 
     /// Whether the caller stopped waiting (dropped its future).
@@ -62,7 +58,7 @@ impl Reply {
 pub(crate) struct Call {
     /// The complete Call frame (which holds the call's id and method), written again for each attempt.
     pub(crate) frame: Box<[u8]>,
-    /// Attempts started so far.
+    /// Attempts started so far: times a worker began running it.
     pub(crate) attempts: u32,
     /// Broadcast calls run on this worker only and are never retried elsewhere.
     pub(crate) pinned: Option<WorkerId>,
@@ -76,8 +72,11 @@ pub(crate) struct Call {
 pub(crate) struct Retry {
     /// The worker of the last failed attempt, avoided where another can take the call.
     pub(crate) avoid: Option<WorkerId>,
-    /// Why earlier attempts failed, oldest first.
+    /// Why earlier attempts failed, oldest first, with the workers that died while it only
+    /// waited in them (`WorkerDied { running: false, .. }`, not charged).
     pub(crate) failures: Vec<CallError>,
+    /// Times it lost its worker before it started (re-queued free).
+    pub(crate) displaced: u32,
 }
 
 impl Call {
@@ -105,6 +104,11 @@ impl Call {
     pub(crate) fn method(&self) -> &str {
         crate::protocol::method_of_call_frame(&self.frame)
     }
+
+    /// What earlier attempts left behind, created on first use.
+    pub(crate) fn retry_mut(&mut self) -> &mut Retry {
+        self.retry.get_or_insert_with(Box::default)
+    }
 }
 
 #[cfg(test)]
@@ -122,42 +126,33 @@ mod tests {
 
     #[test]
     fn reply_settles_once_with_the_value() {
-        let (reply, mut rx) = Reply::new(None);
+        let (reply, mut rx) = Reply::new();
         reply.send(Ok(Bytes::from_static(b"1")));
         assert_eq!(*rx.try_recv().unwrap().unwrap(), Bytes::from_static(b"1"));
     }
 
     #[test]
-    fn dropped_reply_closes_the_channel_and_gives_the_place_back() {
-        let limit = Arc::new(Semaphore::new(1));
-        limit.try_acquire().unwrap().forget();
-        let (reply, mut rx) = Reply::new(Some(Place(limit.clone())));
+    fn dropped_reply_closes_the_channel() {
+        let (reply, mut rx) = Reply::new();
         drop(reply);
         assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[test]
+    fn dropped_place_is_given_back() {
+        let limit = Arc::new(Semaphore::new(1));
+        limit.try_acquire().unwrap().forget();
+        let place = Place(limit.clone());
+        assert_eq!(limit.available_permits(), 0);
+        drop(place);
         assert_eq!(limit.available_permits(), 1);
     }
 
     #[test]
     fn closed_when_caller_is_gone() {
-        let (reply, rx) = Reply::new(None);
+        let (reply, rx) = Reply::new();
         assert!(!reply.is_closed());
         drop(rx);
         assert!(reply.is_closed());
-    }
-}
-
-#[cfg(test)]
-mod permit_tests {
-    use super::*;
-
-    #[test]
-    fn place_is_given_back_before_the_caller_sees_the_result() {
-        let limit = Arc::new(Semaphore::new(1));
-        limit.try_acquire().unwrap().forget();
-        let (reply, mut rx) = Reply::new(Some(Place(limit.clone())));
-        assert_eq!(limit.available_permits(), 0);
-        reply.send(Ok(Bytes::new()));
-        assert!(rx.try_recv().is_ok());
-        assert_eq!(limit.available_permits(), 1);
     }
 }

@@ -2,8 +2,10 @@
 
 mod call;
 mod dispatcher;
-pub(crate) mod process;
+mod policy;
 mod registry;
+mod transport;
+mod workers;
 
 pub use registry::kill_all;
 
@@ -13,8 +15,8 @@ use crate::options::FarmOptions;
 use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
 use call::{Call, Outcome, Place, Reply};
-use dispatcher::{Command, Dispatcher, Settings};
-use process::SpawnSpec;
+use dispatcher::{Command, Dispatcher, Inputs};
+use transport::pipe::Pipes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -136,8 +138,11 @@ pub struct WorkerStatus {
     pub pid: u32,
     /// Where it is in its life.
     pub state: WorkerState,
-    /// Calls it is running.
+    /// Calls it holds: running, or waiting inside it to start.
     pub in_flight: usize,
+    /// Of those, calls that wait inside it (sent ahead, not started; see
+    /// [`FarmOptions::max_concurrent_calls_per_worker`](crate::FarmOptions::max_concurrent_calls_per_worker)).
+    pub waiting: usize,
     /// Calls it has been handed (what `ttl` counts).
     pub handed: u64,
 }
@@ -172,67 +177,26 @@ impl<S: Serializer> Farm<S> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(CreateError::NoRuntime);
         }
-        let mut hello = Vec::new();
-        let start = frame::begin(&mut hello);
-        protocol::encode_hello(
-            &Hello {
-                version: PROTOCOL_VERSION,
-                max_frame: u32::try_from(options.max_frame).unwrap_or(u32::MAX),
-                serializer: options.serializer.name().to_owned(),
-            },
-            &mut hello,
-        );
-        frame::finish(&mut hello, start, options.max_frame).map_err(|_| {
-            CreateError::InvalidOption {
-                name: "max_frame",
-                reason: "too small for the handshake",
-            }
-        })?;
-        let program = options.program.clone();
-        let settings = Settings {
-            spawn: SpawnSpec {
-                program: options.program,
-                args: options.args,
-                envs: options.envs,
-                cwd: options.cwd,
-                max_frame: options.max_frame,
-                stderr: options.stderr,
-            },
-            hello: hello.into(),
-            workers: options.workers,
-            per_worker: options.max_concurrent_calls_per_worker,
-            max_retries: options.max_retries,
-            retry_handler_errors: options.retry_handler_errors,
-            timeout: options.timeout,
-            ttl: options.ttl,
-            max_idle_time: options.max_idle_time,
-            max_memory: options.max_memory,
-            kill_timeout: options.kill_timeout,
-            startup_timeout: options.startup_timeout,
-        };
+        let FarmOptions {
+            settings,
+            serializer,
+        } = options;
+        let hello = hello_frame(&settings, serializer.name())?;
+        let settings = Arc::new(settings);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (calls, calls_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
         let subscribed = Arc::new(AtomicBool::new(false));
-        let mut dispatcher = Dispatcher::new(
-            settings,
-            calls_rx,
-            commands_rx,
-            events.clone(),
-            subscribed.clone(),
-        );
-        dispatcher.start().map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
-                path: program.clone(),
-            },
-            std::io::ErrorKind::PermissionDenied => CreateError::NotExecutable {
-                path: program.clone(),
-            },
-            _ => CreateError::Spawn {
-                path: program.clone(),
-                source,
-            },
-        })?;
+        let inputs = Inputs {
+            calls: calls_rx,
+            commands: commands_rx,
+            events: events.clone(),
+            subscribed: subscribed.clone(),
+        };
+        let transport = Pipes::new(settings.clone());
+        let mut dispatcher = Dispatcher::new(settings.clone(), hello, transport, inputs);
+        let program = &settings.program;
+        dispatcher.start().map_err(|source| spawn_error(program, source))?;
         let span = tracing::debug_span!("farm", program = %program.display());
         tokio::spawn(dispatcher.run().instrument(span));
         let core = Arc::new(Core {
@@ -241,18 +205,15 @@ impl<S: Serializer> Farm<S> {
             events,
             first_events: Mutex::new(Some(first_events)),
             subscribed,
-            limiter: options
+            limiter: settings
                 .max_concurrent_calls
                 .map(|n| (Arc::new(Semaphore::new(n)), n)),
             next_call: AtomicU64::new(1),
             frame_hint: AtomicUsize::new(64),
-            max_frame: options.max_frame,
+            max_frame: settings.max_frame,
         });
         registry::register(&core);
-        Ok(Farm {
-            core,
-            serializer: options.serializer,
-        })
+        Ok(Farm { core, serializer })
     }
 
     /// Runs the worker's default method with `args` (a tuple for several).
@@ -291,7 +252,9 @@ impl<S: Serializer> Farm<S> {
         let submitted = self.submit(method, &args).map_err(Box::new);
         let serializer = self.serializer.clone();
         async move {
-            let body = match submitted.map_err(|e| *e)?.await {
+            // Held until the call settles or this future is dropped, whichever comes first.
+            let (rx, _place) = submitted.map_err(|e| *e)?;
+            let body = match rx.await {
                 Ok(Ok(body)) => body,
                 Ok(Err(error)) => return Err(*error),
                 Err(_) => return Err(CallError::ShutDown),
@@ -415,7 +378,7 @@ impl<S: Serializer> Farm<S> {
         &self,
         method: &str,
         args: &A,
-    ) -> Result<oneshot::Receiver<Outcome>, CallError> {
+    ) -> Result<(oneshot::Receiver<Outcome>, Option<Place>), CallError> {
         let place = match &self.core.limiter {
             None => None,
             Some((semaphore, limit)) => {
@@ -424,18 +387,18 @@ impl<S: Serializer> Farm<S> {
                     .map_err(|_| CallError::QueueFull { limit: *limit })?
                     .forget();
                 // Gives the permit back when dropped: on an early return below, or when
-                // the call settles.
+                // the caller's future settles or is dropped.
                 Some(Place(semaphore.clone()))
             }
         };
-        let (reply, rx) = Reply::new(place);
+        let (reply, rx) = Reply::new();
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode_call(id, method, args)?;
         self.core
             .calls
             .send(Call::new(frame, None, reply))
             .map_err(|_| CallError::ShutDown)?;
-        Ok(rx)
+        Ok((rx, place))
     }
 
     fn encode_call<A: Serialize>(
@@ -481,4 +444,38 @@ fn decode_result<S: Serializer, T: DeserializeOwned>(
         type_name: std::any::type_name::<T>(),
         message: e.to_string(),
     })
+}
+
+/// The farm's first frame to each worker.
+fn hello_frame(settings: &crate::options::Settings, serializer: &str) -> Result<Box<[u8]>, CreateError> {
+    let mut hello = Vec::new();
+    let start = frame::begin(&mut hello);
+    protocol::encode_hello(
+        &Hello {
+            version: PROTOCOL_VERSION,
+            max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
+            serializer: serializer.to_owned(),
+        },
+        &mut hello,
+    );
+    frame::finish(&mut hello, start, settings.max_frame).map_err(|_| CreateError::InvalidOption {
+        name: "max_frame",
+        reason: "too small for the handshake",
+    })?;
+    Ok(hello.into_boxed_slice())
+}
+
+fn spawn_error(program: &std::path::Path, source: std::io::Error) -> CreateError {
+    match source.kind() {
+        std::io::ErrorKind::NotFound => CreateError::WorkerNotFound {
+            path: program.to_owned(),
+        },
+        std::io::ErrorKind::PermissionDenied => CreateError::NotExecutable {
+            path: program.to_owned(),
+        },
+        _ => CreateError::Spawn {
+            path: program.to_owned(),
+            source,
+        },
+    }
 }

@@ -8,27 +8,46 @@
 //! |--------|-----------|---------|--------------------------------------------------------|
 //! | `0x01` | to worker | Hello   | version u16, max frame u32, serializer name (u8 len)    |
 //! | `0x02` | to worker | Call    | call id u64, method (u16 len), encoded arguments       |
-//! | `0x81` | to farm   | Ready   | version u16, pid u32                                   |
+//! | `0x03` | to worker | Call, queued | as Call; the worker reports Started when it starts it |
+//! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
 //! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
 //! | `0x84` | to farm   | Fatal   | UTF-8 message: the worker cannot serve and will exit   |
+//! | `0x85` | to farm   | Started | call id u64: a queued call's handler has started       |
 //!
 //! The farm writes Hello first; the worker answers Ready (or Fatal) before anything else.
+//!
+//! **Running or waiting.** The farm must know which of a worker's calls are running (a
+//! crash or a hang may be theirs) and which only wait behind them (innocent, re-run free).
+//! Ready says how many sync handlers the worker runs at once (`threads`) and which methods
+//! are async (they start the moment they arrive). The farm sends a plain Call only when the
+//! worker will start it on arrival; any other call goes as "Call, queued", and the worker
+//! writes Started for it, before its handler runs, when it gets to it.
 
 pub(crate) mod frame;
+
+/// How a farm tells a process that it is one of its workers.
+pub(crate) mod launch {
+    /// Environment variable that marks a process as started by a farm.
+    pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
+    /// Environment variable carrying the parent's pid, for the worker's parent-death check.
+    pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
+}
 
 use bytes::{Buf, Bytes};
 use std::fmt;
 
 /// Version of the wire protocol; the handshake refuses a worker that speaks another.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 const TAG_HELLO: u8 = 0x01;
 const TAG_CALL: u8 = 0x02;
+const TAG_CALL_QUEUED: u8 = 0x03;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
 const TAG_FATAL: u8 = 0x84;
+const TAG_STARTED: u8 = 0x85;
 
 /// Why a handler's call failed, as the worker reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,9 +109,11 @@ pub(crate) enum ToWorker {
     Hello(Hello),
     Call {
         id: u64,
-        /// The method name; valid UTF-8, checked when decoded (see [`ToWorker::method`]).
+        /// The method name; valid UTF-8, checked when decoded (see [`method_name`]).
         method: Bytes,
         args: Bytes,
+        /// The farm counts the call as waiting until the worker reports it Started.
+        queued: bool,
     },
 }
 
@@ -113,6 +134,13 @@ pub(crate) fn encode_call_head(id: u64, method: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.to_le_bytes());
     out.extend_from_slice(&(method.len() as u16).to_le_bytes());
     out.extend_from_slice(method.as_bytes());
+}
+
+/// Marks a complete Call frame as queued (the worker reports when it starts it) or not.
+pub(crate) fn set_call_queued(frame: &mut [u8], queued: bool) {
+    if let Some(tag) = frame.get_mut(frame::HEAD_LEN) {
+        *tag = if queued { TAG_CALL_QUEUED } else { TAG_CALL };
+    }
 }
 
 /// The call id inside a complete Call frame (length prefix included), or 0 if the frame is
@@ -165,7 +193,7 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
                 serializer,
             }))
         }
-        TAG_CALL => {
+        tag @ (TAG_CALL | TAG_CALL_QUEUED) => {
             if p.remaining() < 10 {
                 return Err(malformed("call"));
             }
@@ -182,6 +210,7 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
                 id,
                 method,
                 args: p,
+                queued: tag == TAG_CALL_QUEUED,
             })
         }
         tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
@@ -193,9 +222,9 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
 /// A message from a worker to the farm.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum FromWorker {
-    Ready {
-        version: u16,
-        pid: u32,
+    Ready(Ready),
+    Started {
+        id: u64,
     },
     Ok {
         id: u64,
@@ -211,10 +240,80 @@ pub(crate) enum FromWorker {
     },
 }
 
-pub(crate) fn encode_ready(pid: u32, out: &mut Vec<u8>) {
+/// What a worker says about itself in its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Ready {
+    pub(crate) version: u16,
+    pub(crate) pid: u32,
+    /// Sync handlers it runs at once.
+    pub(crate) threads: u16,
+    /// Its async methods: they start as they arrive, however many are running.
+    pub(crate) async_methods: Vec<String>,
+}
+
+/// Encodes a Ready; names that do not fit (over 65535 bytes, or past 65535 names) are left
+/// out, which only makes the farm treat those methods as sync (more careful, never wrong).
+pub(crate) fn encode_ready(ready: &Ready, out: &mut Vec<u8>) {
     out.push(TAG_READY);
-    out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    out.extend_from_slice(&pid.to_le_bytes());
+    out.extend_from_slice(&ready.version.to_le_bytes());
+    out.extend_from_slice(&ready.pid.to_le_bytes());
+    out.extend_from_slice(&ready.threads.to_le_bytes());
+    let names: Vec<&String> = ready
+        .async_methods
+        .iter()
+        .filter(|n| n.len() <= u16::MAX as usize)
+        .take(u16::MAX as usize)
+        .collect();
+    out.extend_from_slice(&(names.len() as u16).to_le_bytes());
+    for name in names {
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+    }
+}
+
+fn decode_ready(mut p: Bytes) -> Result<Ready, ProtocolError> {
+    if p.remaining() < 10 {
+        return Err(malformed("ready"));
+    }
+    let version = p.get_u16_le();
+    let pid = p.get_u32_le();
+    if version != PROTOCOL_VERSION {
+        // Say which version it speaks, whatever the rest of a foreign Ready looks like.
+        return Ok(Ready {
+            version,
+            pid,
+            threads: 1,
+            async_methods: Vec::new(),
+        });
+    }
+    let threads = p.get_u16_le();
+    let count = p.get_u16_le() as usize;
+    let mut async_methods = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        if p.remaining() < 2 {
+            return Err(malformed("ready"));
+        }
+        let n = p.get_u16_le() as usize;
+        if p.remaining() < n {
+            return Err(malformed("ready"));
+        }
+        let name = String::from_utf8(p.split_to(n).to_vec()).map_err(|_| malformed("ready"))?;
+        async_methods.push(name);
+    }
+    if p.has_remaining() || threads == 0 {
+        return Err(malformed("ready"));
+    }
+    Ok(Ready {
+        version,
+        pid,
+        threads,
+        async_methods,
+    })
+}
+
+pub(crate) fn encode_started(id: u64, out: &mut Vec<u8>) {
+    out.push(TAG_STARTED);
+    out.extend_from_slice(&id.to_le_bytes());
 }
 
 /// Writes an Ok's header; the caller appends the encoded result right after it.
@@ -240,14 +339,12 @@ pub(crate) fn decode_from_worker(mut p: Bytes) -> Result<FromWorker, ProtocolErr
         return Err(ProtocolError("empty frame".into()));
     }
     match p.get_u8() {
-        TAG_READY => {
-            if p.remaining() != 6 {
-                return Err(malformed("ready"));
+        TAG_READY => decode_ready(p).map(FromWorker::Ready),
+        TAG_STARTED => {
+            if p.remaining() != 8 {
+                return Err(malformed("started"));
             }
-            Ok(FromWorker::Ready {
-                version: p.get_u16_le(),
-                pid: p.get_u32_le(),
-            })
+            Ok(FromWorker::Started { id: p.get_u64_le() })
         }
         TAG_OK => {
             if p.remaining() < 8 {
@@ -298,18 +395,29 @@ mod tests {
             ToWorker::Call {
                 id: 7,
                 method: Bytes::from_static(b"add"),
-                args: Bytes::from_static(b"[1,2]")
+                args: Bytes::from_static(b"[1,2]"),
+                queued: false,
             }
         );
 
+        let ready = Ready {
+            version: PROTOCOL_VERSION,
+            pid: 42,
+            threads: 3,
+            async_methods: vec!["sleep".into(), "".into()],
+        };
         let mut out = Vec::new();
-        encode_ready(42, &mut out);
+        encode_ready(&ready, &mut out);
         assert_eq!(
             decode_from_worker(out.into()).unwrap(),
-            FromWorker::Ready {
-                version: PROTOCOL_VERSION,
-                pid: 42
-            }
+            FromWorker::Ready(ready)
+        );
+
+        let mut out = Vec::new();
+        encode_started(11, &mut out);
+        assert_eq!(
+            decode_from_worker(out.into()).unwrap(),
+            FromWorker::Started { id: 11 }
         );
 
         let mut out = Vec::new();
@@ -345,6 +453,12 @@ mod tests {
         assert_eq!(method_of_call_frame(&out), "add");
         assert_eq!(id_of_call_frame(&out), 7);
         assert_eq!(method_of_call_frame(&out[..14]), "");
+        set_call_queued(&mut out, true);
+        let payload = Bytes::copy_from_slice(&out[frame::HEAD_LEN..]);
+        assert!(matches!(
+            decode_to_worker(payload).unwrap(),
+            ToWorker::Call { queued: true, id: 7, .. }
+        ));
     }
 
     #[test]
@@ -356,6 +470,8 @@ mod tests {
             b"\x82abc",
             b"\x83\0\0\0\0\0\0\0\0\x09",
             b"\x02\0",
+            b"\x85\0\0",
+            b"\x81\x02\0\0\0\0\0\x01\0\x05\0",
         ] {
             assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());

@@ -130,3 +130,42 @@ pub(crate) fn die_with_parent(expected_parent: Option<u32>) {
         }
     }
 }
+
+/// Reads from a blocking descriptor into the spare capacity of `buf` (no zero-filling, which
+/// would cost a memset per read on the worker's hot path). Returns 0 at end of file.
+pub(crate) fn read_into(fd: &OwnedFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    use bytes::BufMut;
+    use std::os::fd::AsRawFd;
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(64 * 1024);
+    }
+    let spare = buf.chunk_mut();
+    loop {
+        // SAFETY: read(2) writes at most `spare.len()` bytes into memory `buf` owns and has
+        // reserved; `advance_mut` below covers exactly the bytes it reported.
+        let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: the kernel initialised `n` bytes of the spare capacity.
+            unsafe { buf.advance_mut(n) };
+            return Ok(n);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// Clears `O_NONBLOCK` on a descriptor, so plain blocking reads and writes work on it.
+pub(crate) fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl with integer arguments on a descriptor the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

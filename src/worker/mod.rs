@@ -24,11 +24,17 @@
 //!
 //! # Threads
 //!
-//! Like a Node worker, a worker runs on **one thread** by default: async handlers interleave
-//! while they await, and sync (CPU-bound) handlers run one at a time, right in the read
-//! loop. So `N` workers × 10 concurrent calls keep `N` cores busy, not `10·N` threads.
-//! [`threads`](Worker::threads) opts out: with `threads(n)` up to `n` handlers run in
-//! parallel on a multi-threaded runtime.
+//! Like a Node worker, a worker runs its sync (CPU-bound) handlers on **one thread** by
+//! default, one at a time, right where it reads its calls: no hand-off between threads, and
+//! never inside a tokio runtime, so a handler may use a blocking client that builds its own.
+//! Async handlers, if the worker has any, run on a small runtime of their own and interleave
+//! while they await. [`threads`](Worker::threads) opts out: with `threads(n)` up to `n` sync
+//! handlers run in parallel (and the async runtime gets `n` threads).
+//!
+//! The worker tells the farm in its handshake how many sync handlers it runs at once and
+//! which methods are async, so the farm knows which of the calls it sent are running and
+//! which only wait (see the README on failures: a waiting call is never charged for a
+//! crash or a hang it had no part in).
 //!
 //! # Standard streams
 //!
@@ -39,23 +45,17 @@
 //! The worker exits when the farm closes its stdin, after finishing the calls it has.
 
 mod handler;
+mod serve;
 
-use crate::farm::process::{PARENT_PID_ENV, WORKER_ENV};
-use crate::protocol::frame::{self, FrameDecoder, DEFAULT_MAX_FRAME};
-use crate::protocol::{self, FailureKind, ToWorker, PROTOCOL_VERSION};
+use crate::protocol::launch::{PARENT_PID_ENV, WORKER_ENV};
 use crate::serializer::{Builtin, Serializer};
 use crate::sys;
-use bytes::BytesMut;
-use handler::{async_handler, error_frame, reply_frame, sync_handler, Failure, Handler};
+use handler::{async_handler, sync_handler, Handler};
 use serde::{de::DeserializeOwned, Serialize};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::{self, Display};
 use std::future::Future;
-use std::os::fd::OwnedFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
 
 /// The name of the default method on the wire.
 pub const DEFAULT_METHOD: &str = "";
@@ -83,7 +83,8 @@ impl Default for Worker<Builtin> {
 }
 
 impl Worker<Builtin> {
-    /// A worker with no methods that speaks both built-in serializers (JSON and CBOR).
+    /// A worker with no methods that speaks every built-in serializer (JSON, CBOR and
+    /// Postcard), choosing the one the farm names in its handshake.
     pub fn new() -> Self {
         Worker::with_serializer(Builtin::Json)
     }
@@ -120,8 +121,8 @@ impl<S: Serializer> Worker<S> {
         }
     }
 
-    /// Runs up to `n` handlers in parallel on a multi-threaded runtime. Default: 1 (one
-    /// thread, like a Node worker).
+    /// Runs up to `n` sync handlers in parallel, each on a thread of its own. Default: 1
+    /// (one thread, like a Node worker).
     #[must_use]
     pub fn threads(mut self, n: usize) -> Self {
         self.threads = n.max(1);
@@ -238,20 +239,10 @@ impl<S: Serializer> Worker<S> {
         sys::die_with_parent(parent);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;
-        let threads = self.threads;
-        let run = move || {
-            let mut builder = if threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(threads);
-                b
-            };
-            let runtime = builder.enable_all().build().map_err(serve_error)?;
-            runtime.block_on(self.serve_on(input, output))
-        };
+        let run = move || serve::serve(self, input, output);
         if tokio::runtime::Handle::try_current().is_ok() {
-            // Called from inside a runtime (say `#[tokio::main]`): serve on a thread of our own.
+            // Called from inside a runtime (say `#[tokio::main]`): serve on a thread of our
+            // own, so sync handlers run outside any runtime.
             std::thread::spawn(run)
                 .join()
                 .unwrap_or_else(|_| Err(serve_error("worker thread panicked")))
@@ -260,132 +251,12 @@ impl<S: Serializer> Worker<S> {
         }
     }
 
-    async fn serve_on(self, input: OwnedFd, output: OwnedFd) -> Result<(), ServeError> {
-        let not_a_pipe = |e| {
-            serve_error(format_args!("stdin/stdout are not a farm's pipes ({e}); start this binary through workfarm::Farm"))
-        };
-        let mut reader = pipe::Receiver::from_owned_fd(input).map_err(not_a_pipe)?;
-        let mut writer = pipe::Sender::from_owned_fd(output).map_err(not_a_pipe)?;
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        let mut decoder = FrameDecoder::new(DEFAULT_MAX_FRAME);
-
-        // Handshake: the farm's Hello first, then our Ready (or Fatal).
-        let hello = loop {
-            match decoder.decode(&mut buf).map_err(serve_error)? {
-                Some(payload) => {
-                    break protocol::decode_to_worker(payload.freeze()).map_err(serve_error)?
-                }
-                None => {
-                    if reader.read_buf(&mut buf).await.map_err(serve_error)? == 0 {
-                        return Err(serve_error("the farm closed stdin before the handshake"));
-                    }
-                }
-            }
-        };
-        let ToWorker::Hello(hello) = hello else {
-            return Err(serve_error("the farm did not start with a handshake"));
-        };
-        let max_frame = hello.max_frame as usize;
-        let mut out = Vec::with_capacity(64 * 1024);
-        let refusal = if hello.version != PROTOCOL_VERSION {
-            Some(format!(
-                "farm speaks protocol version {}, worker speaks {PROTOCOL_VERSION}",
-                hello.version
-            ))
-        } else if self.serializer.select(&hello.serializer).is_none() {
-            Some(format!(
-                "worker does not speak serializer {:?}",
-                hello.serializer
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = refusal {
-            let start = frame::begin(&mut out);
-            protocol::encode_fatal(&why, &mut out);
-            let _ = frame::finish(&mut out, start, max_frame);
-            let _ = writer.write_all(&out).await;
-            return Err(serve_error(why));
-        }
-        let Some(serializer) = self.serializer.select(&hello.serializer) else {
-            return Err(serve_error("serializer vanished"));
-        };
-        decoder = FrameDecoder::new(max_frame);
-        let start = frame::begin(&mut out);
-        protocol::encode_ready(std::process::id(), &mut out);
-        let _ = frame::finish(&mut out, start, max_frame);
-        writer.write_all(&out).await.map_err(serve_error)?;
-        out.clear();
-
-        let parallel = self.threads > 1;
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let mut pending = 0usize;
-        let mut eof = false;
-        while !eof || pending > 0 {
-            tokio::select! {
-                read = reader.read_buf(&mut buf), if !eof => {
-                    if read.map_err(serve_error)? == 0 {
-                        eof = true;
-                    }
-                    loop {
-                        let payload = match decoder.decode(&mut buf) {
-                            Ok(Some(payload)) => payload,
-                            Ok(None) => break,
-                            Err(e) => return Err(serve_error(format_args!("bad frame from the farm: {e}"))),
-                        };
-                        let (id, method, args) = match protocol::decode_to_worker(payload.freeze()) {
-                            Ok(ToWorker::Call { id, method, args }) => (id, method, args),
-                            Ok(ToWorker::Hello(_)) => return Err(serve_error("second handshake from the farm")),
-                            Err(e) => return Err(serve_error(format_args!("bad message from the farm: {e}"))),
-                        };
-                        let method = protocol::method_name(&method);
-                        match self.handlers.get(method) {
-                            None => error_frame(id, &Failure::new(FailureKind::UnknownMethod, method), max_frame, &mut out),
-                            Some(Handler::Sync(f)) if !parallel => {
-                                reply_frame(id, max_frame, &mut out, |out| f(&serializer, &args, out));
-                            }
-                            Some(Handler::Sync(f)) => {
-                                let (f, s, done) = (f.clone(), serializer.clone(), done_tx.clone());
-                                pending += 1;
-                                tokio::spawn(async move {
-                                    let mut frame = Vec::new();
-                                    reply_frame(id, max_frame, &mut frame, |out| f(&s, &args, out));
-                                    let _ = done.send(frame);
-                                });
-                            }
-                            Some(Handler::Async(f)) => match f(&serializer, &args, id, max_frame) {
-                                Ok(future) => {
-                                    pending += 1;
-                                    let done = done_tx.clone();
-                                    tokio::spawn(async move {
-                                        let _ = done.send(future.await);
-                                    });
-                                }
-                                Err(failure) => error_frame(id, &failure, max_frame, &mut out),
-                            },
-                        }
-                    }
-                }
-                Some(frame) = done_rx.recv(), if pending > 0 => {
-                    pending -= 1;
-                    out.extend_from_slice(&frame);
-                }
-            }
-            while let Ok(frame) = done_rx.try_recv() {
-                pending -= 1;
-                out.extend_from_slice(&frame);
-            }
-            if !out.is_empty() {
-                writer.write_all(&out).await.map_err(serve_error)?;
-                out.clear();
-                if out.capacity() > 1024 * 1024 {
-                    out.shrink_to(64 * 1024);
-                }
-            }
-            if buf.capacity() - buf.len() < 16 * 1024 {
-                buf.reserve(64 * 1024);
-            }
-        }
-        Ok(())
+    /// The names of the async methods, announced in the handshake.
+    fn async_methods(&self) -> Vec<String> {
+        self.handlers
+            .iter()
+            .filter(|(_, h)| matches!(h, Handler::Async(_)))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }

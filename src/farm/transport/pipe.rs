@@ -1,40 +1,30 @@
 //! The pipe transport: one child process per worker, frames over its stdin and stdout.
 //!
-//! The dispatcher sees a worker only through a [`WorkerLink`] (frames out, signals) and the
-//! [`Inbound`] messages a worker's tasks send it (frames in, faults, exit). Nothing here
-//! knows about queues, retries or timeouts, so another transport can stand in its place.
+//! Nothing here knows about queues, retries or timeouts: the dispatcher sees a worker only
+//! through its [`Link`] and the [`Inbound`] messages its tasks send.
 //!
 //! Each worker gets three tasks: a writer that drains what the pipe could not take at once
 //! (see [`Outbox`]), a supervisor that reads and decodes frames and reaps the process, and
 //! an stderr forwarder that copies the worker's stderr to ours and remembers the last lines
 //! for error reports (so the pipe never fills).
 
+use super::stderr::forward_stderr;
+use super::{Inbound, Link, Transport};
 use crate::error::ExitInfo;
 use crate::event::WorkerId;
-use crate::options::StderrMode;
+use crate::options::Settings;
 use crate::protocol::frame::FrameDecoder;
-use crate::protocol::{decode_from_worker, FromWorker};
+use crate::protocol::{decode_from_worker, launch, FromWorker};
 use crate::sys::{kill_group_remnants, signal_group, Signal};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
-use std::ffi::OsString;
-use std::io::Write;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, Notify};
-
-/// Environment variable that marks a process as started by a farm.
-pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
-/// Environment variable carrying the parent's pid, for the worker's parent-death check.
-pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
-
-/// Lines of a worker's stderr kept for error reports.
-const STDERR_TAIL_LINES: usize = 10;
 /// Frames at least this big are written on their own instead of being copied into a batch.
 const DIRECT_WRITE: usize = 32 * 1024;
 /// Pipe buffer asked for on each side (Linux allows up to 1 MiB unprivileged by default).
@@ -42,33 +32,33 @@ const PIPE_SIZE: usize = 1024 * 1024;
 /// Read buffer size for a worker's stdout.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// What a worker's tasks tell the dispatcher.
+/// Starts workers as child processes of this one.
 #[derive(Debug)]
-pub(crate) enum Inbound {
-    /// Messages decoded from one read, in order.
-    Messages {
-        worker: WorkerId,
-        messages: Vec<FromWorker>,
-    },
-    /// The worker broke the protocol; nothing more will be read from it.
-    Fault { worker: WorkerId, message: String },
-    /// The process ended and was reaped; every message it sent was delivered before this.
-    Exited {
-        worker: WorkerId,
-        exit: ExitInfo,
-        stderr_tail: Vec<String>,
-    },
+pub(crate) struct Pipes {
+    settings: Arc<Settings>,
 }
 
-/// How to start a worker process.
-#[derive(Debug, Clone)]
-pub(crate) struct SpawnSpec {
-    pub(crate) program: PathBuf,
-    pub(crate) args: Vec<OsString>,
-    pub(crate) envs: Vec<(OsString, OsString)>,
-    pub(crate) cwd: Option<PathBuf>,
-    pub(crate) max_frame: usize,
-    pub(crate) stderr: StderrMode,
+impl Pipes {
+    pub(crate) fn new(settings: Arc<Settings>) -> Self {
+        Pipes { settings }
+    }
+}
+
+impl Transport for Pipes {
+    type Link = WorkerLink;
+
+    fn spawn(
+        &mut self,
+        worker: WorkerId,
+        hello: &[u8],
+        inbound: &mpsc::UnboundedSender<Inbound>,
+    ) -> std::io::Result<WorkerLink> {
+        spawn(&self.settings, worker, hello, inbound.clone())
+    }
+
+    fn describe(&self) -> String {
+        self.settings.program.display().to_string()
+    }
 }
 
 /// The dispatcher's handle on one worker.
@@ -83,14 +73,14 @@ pub(crate) struct WorkerLink {
     pid: u32,
 }
 
-impl WorkerLink {
-    pub(crate) fn pid(&self) -> u32 {
+impl Link for WorkerLink {
+    fn pid(&self) -> u32 {
         self.pid
     }
 
     /// Queues a frame for the worker; it is written by the next [`flush`](Self::flush) at the
     /// latest. Dropped if the worker's input is already closed.
-    pub(crate) fn send(&mut self, frame: &[u8]) {
+    fn send(&mut self, frame: &[u8]) {
         let Some(outbox) = &self.outbox else {
             return;
         };
@@ -107,7 +97,7 @@ impl WorkerLink {
 
     /// Writes the frames queued since the last flush, in one system call when the pipe has
     /// room (the dispatcher flushes once per turn, so many calls share a `write`).
-    pub(crate) fn flush(&mut self) {
+    fn flush(&mut self) {
         if self.pending.is_empty() {
             return;
         }
@@ -121,15 +111,23 @@ impl WorkerLink {
     }
 
     /// Closes the worker's stdin once queued frames are written: the polite stop.
-    pub(crate) fn close_input(&mut self) {
+    fn close_input(&mut self) {
         self.flush();
         if let Some(outbox) = self.outbox.take() {
             outbox.close();
         }
     }
 
-    pub(crate) fn signal(&self, signal: Signal) {
-        let _ = self.control.send(signal);
+    fn terminate(&mut self) {
+        let _ = self.control.send(Signal::Terminate);
+    }
+
+    fn kill(&mut self) {
+        let _ = self.control.send(Signal::Kill);
+    }
+
+    fn memory(&self) -> Option<u64> {
+        crate::sys::rss_bytes(self.pid)
     }
 }
 
@@ -217,8 +215,8 @@ impl Outbox {
 }
 
 /// Starts a worker process and its tasks; `hello` is the first frame it is sent.
-pub(crate) fn spawn(
-    spec: &SpawnSpec,
+fn spawn(
+    spec: &Settings,
     worker: WorkerId,
     hello: &[u8],
     inbound: mpsc::UnboundedSender<Inbound>,
@@ -226,8 +224,8 @@ pub(crate) fn spawn(
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.envs.iter().map(|(k, v)| (k, v)))
-        .env(WORKER_ENV, "1")
-        .env(PARENT_PID_ENV, std::process::id().to_string())
+        .env(launch::WORKER_ENV, "1")
+        .env(launch::PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -375,84 +373,6 @@ async fn write_all(pipe: &pipe::Sender, mut bytes: &[u8]) -> std::io::Result<()>
     Ok(())
 }
 
-/// Drains the worker's stderr (so the pipe never fills), passes it on as `mode` says, and
-/// returns its last lines. Reads in chunks, so a line without end costs bounded memory.
-async fn forward_stderr(mut stderr: ChildStderr, pid: u32, mode: StderrMode) -> Vec<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut tail = StderrTail::default();
-    loop {
-        let n = match stderr.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let chunk = &buf[..n];
-        if mode == StderrMode::Forward {
-            let _ = std::io::stderr().lock().write_all(chunk);
-        }
-        tail.feed(chunk, |line| {
-            if mode == StderrMode::Log {
-                tracing::info!(target: "workfarm::worker", pid, "{line}");
-            }
-        });
-    }
-    tail.finish(|line| {
-        if mode == StderrMode::Log {
-            tracing::info!(target: "workfarm::worker", pid, "{line}");
-        }
-    });
-    tracing::trace!(pid, "worker stderr closed");
-    tail.lines.into()
-}
-
-/// The last lines of a worker's stderr, assembled from chunks.
-#[derive(Debug, Default)]
-struct StderrTail {
-    lines: VecDeque<String>,
-    partial: Vec<u8>,
-}
-
-impl StderrTail {
-    /// Longest line kept whole; longer ones are cut into pieces of this size.
-    const MAX_LINE: usize = 4096;
-
-    fn feed(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&str)) {
-        while !chunk.is_empty() {
-            let room = Self::MAX_LINE - self.partial.len();
-            match chunk.iter().take(room).position(|&b| b == b'\n') {
-                Some(i) => {
-                    self.partial.extend_from_slice(&chunk[..i]);
-                    chunk = &chunk[i + 1..];
-                    self.end_line(&mut on_line);
-                }
-                None => {
-                    let take = chunk.len().min(room);
-                    self.partial.extend_from_slice(&chunk[..take]);
-                    chunk = &chunk[take..];
-                    if self.partial.len() == Self::MAX_LINE {
-                        self.end_line(&mut on_line);
-                    }
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, mut on_line: impl FnMut(&str)) {
-        if !self.partial.is_empty() {
-            self.end_line(&mut on_line);
-        }
-    }
-
-    fn end_line(&mut self, on_line: &mut impl FnMut(&str)) {
-        let line = String::from_utf8_lossy(&self.partial).trim_end().to_owned();
-        self.partial.clear();
-        on_line(&line);
-        if self.lines.len() == STDERR_TAIL_LINES {
-            self.lines.pop_front();
-        }
-        self.lines.push_back(line.chars().take(500).collect());
-    }
-}
-
 struct Supervised {
     worker: WorkerId,
     child: Child,
@@ -492,7 +412,14 @@ async fn supervise(s: Supervised) {
         tokio::select! {
             read = read_some(&mut stdout, &mut buf), if reading => {
                 match read {
-                    Ok(0) | Err(_) => reading = false,
+                    Ok(0) | Err(_) => {
+                        reading = false;
+                        if status.is_none() {
+                            // The frame stream ended but the process lives on: it can
+                            // answer nothing more.
+                            let _ = inbound.send(Inbound::Closed { worker });
+                        }
+                    }
                     Ok(_) => {
                         let (messages, fault) = decode_all(&mut decoder, &mut buf);
                         if !messages.is_empty() {
@@ -576,43 +503,3 @@ fn decode_all(decoder: &mut FrameDecoder, buf: &mut BytesMut) -> (Vec<FromWorker
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lines_of(chunks: &[&[u8]]) -> (Vec<String>, Vec<String>) {
-        let mut tail = StderrTail::default();
-        let mut seen = Vec::new();
-        for chunk in chunks {
-            tail.feed(chunk, |l| seen.push(l.to_owned()));
-        }
-        tail.finish(|l| seen.push(l.to_owned()));
-        (seen, tail.lines.into())
-    }
-
-    #[test]
-    fn lines_are_assembled_across_chunks() {
-        let (seen, _) = lines_of(&[b"he", b"llo\nwor", b"ld\n", b"end"]);
-        assert_eq!(seen, ["hello", "world", "end"]);
-    }
-
-    #[test]
-    fn only_the_last_lines_are_kept() {
-        let text: String = (0..50).map(|i| format!("line {i}\n")).collect();
-        let (seen, tail) = lines_of(&[text.as_bytes()]);
-        assert_eq!(seen.len(), 50);
-        assert_eq!(tail.len(), STDERR_TAIL_LINES);
-        assert_eq!(tail.last().map(String::as_str), Some("line 49"));
-    }
-
-    #[test]
-    fn an_endless_line_costs_bounded_memory() {
-        let chunk = vec![b'x'; 10_000];
-        let mut tail = StderrTail::default();
-        for _ in 0..100 {
-            tail.feed(&chunk, |_| {});
-            assert!(tail.partial.len() <= StderrTail::MAX_LINE);
-        }
-        assert!(tail.lines.iter().all(|l| l.len() <= 500));
-    }
-}

@@ -1,0 +1,13 @@
+//! The farm's policies, one per file. Each is a small piece of state (or none) that answers
+//! a question with a verdict; the dispatcher applies the verdicts and does the I/O, so each
+//! policy is tested here on its own, with tables and no processes.
+//!
+//! - [`retry`]: a call's attempt failed or its worker went: re-queue charged, free, or settle.
+//! - [`startup`]: did a worker fail to start; how long to back off; when to fail fast.
+//! - [`recycle`]: ttl, idle time and memory: retire a worker now, or keep it.
+//! - [`timers`]: every deadline, each owned by a call or a worker and removed with it.
+
+pub(crate) mod recycle;
+pub(crate) mod retry;
+pub(crate) mod startup;
+pub(crate) mod timers;

@@ -1,0 +1,159 @@
+//! Start failures: a binary that cannot start is restarted with backoff, never in a hot
+//! loop, and after a few failures in a row with no worker online, calls fail fast.
+//!
+//! Only a worker that never proved it can serve counts: one that went before its
+//! handshake, or within [`EARLY_DEATH`] of it before it was handed any call. A worker that
+//! goes while running calls is a worker failure (its calls follow the retry policy, its
+//! replacement starts at once): a poison call must not slow or fail the calls around it.
+
+use crate::error::ExitInfo;
+use std::time::Duration;
+
+/// Consecutive start failures after which `ready()` waiters learn why, and (with no worker
+/// online) calls fail fast.
+pub(crate) const FAILURES_BEFORE_FAILING: u32 = 3;
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A worker that goes this soon after its handshake, before being handed a call, failed to
+/// start (a worker that exits on its own at once, say).
+pub(crate) const EARLY_DEATH: Duration = Duration::from_secs(1);
+
+/// Whether a worker has yet to prove it can serve: `online_for` is how long ago its
+/// handshake completed (`None`: not yet), `handed_any` whether it was ever given a call.
+pub(crate) fn is_young(online_for: Option<Duration>, handed_any: bool) -> bool {
+    match online_for {
+        None => true,
+        Some(t) => !handed_any && t < EARLY_DEATH,
+    }
+}
+
+/// What to do after a start failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// Wait this long before spawning again.
+    pub(crate) backoff: Duration,
+    /// Tell `ready()` waiters: workers are not about to come up.
+    pub(crate) fail_ready: bool,
+    /// Fail queued and new calls with this failure until a worker comes online.
+    pub(crate) fail_calls: bool,
+}
+
+/// The farm's start-up record.
+#[derive(Debug, Default)]
+pub(crate) struct Startup {
+    failures: u32,
+    /// Set while calls fail fast: why no worker starts.
+    failing: Option<String>,
+}
+
+impl Startup {
+    /// A worker failed to start (`why`); `any_online` whether another worker serves.
+    pub(crate) fn failed(&mut self, why: &str, any_online: bool) -> Verdict {
+        self.failures = self.failures.saturating_add(1);
+        let exp = self.failures.saturating_sub(1).min(10);
+        let backoff = (BACKOFF_FIRST * 2u32.pow(exp)).min(BACKOFF_MAX);
+        let over = self.failures >= FAILURES_BEFORE_FAILING;
+        if over && !any_online {
+            self.failing = Some(why.to_owned());
+        }
+        Verdict {
+            backoff,
+            fail_ready: over,
+            fail_calls: over && !any_online,
+        }
+    }
+
+    /// A worker completed its handshake: calls may be taken again (the failure count, and
+    /// so the backoff, is kept until a worker answers a call).
+    pub(crate) fn online(&mut self) {
+        self.failing = None;
+    }
+
+    /// A worker answered its first call: the binary works.
+    pub(crate) fn proved(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Why calls fail fast, while they do.
+    pub(crate) fn failing(&self) -> Option<&str> {
+        self.failing.as_deref()
+    }
+
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// The start-failure message for a worker that ended: the program, what happened, how it
+/// ended, and its last stderr lines.
+pub(crate) fn exit_message(
+    program: &str,
+    what: &str,
+    exit: ExitInfo,
+    stderr_tail: &[String],
+) -> String {
+    let mut why = format!("{program} {what} with {exit}");
+    if !stderr_tail.is_empty() {
+        why.push_str("; last stderr lines:\n");
+        why.push_str(&stderr_tail.join("\n"));
+    }
+    why
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn youth_ends_with_the_first_call_or_after_a_second() {
+        let table = [
+            (None, false, true),
+            (None, true, true),
+            (Some(Duration::from_millis(10)), false, true),
+            (Some(Duration::from_millis(10)), true, false),
+            (Some(EARLY_DEATH), false, false),
+        ];
+        for (online_for, handed, young) in table {
+            assert_eq!(is_young(online_for, handed), young, "{online_for:?} {handed}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        let mut s = Startup::default();
+        let delays: Vec<_> = (0..10).map(|_| s.failed("x", true).backoff).collect();
+        assert_eq!(delays[0], Duration::from_millis(50));
+        assert_eq!(delays[1], Duration::from_millis(100));
+        assert_eq!(delays[2], Duration::from_millis(200));
+        assert_eq!(delays[9], BACKOFF_MAX);
+    }
+
+    #[test]
+    fn calls_fail_fast_only_with_no_worker_online() {
+        let mut s = Startup::default();
+        assert!(!s.failed("x", false).fail_calls);
+        assert!(!s.failed("x", false).fail_calls);
+        let third = s.failed("boom", false);
+        assert!(third.fail_calls && third.fail_ready);
+        assert_eq!(s.failing(), Some("boom"));
+        s.online();
+        assert_eq!(s.failing(), None);
+
+        let mut s = Startup::default();
+        for _ in 0..5 {
+            let v = s.failed("x", true);
+            assert!(!v.fail_calls);
+        }
+        assert!(s.failed("x", true).fail_ready);
+    }
+
+    #[test]
+    fn a_served_call_resets_the_count() {
+        let mut s = Startup::default();
+        s.failed("x", false);
+        s.failed("x", false);
+        s.proved();
+        assert_eq!(s.failures(), 0);
+        assert_eq!(s.failed("x", false).backoff, Duration::from_millis(50));
+    }
+}

@@ -180,7 +180,12 @@ async fn least_loaded_dispatch_sends_new_calls_to_the_idle_worker() {
 
 #[tokio::test]
 async fn max_concurrent_calls_refuses_at_once_then_accepts_again() {
-    let farm = Farm::create(options(1).max_concurrent_calls(2)).unwrap();
+    let farm = Farm::create(
+        options(1)
+            .max_concurrent_calls(2)
+            .max_concurrent_calls_per_worker(2),
+    )
+    .unwrap();
     all_online(&farm, 1).await;
     let a = farm.run_method::<_, u32>("block", 400u64);
     let b = farm.run_method::<_, u32>("block", 400u64);

@@ -147,18 +147,25 @@ async fn slow_call_times_out_and_quick_calls_succeed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_sharing_a_timed_out_worker_are_requeued_uncharged() {
-    // One single-threaded worker: `spin` wedges it, so the calls sent after it cannot run
-    // there. When `spin` times out they must run on the replacement, even with no retries.
+    // One single-threaded worker, pipelined: `spin` wedges it, so the calls sent after it
+    // wait inside it. When `spin` times out they must run on the replacement, even with no
+    // retries.
     let after = Duration::from_millis(1000);
-    let farm = Farm::create(options(1).max_retries(0).timeout(after)).unwrap();
+    let farm = Farm::create(
+        options(1)
+            .max_retries(0)
+            .timeout(after)
+            .max_concurrent_calls_per_worker(5),
+    )
+    .unwrap();
     let mut events = farm.events();
     wait_for_event(&mut events, SOON, |e| matches!(e, Event::Online { .. })).await;
     let spin = farm.run_method::<_, ()>("spin", ());
     let others: Vec<_> = (0..4i64)
         .map(|i| farm.run_method::<_, i64>("add", (i, 10)))
         .collect();
-    // All five calls share the one worker.
-    wait_status(&farm, SOON, |s| s.in_flight() == 5).await;
+    // All five calls share the one worker; four of them wait behind `spin`.
+    wait_status(&farm, SOON, |s| s.in_flight() == 5 && s.workers[0].waiting == 4).await;
 
     assert_eq!(
         timeout(SOON, spin).await.unwrap().unwrap_err(),

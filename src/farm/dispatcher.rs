@@ -635,12 +635,15 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
-    /// The worker's frame stream ended while it runs: it answers nothing more. Stop it; its
-    /// calls are settled when it exits (with its exit status).
+    /// The worker's frame stream ended: it answers nothing more. Usually it is exiting (a
+    /// crash closes the stream first); if it lingers, it is killed after `kill_timeout`.
+    /// Its calls are settled when it exits, with its exit status.
     fn on_closed(&mut self, id: WorkerId) {
-        if self.workers.get(id).is_some_and(|w| w.state != WorkerState::Stopping) {
+        let Some(w) = self.workers.get(id) else { return };
+        if w.state != WorkerState::Stopping && !w.closed {
             tracing::debug!(worker = id.as_u64(), "worker closed its frame stream");
-            self.stop(id, true);
+            w.closed = true;
+            self.timers.set(Timer::Kill(id), self.settings.kill_timeout);
         }
     }
 
@@ -678,6 +681,7 @@ impl<T: Transport> Dispatcher<T> {
         self.emit(Event::Exited { worker: id, pid, exit });
         let online_for = w.online_since.map(|t| t.elapsed());
         let young = startup::is_young(online_for, w.handed_any());
+        let crashed_young = !w.answered && online_for.is_some_and(|t| t < startup::EARLY_DEATH);
         let died = |running| CallError::WorkerDied { worker: id, pid, exit, running };
         let emptied = w.empty();
         self.settle_emptied(id, emptied, Charge::Running(died(true)), died(false));
@@ -698,11 +702,17 @@ impl<T: Transport> Dispatcher<T> {
         };
         match failed_start {
             Some(why) => self.start_failed(Some(id), why),
+            // It died on its own; one the farm stopped was replaced then, or not at all
+            // (idle workers are replaced when calls need them).
             None if w.state != WorkerState::Stopping => {
                 tracing::warn!(worker = id.as_u64(), pid, %exit, "worker died");
+                if crashed_young && !self.timers.is_set(Timer::Respawn) {
+                    let pace = self.startup.crashed_young();
+                    self.timers.set(Timer::Respawn, pace);
+                }
                 self.ensure_workers();
             }
-            None => self.ensure_workers(),
+            None => {}
         }
     }
 

@@ -107,6 +107,9 @@ pub(crate) struct Worker<L> {
     pub(crate) answered: bool,
     /// Set when the farm stopped it as a start failure: why.
     pub(crate) start_failure: Option<String>,
+    /// Its frame stream ended: it takes no calls, and counts as live until it exits (so it
+    /// is replaced then, as any worker that died).
+    pub(crate) closed: bool,
 }
 
 impl<L> Worker<L> {
@@ -126,6 +129,7 @@ impl<L> Worker<L> {
             online_since: None,
             answered: false,
             start_failure: None,
+            closed: false,
         }
     }
 
@@ -173,6 +177,9 @@ impl<L> Worker<L> {
     ///
     /// [`FarmOptions::max_concurrent_calls_per_worker`]: crate::FarmOptions::max_concurrent_calls_per_worker
     pub(crate) fn has_room(&self, method: &str, per_worker: Option<usize>) -> bool {
+        if self.closed {
+            return false;
+        }
         match (per_worker, self.kind_of(method)) {
             (Some(n), _) => self.calls.len() < n,
             (None, Kind::Sync) => self.sync_running + self.sync_waiting < self.threads(),
@@ -182,7 +189,7 @@ impl<L> Worker<L> {
 
     /// Calls it could take now, of any kind (how many to take from the queue for it).
     pub(crate) fn free_slots(&self, per_worker: Option<usize>) -> usize {
-        if self.state != WorkerState::Online {
+        if self.state != WorkerState::Online || self.closed {
             return 0;
         }
         match per_worker {

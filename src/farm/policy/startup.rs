@@ -3,8 +3,11 @@
 //!
 //! Only a worker that never proved it can serve counts: one that went before its
 //! handshake, or within [`EARLY_DEATH`] of it before it was handed any call. A worker that
-//! goes while running calls is a worker failure (its calls follow the retry policy, its
-//! replacement starts at once): a poison call must not slow or fail the calls around it.
+//! goes while running calls is a worker failure: its calls follow the retry policy, nothing
+//! fails fast, and its replacement starts at once, unless workers keep dying young without
+//! answering a single call (a binary that dies 30 ms after start, whatever it runs): then
+//! replacements are paced, 10 ms doubling to 1 s, so even that is no hot loop. Any answer
+//! resets the pace, so a poison call costs its neighbours at most a few milliseconds.
 
 use crate::error::ExitInfo;
 use std::time::Duration;
@@ -14,6 +17,8 @@ use std::time::Duration;
 pub(crate) const FAILURES_BEFORE_FAILING: u32 = 3;
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const PACE_FIRST: Duration = Duration::from_millis(10);
+const PACE_MAX: Duration = Duration::from_secs(1);
 /// A worker that goes this soon after its handshake, before being handed a call, failed to
 /// start (a worker that exits on its own at once, say).
 pub(crate) const EARLY_DEATH: Duration = Duration::from_secs(1);
@@ -42,6 +47,8 @@ pub(crate) struct Verdict {
 #[derive(Debug, Default)]
 pub(crate) struct Startup {
     failures: u32,
+    /// Workers in a row that died young while running calls, answering none.
+    young_crashes: u32,
     /// Set while calls fail fast: why no worker starts.
     failing: Option<String>,
 }
@@ -72,6 +79,15 @@ impl Startup {
     /// A worker answered its first call: the binary works.
     pub(crate) fn proved(&mut self) {
         self.failures = 0;
+        self.young_crashes = 0;
+    }
+
+    /// A worker died young while running calls (a worker failure, not a start failure):
+    /// how long to wait before its replacement.
+    pub(crate) fn crashed_young(&mut self) -> Duration {
+        let exp = self.young_crashes.min(10);
+        self.young_crashes = self.young_crashes.saturating_add(1);
+        (PACE_FIRST * 2u32.pow(exp)).min(PACE_MAX)
     }
 
     /// Why calls fail fast, while they do.
@@ -145,6 +161,18 @@ mod tests {
             assert!(!v.fail_calls);
         }
         assert!(s.failed("x", true).fail_ready);
+    }
+
+    #[test]
+    fn young_crashes_are_paced_gently_and_reset_by_an_answer() {
+        let mut s = Startup::default();
+        let paces: Vec<_> = (0..9).map(|_| s.crashed_young()).collect();
+        assert_eq!(paces[0], Duration::from_millis(10));
+        assert_eq!(paces[1], Duration::from_millis(20));
+        assert_eq!(paces[8], PACE_MAX);
+        assert_eq!(s.failures(), 0, "a crash is not a start failure");
+        s.proved();
+        assert_eq!(s.crashed_young(), Duration::from_millis(10));
     }
 
     #[test]

@@ -210,7 +210,11 @@ impl fmt::Display for CallError {
                 exit,
                 running,
             } => {
-                let when = if *running { "" } else { " while the call waited" };
+                let when = if *running {
+                    ""
+                } else {
+                    " while the call waited"
+                };
                 write!(f, "{worker} (pid {pid}) died{when}: {exit}")
             }
             CallError::Protocol { worker, message } => {

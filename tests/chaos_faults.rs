@@ -23,20 +23,6 @@ fn online_pids(status: &Status) -> HashSet<u32> {
         .collect()
 }
 
-/// Drains the events that have already arrived.
-fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    loop {
-        match events.try_recv() {
-            Ok(event) => out.push(event),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                panic!("event receiver lagged by {n}")
-            }
-            Err(_) => return out,
-        }
-    }
-}
-
 /// Collects every event until `within` has passed since `start`.
 async fn events_until(
     events: &mut broadcast::Receiver<Event>,

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use support::*;
-use tokio::sync::broadcast;
 use tokio::time::timeout;
 use workfarm::{CallError, Event, Farm, WorkerState};
 
@@ -27,29 +26,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    loop {
-        match events.try_recv() {
-            Ok(event) => out.push(event),
-            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                panic!("event receiver lagged by {n}")
-            }
-            Err(_) => return out,
-        }
-    }
-}
-
-fn spawned_pids(events: &[Event]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Spawned { pid, .. } => Some(*pid),
-            _ => None,
-        })
-        .collect()
 }
 
 /// Calls `add` in a loop until the farm refuses with `ShutDown`; returns how many succeeded.

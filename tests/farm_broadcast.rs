@@ -38,15 +38,6 @@ async fn wait_in_flight(farm: &Farm, n: usize) {
     }
 }
 
-/// Every event already in the channel.
-fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        out.push(e);
-    }
-    out
-}
-
 #[tokio::test]
 async fn broadcast_default_method_reaches_each_worker_once() {
     let farm = Farm::create(options(3)).unwrap();
@@ -222,7 +213,9 @@ async fn a_worker_dying_during_a_broadcast_is_its_failure_only() {
     assert_eq!(ok_pid, busy_pid);
     let (dead_worker, err) = &result.failures[0];
     match err {
-        CallError::WorkerDied { worker, pid, exit, .. } => {
+        CallError::WorkerDied {
+            worker, pid, exit, ..
+        } => {
             assert_eq!(worker, dead_worker);
             assert_ne!(*pid, busy_pid);
             assert!(pids.contains(pid));
@@ -263,7 +256,9 @@ async fn every_worker_exiting_in_a_broadcast_fails_each_without_retry() {
     assert_eq!(result.failures.len(), 2);
     for (id, err) in &result.failures {
         match err {
-            CallError::WorkerDied { worker, pid, exit, .. } => {
+            CallError::WorkerDied {
+                worker, pid, exit, ..
+            } => {
                 assert_eq!(worker, id);
                 assert_eq!(exit.code, Some(4));
                 let w = status.workers.iter().find(|w| w.id == *id).unwrap();

@@ -20,14 +20,6 @@ async fn next<T>(events: &mut Receiver<Event>, mut pick: impl FnMut(&Event) -> O
     pick(&e).unwrap()
 }
 
-fn drain(events: &mut Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(e) = events.try_recv() {
-        out.push(e);
-    }
-    out
-}
-
 #[tokio::test]
 async fn spawned_then_online_with_the_worker_pid() {
     let farm = Farm::create(options(2)).unwrap();

@@ -8,18 +8,8 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use support::*;
-use tokio::sync::broadcast;
 use tokio::time::{timeout, Instant};
 use workfarm::{Event, Farm, WorkerState};
-
-/// Drains the events that have already arrived.
-fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        out.push(event);
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn worker_is_replaced_after_ttl_calls() {

@@ -19,15 +19,6 @@ fn online(status: &Status) -> usize {
         .count()
 }
 
-/// Drains the events that have already arrived.
-fn drain(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
-    let mut out = Vec::new();
-    while let Ok(event) = events.try_recv() {
-        out.push(event);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_without_retries_fails_with_the_cause_itself() {
     let farm = Farm::create(options(1).max_retries(0)).unwrap();

@@ -44,16 +44,6 @@ async fn events_until(events: &mut broadcast::Receiver<Event>, deadline: Instant
     out
 }
 
-fn spawned_pids(events: &[Event]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Spawned { pid, .. } => Some(*pid),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn missing_binary_is_refused() {
     let path = temp_path("missing");

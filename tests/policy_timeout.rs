@@ -165,7 +165,10 @@ async fn calls_sharing_a_timed_out_worker_are_requeued_uncharged() {
         .map(|i| farm.run_method::<_, i64>("add", (i, 10)))
         .collect();
     // All five calls share the one worker; four of them wait behind `spin`.
-    wait_status(&farm, SOON, |s| s.in_flight() == 5 && s.workers[0].waiting == 4).await;
+    wait_status(&farm, SOON, |s| {
+        s.in_flight() == 5 && s.workers[0].waiting == 4
+    })
+    .await;
 
     assert_eq!(
         timeout(SOON, spin).await.unwrap().unwrap_err(),

@@ -94,7 +94,12 @@ pub(crate) struct Dispatcher<T: Transport> {
 }
 
 impl<T: Transport> Dispatcher<T> {
-    pub(crate) fn new(settings: Arc<Settings>, hello: Box<[u8]>, transport: T, inputs: Inputs) -> Self {
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        hello: Box<[u8]>,
+        transport: T,
+        inputs: Inputs,
+    ) -> Self {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         Dispatcher {
             retry: RetryPolicy {
@@ -292,7 +297,9 @@ impl<T: Transport> Dispatcher<T> {
         self.mode = Mode::ShuttingDown;
         self.fail_queued();
         for id in self.workers.ids() {
-            let Some(w) = self.workers.get(id) else { continue };
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
             for call in w.pinned.drain(..) {
                 call.reply.send(Err(CallError::ShutDown));
             }
@@ -313,10 +320,20 @@ impl<T: Transport> Dispatcher<T> {
         self.mode = Mode::Killed;
         self.fail_queued();
         for id in self.workers.ids() {
-            let Some(w) = self.workers.get(id) else { continue };
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
             let emptied = w.empty();
-            for call in emptied.running.into_iter().chain(emptied.waiting).chain(emptied.pinned) {
-                self.timers.cancel(Timer::CallTimeout { worker: id, call: call.id() });
+            for call in emptied
+                .running
+                .into_iter()
+                .chain(emptied.waiting)
+                .chain(emptied.pinned)
+            {
+                self.timers.cancel(Timer::CallTimeout {
+                    worker: id,
+                    call: call.id(),
+                });
                 call.reply.send(Err(CallError::ShutDown));
             }
             self.stop(id, true);
@@ -374,15 +391,9 @@ impl<T: Transport> Dispatcher<T> {
     /// Hands broadcast calls, then queued calls, to workers while any has room.
     fn pump(&mut self) {
         let per_worker = self.settings.max_concurrent_calls_per_worker;
-        for id in self.workers.ids() {
-            loop {
-                let Some(w) = self.workers.get(id) else { break };
-                let takes = matches!(w.state, WorkerState::Online | WorkerState::Retiring);
-                let Some(front) = w.pinned.front().filter(|_| takes) else { break };
-                if !front.reply.is_closed() && !w.has_room(front.method(), per_worker) {
-                    break;
-                }
-                if let Some(call) = w.pinned.pop_front().filter(|c| !c.reply.is_closed()) {
+        if self.workers.iter().any(|w| !w.pinned.is_empty()) {
+            for id in self.workers.ids() {
+                while let Some(call) = self.next_pinned(id) {
                     self.hand(id, call);
                 }
             }
@@ -402,6 +413,26 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
+    /// The next broadcast call worker `id` can take now, skipping abandoned ones.
+    fn next_pinned(&mut self, id: WorkerId) -> Option<Call> {
+        let per_worker = self.settings.max_concurrent_calls_per_worker;
+        let w = self.workers.get(id)?;
+        if !matches!(w.state, WorkerState::Online | WorkerState::Retiring) {
+            return None;
+        }
+        loop {
+            let front = w.pinned.front()?;
+            if front.reply.is_closed() {
+                // Its caller stopped waiting: it never runs.
+                w.pinned.pop_front();
+            } else if w.has_room(front.method(), per_worker) {
+                return w.pinned.pop_front();
+            } else {
+                return None;
+            }
+        }
+    }
+
     fn hand(&mut self, id: WorkerId, call: Call) {
         let Some(w) = self.workers.get(id) else {
             self.queue.push_front(call);
@@ -410,7 +441,8 @@ impl<T: Transport> Dispatcher<T> {
         let (call_id, pinned) = (call.id(), call.pinned.is_some());
         tracing::trace!(call = call_id, worker = id.as_u64(), "call sent");
         let started = w.hand(call);
-        let ttl_reached = !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);
+        let ttl_reached =
+            !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);
         self.timers.cancel(Timer::Idle(id));
         if started {
             self.arm_call_timeout(id, call_id);
@@ -429,7 +461,9 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Worker `id` takes no new calls, finishes what it has, and is replaced now.
     fn retire(&mut self, id: WorkerId, why: Event) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         w.state = WorkerState::Retiring;
         let drained = w.is_drained();
         self.emit(why);
@@ -461,14 +495,17 @@ impl<T: Transport> Dispatcher<T> {
         let pid = link.pid();
         tracing::debug!(worker = id.as_u64(), pid, "worker spawned");
         self.emit(Event::Spawned { worker: id, pid });
-        self.timers.set(Timer::Startup(id), self.settings.startup_timeout);
+        self.timers
+            .set(Timer::Startup(id), self.settings.startup_timeout);
         self.workers.add(Worker::new(id, link));
     }
 
     /// Stops worker `id`: closes its input (it exits after its calls), and with `force`
     /// also asks it to stop now; it is killed after `kill_timeout` either way.
     fn stop(&mut self, id: WorkerId, force: bool) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         if force {
             w.link.terminate();
         }
@@ -521,13 +558,18 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     fn on_reply(&mut self, id: WorkerId, call: u64, outcome: Result<Bytes, (FailureKind, String)>) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         let Some(call) = w.take(call) else { return };
         let first_answer = !std::mem::replace(&mut w.answered, true);
         if first_answer {
             self.startup.proved();
         }
-        self.timers.cancel(Timer::CallTimeout { worker: id, call: call.id() });
+        self.timers.cancel(Timer::CallTimeout {
+            worker: id,
+            call: call.id(),
+        });
         self.emit_call_done(id, call.id(), outcome.is_ok());
         match outcome {
             Ok(body) => call.reply.send(Ok(body)),
@@ -549,7 +591,9 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     fn on_ready(&mut self, id: WorkerId, ready: Ready) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         if w.state != WorkerState::Starting {
             return;
         }
@@ -575,7 +619,9 @@ impl<T: Transport> Dispatcher<T> {
     /// After a batch of replies: stop a retiring worker that is done, or start its idle clock.
     fn after_replies(&mut self, id: WorkerId) {
         let idle = self.settings.max_idle_time;
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         if !w.is_drained() {
             return;
         }
@@ -610,8 +656,15 @@ impl<T: Transport> Dispatcher<T> {
         });
         if self.is_young(id) {
             // Say, a `println!` before `serve()`, or not a workfarm worker at all.
-            let online = self.workers.get(id).is_some_and(|w| w.online_since.is_some());
-            let when = if online { "before it was handed a call" } else { "before its handshake" };
+            let online = self
+                .workers
+                .get(id)
+                .is_some_and(|w| w.online_since.is_some());
+            let when = if online {
+                "before it was handed a call"
+            } else {
+                "before its handshake"
+            };
             let why = format!(
                 "{} broke the protocol {when} ({message}); does it print to stdout before serving?",
                 self.transport.describe()
@@ -639,7 +692,9 @@ impl<T: Transport> Dispatcher<T> {
     /// crash closes the stream first); if it lingers, it is killed after `kill_timeout`.
     /// Its calls are settled when it exits, with its exit status.
     fn on_closed(&mut self, id: WorkerId) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         if w.state != WorkerState::Stopping && !w.closed {
             tracing::debug!(worker = id.as_u64(), "worker closed its frame stream");
             w.closed = true;
@@ -649,7 +704,9 @@ impl<T: Transport> Dispatcher<T> {
 
     /// A young worker failed: stop it, and count a start failure when it exits.
     fn fail_start(&mut self, id: WorkerId, why: String, error: CallError) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         w.start_failure = Some(why);
         let emptied = w.empty();
         self.stop(id, true);
@@ -659,7 +716,9 @@ impl<T: Transport> Dispatcher<T> {
     /// The farm gives up on worker `id` (a fault, a fatal frame, a timeout): stop it and
     /// send its calls through the retry policy now, then start a replacement.
     fn drop_worker(&mut self, id: WorkerId, charge: Charge) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         let emptied = w.empty();
         let pinned_error = match &charge {
             Charge::Running(error) => error.clone(),
@@ -674,15 +733,26 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     fn on_exit(&mut self, id: WorkerId, exit: ExitInfo, stderr_tail: &[String]) {
-        let Some(mut w) = self.workers.remove(id) else { return };
+        let Some(mut w) = self.workers.remove(id) else {
+            return;
+        };
         self.timers.cancel_worker(id);
         let pid = w.link.pid();
         tracing::debug!(worker = id.as_u64(), pid, %exit, "worker exited");
-        self.emit(Event::Exited { worker: id, pid, exit });
+        self.emit(Event::Exited {
+            worker: id,
+            pid,
+            exit,
+        });
         let online_for = w.online_since.map(|t| t.elapsed());
         let young = startup::is_young(online_for, w.handed_any());
         let crashed_young = !w.answered && online_for.is_some_and(|t| t < startup::EARLY_DEATH);
-        let died = |running| CallError::WorkerDied { worker: id, pid, exit, running };
+        let died = |running| CallError::WorkerDied {
+            worker: id,
+            pid,
+            exit,
+            running,
+        };
         let emptied = w.empty();
         self.settle_emptied(id, emptied, Charge::Running(died(true)), died(false));
         if self.mode != Mode::Running {
@@ -691,7 +761,12 @@ impl<T: Transport> Dispatcher<T> {
         let program = self.transport.describe();
         let failed_start = match (w.start_failure.take(), online_for) {
             (Some(why), _) => Some(why),
-            (None, None) => Some(startup::exit_message(&program, "exited during startup", exit, stderr_tail)),
+            (None, None) => Some(startup::exit_message(
+                &program,
+                "exited during startup",
+                exit,
+                stderr_tail,
+            )),
             (None, Some(_)) if young => Some(startup::exit_message(
                 &program,
                 "exited right after its handshake",
@@ -721,7 +796,13 @@ impl<T: Transport> Dispatcher<T> {
     /// Sends the calls of a worker that went through the retry policy: running calls as
     /// `charge` says, waiting calls free (recorded as `waiting_error` if they settle or
     /// the worker died), broadcast calls failed with `waiting_error`.
-    fn settle_emptied(&mut self, id: WorkerId, emptied: Emptied, charge: Charge, waiting_error: CallError) {
+    fn settle_emptied(
+        &mut self,
+        id: WorkerId,
+        emptied: Emptied,
+        charge: Charge,
+        waiting_error: CallError,
+    ) {
         let Emptied {
             running,
             waiting,
@@ -732,11 +813,17 @@ impl<T: Transport> Dispatcher<T> {
         }
         let record = matches!(waiting_error, CallError::WorkerDied { .. });
         // Newest first, each to the front of the queue: they leave it oldest first.
-        let mut all: Vec<(Call, bool)> =
-            running.into_iter().map(|c| (c, true)).chain(waiting.into_iter().map(|c| (c, false))).collect();
+        let mut all: Vec<(Call, bool)> = running
+            .into_iter()
+            .map(|c| (c, true))
+            .chain(waiting.into_iter().map(|c| (c, false)))
+            .collect();
         all.sort_by_key(|(c, _)| std::cmp::Reverse(c.id()));
         for (call, was_running) in all {
-            self.timers.cancel(Timer::CallTimeout { worker: id, call: call.id() });
+            self.timers.cancel(Timer::CallTimeout {
+                worker: id,
+                call: call.id(),
+            });
             match (&charge, was_running) {
                 (Charge::Running(error), true) => self.fail_running(call, error.clone(), id),
                 _ => self.displace(call, waiting_error.clone(), record && !was_running),
@@ -775,10 +862,13 @@ impl<T: Transport> Dispatcher<T> {
     /// (the farm is stopping: `ShutDown`; a broadcast, or displaced too often: `error`).
     fn displace(&mut self, mut call: Call, error: CallError, record: bool) {
         match self.retry.displaced(self.attempt_of(&call)) {
-            Verdict::Settle if self.mode != Mode::Running => call.reply.send(Err(CallError::ShutDown)),
+            Verdict::Settle if self.mode != Mode::Running => {
+                call.reply.send(Err(CallError::ShutDown))
+            }
             Verdict::Settle => {
                 let earlier = call.retry.take().map(|r| r.failures).unwrap_or_default();
-                call.reply.send(Err(self.retry.final_error(error, call.attempts, earlier)));
+                call.reply
+                    .send(Err(self.retry.final_error(error, call.attempts, earlier)));
             }
             Verdict::RequeueFree | Verdict::RequeueCharged => {
                 tracing::trace!(call = call.id(), "re-queued free");
@@ -832,7 +922,9 @@ impl<T: Transport> Dispatcher<T> {
         match timer {
             Timer::CallTimeout { worker, call } => self.on_call_timeout(worker, call),
             Timer::Idle(id) => {
-                let Some(w) = self.workers.get(id) else { return };
+                let Some(w) = self.workers.get(id) else {
+                    return;
+                };
                 if w.state == WorkerState::Online && w.is_drained() {
                     tracing::debug!(worker = id.as_u64(), "idle time reached");
                     self.emit(Event::IdleReached { worker: id });
@@ -847,7 +939,9 @@ impl<T: Transport> Dispatcher<T> {
                 }
             }
             Timer::Startup(id) => {
-                let Some(w) = self.workers.get(id) else { return };
+                let Some(w) = self.workers.get(id) else {
+                    return;
+                };
                 if w.state == WorkerState::Starting {
                     w.start_failure = Some(format!(
                         "{} did not complete its handshake within {:?} (startup_timeout; raise \
@@ -866,17 +960,26 @@ impl<T: Transport> Dispatcher<T> {
     /// A call ran past `timeout`: it fails (or is retried), its worker is stopped, and the
     /// calls that shared the worker go back to the queue free.
     fn on_call_timeout(&mut self, id: WorkerId, call: u64) {
-        let Some(w) = self.workers.get(id) else { return };
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
         let Some(culprit) = w.take(call) else { return };
         let after = self.settings.timeout.unwrap_or_default();
-        tracing::debug!(worker = id.as_u64(), call, ?after, "call timed out; stopping its worker");
+        tracing::debug!(
+            worker = id.as_u64(),
+            call,
+            ?after,
+            "call timed out; stopping its worker"
+        );
         self.drop_worker(id, Charge::Nobody);
         self.fail_running(culprit, CallError::Timeout { after }, id);
     }
 
     fn check_memory(&mut self) {
         for id in self.workers.ids() {
-            let Some(w) = self.workers.get(id) else { continue };
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
             if w.state != WorkerState::Online {
                 continue;
             }
@@ -902,3 +1005,7 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "dispatcher_tests.rs"]
+mod tests;

@@ -16,13 +16,13 @@ use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
 use call::{Call, Outcome, Place, Reply};
 use dispatcher::{Command, Dispatcher, Inputs};
-use transport::pipe::Pipes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tracing::Instrument;
+use transport::pipe::Pipes;
 
 /// How many events a slow subscriber may fall behind before it sees `Lagged`.
 const EVENT_CAPACITY: usize = 4096;
@@ -196,7 +196,9 @@ impl<S: Serializer> Farm<S> {
         let transport = Pipes::new(settings.clone());
         let mut dispatcher = Dispatcher::new(settings.clone(), hello, transport, inputs);
         let program = &settings.program;
-        dispatcher.start().map_err(|source| spawn_error(program, source))?;
+        dispatcher
+            .start()
+            .map_err(|source| spawn_error(program, source))?;
         let span = tracing::debug_span!("farm", program = %program.display());
         tokio::spawn(dispatcher.run().instrument(span));
         let core = Arc::new(Core {
@@ -447,7 +449,10 @@ fn decode_result<S: Serializer, T: DeserializeOwned>(
 }
 
 /// The farm's first frame to each worker.
-fn hello_frame(settings: &crate::options::Settings, serializer: &str) -> Result<Box<[u8]>, CreateError> {
+fn hello_frame(
+    settings: &crate::options::Settings,
+    serializer: &str,
+) -> Result<Box<[u8]>, CreateError> {
     let mut hello = Vec::new();
     let start = frame::begin(&mut hello);
     protocol::encode_hello(
@@ -458,9 +463,11 @@ fn hello_frame(settings: &crate::options::Settings, serializer: &str) -> Result<
         },
         &mut hello,
     );
-    frame::finish(&mut hello, start, settings.max_frame).map_err(|_| CreateError::InvalidOption {
-        name: "max_frame",
-        reason: "too small for the handshake",
+    frame::finish(&mut hello, start, settings.max_frame).map_err(|_| {
+        CreateError::InvalidOption {
+            name: "max_frame",
+            reason: "too small for the handshake",
+        }
     })?;
     Ok(hello.into_boxed_slice())
 }

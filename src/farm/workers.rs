@@ -195,8 +195,12 @@ impl<L> Worker<L> {
         match per_worker {
             Some(n) => n.saturating_sub(self.calls.len()),
             None => {
-                let sync = self.threads() - (self.sync_running + self.sync_waiting).min(self.threads());
-                let has_async = self.caps.as_ref().is_some_and(|c| !c.async_methods.is_empty());
+                let sync =
+                    self.threads() - (self.sync_running + self.sync_waiting).min(self.threads());
+                let has_async = self
+                    .caps
+                    .as_ref()
+                    .is_some_and(|c| !c.async_methods.is_empty());
                 let asyn = if has_async {
                     ASYNC_CALLS_PER_WORKER.saturating_sub(self.async_held)
                 } else {
@@ -233,7 +237,14 @@ impl<L> Worker<L> {
         }
         self.given = true;
         let started = starts;
-        self.calls.insert(call.id(), Held { call, kind, started });
+        self.calls.insert(
+            call.id(),
+            Held {
+                call,
+                kind,
+                started,
+            },
+        );
         starts
     }
 

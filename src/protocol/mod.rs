@@ -457,7 +457,11 @@ mod tests {
         let payload = Bytes::copy_from_slice(&out[frame::HEAD_LEN..]);
         assert!(matches!(
             decode_to_worker(payload).unwrap(),
-            ToWorker::Call { queued: true, id: 7, .. }
+            ToWorker::Call {
+                queued: true,
+                id: 7,
+                ..
+            }
         ));
     }
 

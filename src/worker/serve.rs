@@ -245,7 +245,9 @@ impl<S: Serializer> Server<S> {
                     Ok(ToWorker::Hello(_)) => {
                         return Err(serve_error("second handshake from the farm"))
                     }
-                    Err(e) => return Err(serve_error(format_args!("bad message from the farm: {e}"))),
+                    Err(e) => {
+                        return Err(serve_error(format_args!("bad message from the farm: {e}")))
+                    }
                 }
             }
             self.flush()?;
@@ -285,7 +287,9 @@ impl<S: Serializer> Server<S> {
                     // What is ready leaves before a handler that may take a while.
                     self.flush()?;
                     let serializer = &self.serializer;
-                    reply_frame(id, max_frame, &mut self.out, |out| f(serializer, &args, out));
+                    reply_frame(id, max_frame, &mut self.out, |out| {
+                        f(serializer, &args, out)
+                    });
                 }
             },
             Some(Handler::Async(f)) => match f(&self.serializer, &args, id, max_frame) {

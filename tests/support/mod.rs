@@ -143,3 +143,29 @@ pub fn counter_file(tag: &str) -> PathBuf {
         .unwrap_or(0);
     std::env::temp_dir().join(format!("workfarm-{tag}-{}-{nanos}", std::process::id()))
 }
+
+/// Every event already received, without waiting; fails the test if the receiver lagged
+/// (an event the test may need was lost).
+pub fn drain(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
+    let mut out = Vec::new();
+    loop {
+        match events.try_recv() {
+            Ok(event) => out.push(event),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                panic!("event receiver lagged by {n}")
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// The pids of the `Spawned` events among `events`.
+pub fn spawned_pids(events: &[Event]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Spawned { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect()
+}

@@ -100,6 +100,10 @@ fn main() {
         })
         // Exits the whole process with this code, mid-call.
         .method("exit", |code: i32| exit_now(code))
+        // Aborts the whole process (SIGABRT), mid-call: a crash in native code, say.
+        .method("abort", |()| -> () { std::process::abort() })
+        // Closes the frame stream and keeps running (never answers, never exits).
+        .method("close_frames", |()| close_frames())
         // Exits (mid-call) when the random draw is below `p`, else returns its pid.
         .method("exit_sometimes", |p: f64| {
             if rand_unit() < p {
@@ -229,6 +233,26 @@ fn garbage(kind: &str) -> u32 {
         }
     }
     panic!("garbage: no frame descriptor found")
+}
+
+/// Closes the frame descriptor (see [`garbage`] for how it is found), then blocks for good.
+fn close_frames() -> u32 {
+    let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+    let (stdin, stderr) = (link(0), link(2));
+    for fd in 3..64 {
+        let Some(target) = link(fd) else { continue };
+        if target.to_string_lossy().starts_with("pipe:")
+            && Some(&target) != stdin.as_ref()
+            && Some(&target) != stderr.as_ref()
+        {
+            // SAFETY: closing a descriptor this process owns; nothing else uses it until the
+            // worker's next write, which then fails (the point of the test).
+            unsafe { libc::close(fd) };
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3600));
+    std::process::id()
 }
 
 /// A uniform draw in [0, 1) from the clock and pid; good enough for fault injection.

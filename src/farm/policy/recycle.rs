@@ -48,6 +48,9 @@ mod tests {
         assert_eq!(p.memory_exceeded(Some(101)), Some(101));
         assert_eq!(p.memory_exceeded(Some(100)), None);
         assert_eq!(p.memory_exceeded(None), None);
-        assert_eq!(RecyclePolicy::default().memory_exceeded(Some(u64::MAX)), None);
+        assert_eq!(
+            RecyclePolicy::default().memory_exceeded(Some(u64::MAX)),
+            None
+        );
     }
 }

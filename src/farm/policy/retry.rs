@@ -150,7 +150,11 @@ mod tests {
             (CallError::ShutDown, 1, Verdict::Settle),
         ];
         for (error, attempts, expected) in table {
-            assert_eq!(POLICY.failed(&error, attempt(attempts)), expected, "{error:?} #{attempts}");
+            assert_eq!(
+                POLICY.failed(&error, attempt(attempts)),
+                expected,
+                "{error:?} #{attempts}"
+            );
         }
     }
 
@@ -160,7 +164,10 @@ mod tests {
             retry_handler_errors: true,
             ..POLICY
         };
-        assert_eq!(policy.failed(&handler(), attempt(1)), Verdict::RequeueCharged);
+        assert_eq!(
+            policy.failed(&handler(), attempt(1)),
+            Verdict::RequeueCharged
+        );
         assert_eq!(POLICY.failed(&handler(), attempt(1)), Verdict::Settle);
     }
 

@@ -130,7 +130,11 @@ mod tests {
             (Some(EARLY_DEATH), false, false),
         ];
         for (online_for, handed, young) in table {
-            assert_eq!(is_young(online_for, handed), young, "{online_for:?} {handed}");
+            assert_eq!(
+                is_young(online_for, handed),
+                young,
+                "{online_for:?} {handed}"
+            );
         }
     }
 

@@ -60,7 +60,11 @@ impl Timers {
     /// Disarms every timer of `worker` but its calls' (the caller cancels those as it takes
     /// the calls away).
     pub(crate) fn cancel_worker(&mut self, worker: WorkerId) {
-        for timer in [Timer::Idle(worker), Timer::Kill(worker), Timer::Startup(worker)] {
+        for timer in [
+            Timer::Idle(worker),
+            Timer::Kill(worker),
+            Timer::Startup(worker),
+        ] {
             self.cancel(timer);
         }
     }

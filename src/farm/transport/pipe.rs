@@ -502,4 +502,3 @@ fn decode_all(decoder: &mut FrameDecoder, buf: &mut BytesMut) -> (Vec<FromWorker
         }
     }
 }
-

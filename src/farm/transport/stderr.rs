@@ -12,7 +12,11 @@ const STDERR_TAIL_LINES: usize = 10;
 
 /// Drains the worker's stderr (so the pipe never fills), passes it on as `mode` says, and
 /// returns its last lines. Reads in chunks, so a line without end costs bounded memory.
-pub(super) async fn forward_stderr(mut stderr: ChildStderr, pid: u32, mode: StderrMode) -> Vec<String> {
+pub(super) async fn forward_stderr(
+    mut stderr: ChildStderr,
+    pid: u32,
+    mode: StderrMode,
+) -> Vec<String> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut tail = StderrTail::default();
     loop {

@@ -264,80 +264,79 @@ impl<S: Serializer> FarmOptions<S> {
 
     /// Checks every value; `Farm::create` calls this first.
     pub(crate) fn validate(&self) -> Result<(), CreateError> {
-        fn invalid(name: &'static str, reason: &'static str) -> Result<(), CreateError> {
-            Err(CreateError::InvalidOption { name, reason })
+        self.settings.validate_durations()?;
+        self.settings.validate_limits()?;
+        if self.serializer.name().is_empty() || self.serializer.name().len() > 255 {
+            return invalid("serializer", "name must be 1 to 255 bytes");
         }
-        let nonzero = |d: Option<Duration>| d.map_or(true, |d| !d.is_zero());
+        self.settings.validate_program()
+    }
+}
+
+fn invalid(name: &'static str, reason: &'static str) -> Result<(), CreateError> {
+    Err(CreateError::InvalidOption { name, reason })
+}
+
+impl Settings {
+    fn validate_durations(&self) -> Result<(), CreateError> {
         for (name, d) in [
-            ("timeout", self.settings.timeout),
-            ("max_idle_time", self.settings.max_idle_time),
-            ("kill_timeout", Some(self.settings.kill_timeout)),
-            ("startup_timeout", Some(self.settings.startup_timeout)),
+            ("timeout", self.timeout),
+            ("max_idle_time", self.max_idle_time),
+            ("kill_timeout", Some(self.kill_timeout)),
+            ("startup_timeout", Some(self.startup_timeout)),
         ] {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return invalid(name, "must be at most 100 years (use None for no limit)");
             }
-        }
-        if self.settings.workers == 0 {
-            return invalid("workers", "must be at least 1");
-        }
-        if self.settings.workers > MAX_WORKERS {
-            return invalid("workers", "must be at most 4096");
-        }
-        if self.settings.max_concurrent_calls == Some(0) {
-            return invalid("max_concurrent_calls", "must be at least 1");
-        }
-        if self
-            .settings
-            .max_concurrent_calls
-            .is_some_and(|n| n > tokio::sync::Semaphore::MAX_PERMITS)
-        {
-            return invalid(
-                "max_concurrent_calls",
-                "is beyond what can be counted (use None for unbounded)",
-            );
-        }
-        if self.settings.max_concurrent_calls_per_worker == Some(0) {
-            return invalid("max_concurrent_calls_per_worker", "must be at least 1");
-        }
-        if !nonzero(self.settings.timeout) {
-            return invalid("timeout", "must be longer than zero");
-        }
-        if self.settings.ttl == Some(0) {
-            return invalid("ttl", "must be at least 1");
-        }
-        if !nonzero(self.settings.max_idle_time) {
-            return invalid("max_idle_time", "must be longer than zero");
-        }
-        if self.settings.max_memory == Some(0) {
-            return invalid("max_memory", "must be at least 1 byte");
-        }
-        if self.settings.kill_timeout.is_zero() {
-            return invalid("kill_timeout", "must be longer than zero");
-        }
-        if self.settings.startup_timeout.is_zero() {
-            return invalid("startup_timeout", "must be longer than zero");
-        }
-        if self.settings.max_frame < 64 || self.settings.max_frame > u32::MAX as usize {
-            return invalid("max_frame", "must be between 64 bytes and 4 GiB");
-        }
-        if self.serializer.name().is_empty() || self.serializer.name().len() > 255 {
-            return invalid("serializer", "name must be 1 to 255 bytes");
-        }
-        match std::fs::metadata(&self.settings.program) {
-            Err(_) => {
-                return Err(CreateError::WorkerNotFound {
-                    path: self.settings.program.clone(),
-                })
+            if d.is_some_and(|d| d.is_zero()) {
+                return invalid(name, "must be longer than zero");
             }
-            Ok(meta) if !is_executable(&meta) => {
-                return Err(CreateError::NotExecutable {
-                    path: self.settings.program.clone(),
-                })
-            }
-            Ok(_) => {}
         }
         Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), CreateError> {
+        if self.workers == 0 {
+            return invalid("workers", "must be at least 1");
+        }
+        if self.workers > MAX_WORKERS {
+            return invalid("workers", "must be at most 4096");
+        }
+        match self.max_concurrent_calls {
+            Some(0) => return invalid("max_concurrent_calls", "must be at least 1"),
+            Some(n) if n > tokio::sync::Semaphore::MAX_PERMITS => {
+                return invalid(
+                    "max_concurrent_calls",
+                    "is beyond what can be counted (use None for unbounded)",
+                )
+            }
+            _ => {}
+        }
+        if self.max_concurrent_calls_per_worker == Some(0) {
+            return invalid("max_concurrent_calls_per_worker", "must be at least 1");
+        }
+        if self.ttl == Some(0) {
+            return invalid("ttl", "must be at least 1");
+        }
+        if self.max_memory == Some(0) {
+            return invalid("max_memory", "must be at least 1 byte");
+        }
+        if self.max_frame < 64 || self.max_frame > u32::MAX as usize {
+            return invalid("max_frame", "must be between 64 bytes and 4 GiB");
+        }
+        Ok(())
+    }
+
+    fn validate_program(&self) -> Result<(), CreateError> {
+        match std::fs::metadata(&self.program) {
+            Err(_) => Err(CreateError::WorkerNotFound {
+                path: self.program.clone(),
+            }),
+            Ok(meta) if !is_executable(&meta) => Err(CreateError::NotExecutable {
+                path: self.program.clone(),
+            }),
+            Ok(_) => Ok(()),
+        }
     }
 }
 

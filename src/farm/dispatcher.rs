@@ -9,7 +9,7 @@
 use super::call::{Call, Outcome, Reply};
 use super::policy::recycle::RecyclePolicy;
 use super::policy::retry::{Attempt, RetryPolicy, Verdict};
-use super::policy::startup::{self, Startup};
+use super::policy::startup::{self, Ending, Startup};
 use super::policy::timers::{Timer, Timers};
 use super::transport::{Inbound, Link, Transport};
 use super::workers::{Caps, Emptied, Worker, Workers};
@@ -744,9 +744,13 @@ impl<T: Transport> Dispatcher<T> {
             pid,
             exit,
         });
-        let online_for = w.online_since.map(|t| t.elapsed());
-        let young = startup::is_young(online_for, w.handed_any());
-        let crashed_young = !w.answered && online_for.is_some_and(|t| t < startup::EARLY_DEATH);
+        let life = startup::Life {
+            start_failure: w.start_failure.take(),
+            online_for: w.online_since.map(|t| t.elapsed()),
+            handed_any: w.handed_any(),
+            answered: w.answered,
+            stopped_by_farm: w.state == WorkerState::Stopping,
+        };
         let died = |running| CallError::WorkerDied {
             worker: id,
             pid,
@@ -759,35 +763,19 @@ impl<T: Transport> Dispatcher<T> {
             return;
         }
         let program = self.transport.describe();
-        let failed_start = match (w.start_failure.take(), online_for) {
-            (Some(why), _) => Some(why),
-            (None, None) => Some(startup::exit_message(
-                &program,
-                "exited during startup",
-                exit,
-                stderr_tail,
-            )),
-            (None, Some(_)) if young => Some(startup::exit_message(
-                &program,
-                "exited right after its handshake",
-                exit,
-                stderr_tail,
-            )),
-            (None, Some(_)) => None,
-        };
-        match failed_start {
-            Some(why) => self.start_failed(Some(id), why),
-            // It died on its own; one the farm stopped was replaced then, or not at all
-            // (idle workers are replaced when calls need them).
-            None if w.state != WorkerState::Stopping => {
+        match startup::judge_exit(life, &program, exit, stderr_tail) {
+            Ending::FailedStart(why) => self.start_failed(Some(id), why),
+            Ending::Crashed { young } => {
                 tracing::warn!(worker = id.as_u64(), pid, %exit, "worker died");
-                if crashed_young && !self.timers.is_set(Timer::Respawn) {
+                if young && !self.timers.is_set(Timer::Respawn) {
                     let pace = self.startup.crashed_young();
                     self.timers.set(Timer::Respawn, pace);
                 }
                 self.ensure_workers();
             }
-            None => {}
+            // Replaced when it was stopped, or not at all (an idle worker is replaced when
+            // calls need it).
+            Ending::Stopped => {}
         }
     }
 
@@ -819,14 +807,20 @@ impl<T: Transport> Dispatcher<T> {
             .chain(waiting.into_iter().map(|c| (c, false)))
             .collect();
         all.sort_by_key(|(c, _)| std::cmp::Reverse(c.id()));
-        for (call, was_running) in all {
+        for (mut call, was_running) in all {
             self.timers.cancel(Timer::CallTimeout {
                 worker: id,
                 call: call.id(),
             });
             match (&charge, was_running) {
                 (Charge::Running(error), true) => self.fail_running(call, error.clone(), id),
-                _ => self.displace(call, waiting_error.clone(), record && !was_running),
+                _ => {
+                    if was_running {
+                        // Innocent (another call timed out): this run is not an attempt.
+                        call.attempts = call.attempts.saturating_sub(1);
+                    }
+                    self.displace(call, waiting_error.clone(), record && !was_running);
+                }
             }
         }
     }

@@ -154,16 +154,20 @@ fn died(worker: WorkerId, exit: ExitInfo, running: bool) -> CallError {
 struct Pending {
     id: u64,
     rx: oneshot::Receiver<Outcome>,
+    settled: Option<Result<Bytes, CallError>>,
 }
 
 impl Pending {
     /// The outcome, if the call settled.
     fn outcome(&mut self) -> Option<Result<Bytes, CallError>> {
-        match self.rx.try_recv() {
-            Ok(outcome) => Some(outcome.map(|b| *b).map_err(|e| *e)),
-            Err(TryRecvError::Empty) => None,
-            Err(TryRecvError::Closed) => panic!("call {} dropped unsettled", self.id),
+        if self.settled.is_none() {
+            self.settled = match self.rx.try_recv() {
+                Ok(outcome) => Some(outcome.map(|b| *b).map_err(|e| *e)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Closed) => panic!("call {} dropped unsettled", self.id),
+            };
         }
+        self.settled.clone()
     }
 
     fn body(&mut self) -> Bytes {
@@ -298,13 +302,17 @@ impl Harness {
         let (reply, rx) = Reply::new();
         self.calls.send(Call::new(frame, None, reply)).unwrap();
         self.turn();
-        Pending { id, rx }
+        Pending {
+            id,
+            rx,
+            settled: None,
+        }
     }
 
     /// Broadcasts a call as `Farm::broadcast_method` does.
     fn broadcast(&mut self) -> (u64, Vec<(WorkerId, oneshot::Receiver<Outcome>)>) {
         let (id, frame) = self.call_frame("b");
-        let (replies, rx) = oneshot::channel();
+        let (replies, mut rx) = oneshot::channel();
         self.d.on_command(Command::Broadcast { frame, replies });
         self.d.after_turn();
         self.turn();

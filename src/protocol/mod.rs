@@ -374,7 +374,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trips() {
+    fn farm_messages_round_trip() {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             max_frame: 1234,
@@ -399,7 +399,10 @@ mod tests {
                 queued: false,
             }
         );
+    }
 
+    #[test]
+    fn worker_messages_round_trip() {
         let ready = Ready {
             version: PROTOCOL_VERSION,
             pid: 42,

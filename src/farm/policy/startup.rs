@@ -100,6 +100,61 @@ impl Startup {
     }
 }
 
+/// What the dispatcher knows of a worker that ended.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Life {
+    /// Why the farm stopped it as a start failure, if it did.
+    pub(crate) start_failure: Option<String>,
+    /// How long ago its handshake completed (`None`: never).
+    pub(crate) online_for: Option<Duration>,
+    pub(crate) handed_any: bool,
+    pub(crate) answered: bool,
+    /// The farm had asked it to stop (idle, ttl, a timeout, a fault, shutdown).
+    pub(crate) stopped_by_farm: bool,
+}
+
+/// How a worker's life ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// It never proved it could serve: count a start failure (backoff, perhaps fail fast).
+    FailedStart(String),
+    /// It died on its own after proving itself, or while running calls. `young`: it died
+    /// within [`EARLY_DEATH`] of its handshake having answered nothing (its replacement is
+    /// paced).
+    Crashed { young: bool },
+    /// The farm stopped it; whatever follows was decided then.
+    Stopped,
+}
+
+/// Judges a worker's end from its life.
+pub(crate) fn judge_exit(
+    life: Life,
+    program: &str,
+    exit: ExitInfo,
+    stderr_tail: &[String],
+) -> Ending {
+    let young = is_young(life.online_for, life.handed_any);
+    match (life.start_failure, life.online_for) {
+        (Some(why), _) => Ending::FailedStart(why),
+        (None, None) => Ending::FailedStart(exit_message(
+            program,
+            "exited during startup",
+            exit,
+            stderr_tail,
+        )),
+        (None, Some(_)) if life.stopped_by_farm => Ending::Stopped,
+        (None, Some(_)) if young => Ending::FailedStart(exit_message(
+            program,
+            "exited right after its handshake",
+            exit,
+            stderr_tail,
+        )),
+        (None, Some(t)) => Ending::Crashed {
+            young: !life.answered && t < EARLY_DEATH,
+        },
+    }
+}
+
 /// The start-failure message for a worker that ended: the program, what happened, how it
 /// ended, and its last stderr lines.
 pub(crate) fn exit_message(
@@ -136,6 +191,50 @@ mod tests {
                 "{online_for:?} {handed}"
             );
         }
+    }
+
+    #[test]
+    fn endings_are_judged_from_the_life() {
+        let exit = ExitInfo {
+            code: Some(4),
+            signal: None,
+        };
+        let ms = Duration::from_millis;
+        let judge = |life: Life| judge_exit(life, "w", exit, &["oops".into()]);
+        let before_handshake = judge(Life::default());
+        assert!(
+            matches!(&before_handshake, Ending::FailedStart(m) if m.contains("during startup") && m.contains("oops"))
+        );
+        let idle_death = judge(Life {
+            online_for: Some(ms(30)),
+            ..Life::default()
+        });
+        assert!(
+            matches!(&idle_death, Ending::FailedStart(m) if m.contains("right after its handshake"))
+        );
+        let poison = Life {
+            online_for: Some(ms(30)),
+            handed_any: true,
+            ..Life::default()
+        };
+        assert_eq!(judge(poison.clone()), Ending::Crashed { young: true });
+        let seasoned = Life {
+            answered: true,
+            ..poison.clone()
+        };
+        assert_eq!(judge(seasoned), Ending::Crashed { young: false });
+        let stopped = Life {
+            stopped_by_farm: true,
+            ..poison
+        };
+        assert_eq!(judge(stopped), Ending::Stopped);
+        let refused = Life {
+            start_failure: Some("bad version".into()),
+            online_for: Some(ms(1)),
+            stopped_by_farm: true,
+            ..Life::default()
+        };
+        assert_eq!(judge(refused), Ending::FailedStart("bad version".into()));
     }
 
     #[test]

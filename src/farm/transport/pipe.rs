@@ -411,25 +411,11 @@ async fn supervise(s: Supervised) {
     while reading || status.is_none() {
         tokio::select! {
             read = read_some(&mut stdout, &mut buf), if reading => {
-                match read {
-                    Ok(0) | Err(_) => {
-                        reading = false;
-                        if status.is_none() {
-                            // The frame stream ended but the process lives on: it can
-                            // answer nothing more.
-                            let _ = inbound.send(Inbound::Closed { worker });
-                        }
-                    }
-                    Ok(_) => {
-                        let (messages, fault) = decode_all(&mut decoder, &mut buf);
-                        if !messages.is_empty() {
-                            let _ = inbound.send(Inbound::Messages { worker, messages });
-                        }
-                        if let Some(message) = fault {
-                            let _ = inbound.send(Inbound::Fault { worker, message });
-                            reading = false;
-                        }
-                    }
+                reading = deliver(read, worker, &mut decoder, &mut buf, &inbound);
+                if !reading && status.is_none() {
+                    // The frame stream ended but the process lives on: it can answer
+                    // nothing more.
+                    let _ = inbound.send(Inbound::Closed { worker });
                 }
             }
             exit = child.wait(), if status.is_none() => {
@@ -447,15 +433,7 @@ async fn supervise(s: Supervised) {
             () = &mut drain_grace, if status.is_some() => reading = false,
         }
     }
-    let abort = stderr_task.abort_handle();
-    let stderr_tail = match tokio::time::timeout(Duration::from_millis(200), stderr_task).await {
-        Ok(Ok(tail)) => tail,
-        _ => {
-            // A grandchild that left the group may hold the pipe open: stop reading it.
-            abort.abort();
-            Vec::new()
-        }
-    };
+    let stderr_tail = stderr_tail(stderr_task).await;
     let exit = status.unwrap_or(ExitInfo {
         code: None,
         signal: None,
@@ -465,6 +443,44 @@ async fn supervise(s: Supervised) {
         exit,
         stderr_tail,
     });
+}
+
+/// Passes on what one read brought; whether to keep reading (not at the end of the stream,
+/// nor after a protocol fault).
+fn deliver(
+    read: std::io::Result<usize>,
+    worker: WorkerId,
+    decoder: &mut FrameDecoder,
+    buf: &mut BytesMut,
+    inbound: &mpsc::UnboundedSender<Inbound>,
+) -> bool {
+    if !matches!(read, Ok(n) if n > 0) {
+        return false;
+    }
+    let (messages, fault) = decode_all(decoder, buf);
+    if !messages.is_empty() {
+        let _ = inbound.send(Inbound::Messages { worker, messages });
+    }
+    match fault {
+        Some(message) => {
+            let _ = inbound.send(Inbound::Fault { worker, message });
+            false
+        }
+        None => true,
+    }
+}
+
+/// The last lines of the worker's stderr, once the pipe closes (within 200 ms).
+async fn stderr_tail(task: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> {
+    let abort = task.abort_handle();
+    match tokio::time::timeout(Duration::from_millis(200), task).await {
+        Ok(Ok(tail)) => tail,
+        _ => {
+            // A grandchild that left the group may hold the pipe open: stop reading it.
+            abort.abort();
+            Vec::new()
+        }
+    }
 }
 
 /// Kills the worker's process group if its supervisor is dropped before reaping it (the

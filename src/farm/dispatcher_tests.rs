@@ -139,6 +139,12 @@ const SIGKILLED: ExitInfo = ExitInfo {
     signal: Some(9),
 };
 
+fn timed_out() -> CallError {
+    CallError::Timeout {
+        after: Duration::from_secs(1),
+    }
+}
+
 fn died(worker: WorkerId, exit: ExitInfo, running: bool) -> CallError {
     CallError::WorkerDied {
         worker,
@@ -468,20 +474,18 @@ async fn a_queued_call_is_timed_from_its_start() {
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, true)]);
 
     h.advance(ms(900)).await;
-    h.says(w(1), vec![ok(a.id), FromWorker::Started { id: b.id }]);
+    h.answer(w(1), a.id);
     assert_eq!(a.body(), body(a.id));
-    h.advance(ms(600)).await; // 1.5 s after B was sent, 600 ms after it started
+    h.advance(ms(200)).await; // B has been in the worker for 1.1 s, but not running
+    assert!(b.is_pending());
+    h.started(w(1), b.id);
+    h.advance(ms(400)).await; // 1.5 s
+    assert!(b.is_pending());
+    h.advance(ms(599)).await;
     assert!(b.is_pending());
     assert!(h.terminated().is_empty());
-    h.advance(ms(399)).await;
-    assert!(b.is_pending());
     h.advance(ms(1)).await; // 1 s after it started
-    assert_eq!(
-        b.error(),
-        CallError::Timeout {
-            after: Duration::from_secs(1)
-        }
-    );
+    assert_eq!(b.error(), timed_out());
     assert_eq!(h.terminated(), [w(1)]);
 }
 
@@ -502,12 +506,7 @@ async fn a_timeout_requeues_its_neighbours_free() {
     );
 
     h.advance(ms(500)).await;
-    assert_eq!(
-        a.error(),
-        CallError::Timeout {
-            after: Duration::from_secs(1)
-        }
-    );
+    assert_eq!(a.error(), timed_out());
     assert_eq!(h.terminated(), [w(1)]);
     assert_eq!(h.closed_input(), [w(1)]);
     assert!(b.is_pending() && c.is_pending());
@@ -523,15 +522,13 @@ async fn a_timeout_requeues_its_neighbours_free() {
 }
 
 #[tokio::test(start_paused = true)]
-#[ignore = "dispatcher bug: a running call re-queued free after a neighbour's timeout still \
-            counts that attempt against max_retries (Call::attempts is not rolled back)"]
 async fn a_call_requeued_free_keeps_all_its_retries() {
     let options = options()
         .timeout(Duration::from_secs(1))
         .max_concurrent_calls_per_worker(2);
     let mut h = farm(options.max_retries(1));
     h.ready_with(w(1), 2);
-    let a = h.call();
+    let mut a = h.call();
     h.advance(ms(500)).await;
     let mut b = h.call();
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, false)]);
@@ -539,13 +536,24 @@ async fn a_call_requeued_free_keeps_all_its_retries() {
     h.ready_with(w(2), 2);
     assert_eq!(h.sent_to(w(2)), [(a.id, false), (b.id, false)]);
 
-    // B's first charged failure: with max_retries(1) it has one retry left.
+    // A's second charged failure ends it; B's first leaves it one retry.
     h.exits(w(2), CRASH);
+    let exhausted = CallError::RetriesExhausted {
+        attempts: 2,
+        last: Box::new(died(w(2), CRASH, true)),
+        earlier: vec![timed_out()],
+    };
+    assert_eq!(a.error(), exhausted);
     assert!(
         b.is_pending(),
         "settled after one charged failure: {:?}",
         b.outcome()
     );
+    h.advance(ms(10)).await; // young crash: paced
+    h.ready(w(3));
+    assert_eq!(h.sent_to(w(3)), [(b.id, false)]);
+    h.answer(w(3), b.id);
+    assert_eq!(b.body(), body(b.id));
 }
 
 #[tokio::test(start_paused = true)]

@@ -362,3 +362,88 @@ async fn the_validation_job_charges_exactly_the_culprits() {
     assert!(at_default <= bound, "{at_default:?} vs {one_per_worker:?}");
     assert!(pipelined <= bound, "{pipelined:?} vs {one_per_worker:?}");
 }
+
+/// On a one-thread worker an async call sent while a sync handler runs cannot even be read
+/// yet: it waits, so the sync call's crash does not charge it.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_async_call_behind_a_running_sync_call_is_not_charged() {
+    let farm = Farm::create(
+        options(1)
+            .max_retries(0)
+            .stderr(workfarm::StderrMode::Discard),
+    )
+    .unwrap();
+    online(&farm, 1).await;
+    let crash = farm.run_method::<_, u32>("abort", ());
+    let sleeper = farm.run_method::<_, u32>("sleep", 10u64);
+    let err = timeout(SOON, crash).await.expect("settles").unwrap_err();
+    assert!(
+        matches!(err, CallError::WorkerDied { running: true, .. }),
+        "{err:?}"
+    );
+    assert!(timeout(SOON, sleeper).await.expect("settles").is_ok());
+    farm.shutdown().await;
+}
+
+/// An async call does not wait in the farm's queue behind a sync call that has no thread
+/// to run on: on a worker with two sync threads (which reads while they run), async calls
+/// keep their concurrency.
+#[tokio::test(flavor = "multi_thread")]
+async fn async_calls_pass_sync_calls_that_wait_for_a_thread() {
+    let farm = Farm::create(options(1).env("WORKER_THREADS", "2")).unwrap();
+    online(&farm, 1).await;
+    let busy: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(farm.run_method::<_, u32>("block", 4000u64)))
+        .collect();
+    wait_status(&farm, SOON, |s| s.in_flight() == 2).await;
+    let behind = tokio::spawn(farm.run_method::<_, u32>("block", 1u64));
+    wait_status(&farm, SOON, |s| s.queued == 1).await;
+    let sleeper = farm.run_method::<_, u32>("sleep", 10u64);
+    let answered = timeout(Duration::from_secs(3), sleeper).await;
+    assert!(answered.expect("not held behind the sync call").is_ok());
+    assert!(busy.iter().all(|t| !t.is_finished()) && !behind.is_finished());
+    farm.kill().await;
+}
+
+/// With `Worker::threads(2)` two sync calls really run at once; a third waits in the farm
+/// until one of them is done (by default nothing is sent to wait inside a worker).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_two_threads_runs_two_sync_calls() {
+    let farm = Farm::create(options(1).env("WORKER_THREADS", "2")).unwrap();
+    online(&farm, 1).await;
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(farm.run_method::<_, u32>("block", 1000u64)))
+        .collect();
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 2).await;
+    assert_eq!(
+        (status.queued, status.workers[0].waiting),
+        (1, 0),
+        "{status:?}"
+    );
+    for call in calls {
+        assert!(timeout(SOON, call).await.unwrap().unwrap().is_ok());
+    }
+    farm.shutdown().await;
+}
+
+/// Calls made and dropped while every worker is busy do not pile up in the queue: their
+/// places come back at once, and the queue is swept.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_calls_do_not_pile_up() {
+    let farm = Farm::create(options(1).max_concurrent_calls(10)).unwrap();
+    online(&farm, 1).await;
+    let busy = farm.run_method::<_, u32>("block", 1500u64);
+    wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
+    for i in 0..10_000i64 {
+        drop(farm.run_method::<_, i64>("noop", i));
+    }
+    wait_status(&farm, SOON, |s| s.queued <= 20).await;
+    busy.await.unwrap();
+    assert_eq!(
+        timeout(SOON, farm.run_method::<_, i64>("noop", 5))
+            .await
+            .unwrap(),
+        Ok(5)
+    );
+    farm.shutdown().await;
+}

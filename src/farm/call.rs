@@ -3,6 +3,7 @@
 use crate::error::CallError;
 use crate::event::WorkerId;
 use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -18,30 +19,81 @@ pub(crate) type Outcome = Result<Box<Bytes>, Box<CallError>>;
 #[derive(Debug)]
 pub(crate) struct Reply {
     tx: oneshot::Sender<Outcome>,
+    place: Option<Place>,
+}
+
+/// `max_concurrent_calls`: the semaphore, and how many calls were abandoned since the
+/// dispatcher last swept them out of its queue.
+#[derive(Debug)]
+pub(crate) struct Limiter {
+    pub(crate) semaphore: Semaphore,
+    pub(crate) limit: usize,
+    pub(crate) abandoned: AtomicUsize,
 }
 
 /// One permit of the `max_concurrent_calls` semaphore, acquired and forgotten when the call
-/// is made; given back when dropped. The caller's future holds it, so it comes back the
-/// moment the call settles (before the caller sees the result: a caller that awaits each
-/// call before making the next never sees `QueueFull`) or the future is dropped (an
-/// abandoned call frees its place at once, even while it still waits in the queue).
+/// is made, held twice: by the call's [`Reply`] and by the caller's future. Whichever lets
+/// go first gives it back, once: the reply when the call settles (before the caller is
+/// woken, so a caller that awaits each call before making the next never sees `QueueFull`),
+/// or the caller's future when it is dropped (an abandoned call frees its place at once,
+/// even while it still waits in the queue).
 #[derive(Debug)]
-pub(crate) struct Place(pub(crate) Arc<Semaphore>);
+pub(crate) struct Place(Arc<PlaceInner>);
+
+#[derive(Debug)]
+struct PlaceInner {
+    limiter: Arc<Limiter>,
+    given_back: AtomicBool,
+}
+
+impl Place {
+    /// Takes a permit, or `None` if there is none.
+    pub(crate) fn acquire(limiter: &Arc<Limiter>) -> Option<Place> {
+        limiter.semaphore.try_acquire().ok()?.forget();
+        Some(Place(Arc::new(PlaceInner {
+            limiter: limiter.clone(),
+            given_back: AtomicBool::new(false),
+        })))
+    }
+
+    /// The second holder of the same permit.
+    pub(crate) fn share(&self) -> Place {
+        Place(self.0.clone())
+    }
+
+    /// Gives the permit back unless the other holder did; whether this one did.
+    fn give_back(&self) -> bool {
+        let first = !self.0.given_back.swap(true, Ordering::AcqRel);
+        if first {
+            self.0.limiter.semaphore.add_permits(1);
+        }
+        first
+    }
+
+    /// The caller's future is dropped: if the call had not settled, it is abandoned.
+    pub(crate) fn abandon(&self) {
+        if self.give_back() {
+            self.0.limiter.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.add_permits(1);
+        self.give_back();
     }
 }
 
 impl Reply {
-    pub(crate) fn new() -> (Reply, oneshot::Receiver<Outcome>) {
+    pub(crate) fn new(place: Option<Place>) -> (Reply, oneshot::Receiver<Outcome>) {
         let (tx, rx) = oneshot::channel();
-        (Reply { tx }, rx)
+        (Reply { tx, place }, rx)
     }
 
     pub(crate) fn send(self, outcome: Result<Bytes, CallError>) {
-        let _ = self.tx.send(outcome.map(Box::new).map_err(Box::new));
+        let Reply { tx, place } = self;
+        drop(place);
+        let _ = tx.send(outcome.map(Box::new).map_err(Box::new));
     }
 
     /// Whether the caller stopped waiting (dropped its future).
@@ -126,31 +178,63 @@ mod tests {
 
     #[test]
     fn reply_settles_once_with_the_value() {
-        let (reply, mut rx) = Reply::new();
+        let (reply, mut rx) = Reply::new(None);
         reply.send(Ok(Bytes::from_static(b"1")));
         assert_eq!(*rx.try_recv().unwrap().unwrap(), Bytes::from_static(b"1"));
     }
 
     #[test]
     fn dropped_reply_closes_the_channel() {
-        let (reply, mut rx) = Reply::new();
+        let (reply, mut rx) = Reply::new(None);
         drop(reply);
         assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
     }
 
+    fn limiter(n: usize) -> Arc<Limiter> {
+        Arc::new(Limiter {
+            semaphore: Semaphore::new(n),
+            limit: n,
+            abandoned: AtomicUsize::new(0),
+        })
+    }
+
     #[test]
-    fn dropped_place_is_given_back() {
-        let limit = Arc::new(Semaphore::new(1));
-        limit.try_acquire().unwrap().forget();
-        let place = Place(limit.clone());
-        assert_eq!(limit.available_permits(), 0);
-        drop(place);
-        assert_eq!(limit.available_permits(), 1);
+    fn a_place_is_given_back_once_by_whichever_holder_goes_first() {
+        let limiter = limiter(1);
+        let place = Place::acquire(&limiter).unwrap();
+        assert!(Place::acquire(&limiter).is_none());
+        let (reply, mut rx) = Reply::new(Some(place.share()));
+        reply.send(Ok(Bytes::new()));
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(
+            limiter.semaphore.available_permits(),
+            1,
+            "back before the caller looks"
+        );
+        place.abandon();
+        assert_eq!(limiter.semaphore.available_permits(), 1, "not twice");
+        assert_eq!(
+            limiter.abandoned.load(Ordering::Relaxed),
+            0,
+            "it had settled"
+        );
+    }
+
+    #[test]
+    fn an_abandoned_call_gives_its_place_back_at_once() {
+        let limiter = limiter(1);
+        let place = Place::acquire(&limiter).unwrap();
+        let (reply, _rx) = Reply::new(Some(place.share()));
+        place.abandon();
+        assert_eq!(limiter.semaphore.available_permits(), 1);
+        assert_eq!(limiter.abandoned.load(Ordering::Relaxed), 1);
+        drop(reply);
+        assert_eq!(limiter.semaphore.available_permits(), 1);
     }
 
     #[test]
     fn closed_when_caller_is_gone() {
-        let (reply, rx) = Reply::new();
+        let (reply, rx) = Reply::new(None);
         assert!(!reply.is_closed());
         drop(rx);
         assert!(reply.is_closed());

@@ -12,7 +12,7 @@ use super::policy::retry::{Attempt, RetryPolicy, Verdict};
 use super::policy::startup::{self, Ending, Startup};
 use super::policy::timers::{Timer, Timers};
 use super::transport::{Inbound, Link, Transport};
-use super::workers::{Caps, Emptied, Worker, Workers};
+use super::workers::{Caps, Emptied, Kind, Worker, Workers};
 use crate::error::{CallError, ExitInfo};
 use crate::event::{Event, WorkerId};
 use crate::options::Settings;
@@ -43,6 +43,8 @@ pub(crate) enum Command {
     Ready(oneshot::Sender<Result<(), CallError>>),
     Shutdown(oneshot::Sender<()>),
     Kill(oneshot::Sender<()>),
+    /// Many calls were abandoned: drop them from the queue now rather than as they come up.
+    Sweep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,9 +195,10 @@ impl<T: Transport> Dispatcher<T> {
 
     /// How many new calls to take from the channel this turn: as many as workers can take,
     /// all of them to fail them fast, and one while workers are missing (so an arriving call
-    /// wakes us to spawn them).
+    /// wakes us to spawn them). While calls of one kind wait in the queue for room, calls of
+    /// the other kind are taken as far as there is room for them (see `pump_other_kind`).
     fn room(&self) -> usize {
-        if !self.queue.is_empty() || self.mode != Mode::Running {
+        if self.mode != Mode::Running {
             return 0;
         }
         if self.startup.failing().is_some() {
@@ -207,6 +210,13 @@ impl<T: Transport> Dispatcher<T> {
             .iter()
             .map(|w| w.free_slots(per_worker))
             .fold(0, usize::saturating_add);
+        if !self.queue.is_empty() {
+            return if self.workers.any_async() {
+                free.saturating_sub(self.queue.len())
+            } else {
+                0
+            };
+        }
         if self.workers.live() < self.settings.workers {
             free.max(1)
         } else {
@@ -215,6 +225,15 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     fn after_turn(&mut self) {
+        // Timers come last in the loop's biased select; under a steady stream of replies
+        // they are fired here, so no deadline waits for a quiet moment.
+        if self
+            .timers
+            .next_deadline()
+            .is_some_and(|d| d <= Instant::now())
+        {
+            self.fire_timers();
+        }
         self.pump();
         for worker in self.workers.iter_mut() {
             worker.link.flush();
@@ -252,6 +271,7 @@ impl<T: Transport> Dispatcher<T> {
                 self.waiters.push(tx);
                 self.kill();
             }
+            Command::Sweep => self.sweep_abandoned(),
         }
     }
 
@@ -276,7 +296,8 @@ impl<T: Transport> Dispatcher<T> {
             return receivers;
         }
         for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
-            let (reply, rx) = Reply::new();
+            let (reply, rx) = Reply::new(None);
+            worker.pinned.retain(|c| !c.reply.is_closed());
             if worker.pinned.len() >= MAX_PINNED {
                 reply.send(Err(CallError::QueueFull { limit: MAX_PINNED }));
             } else {
@@ -338,6 +359,15 @@ impl<T: Transport> Dispatcher<T> {
             }
             self.stop(id, true);
         }
+    }
+
+    /// Takes every call waiting in the channel into the queue, dropping those whose callers
+    /// have gone (along with any already in the queue).
+    fn sweep_abandoned(&mut self) {
+        while let Ok(call) = self.calls.try_recv() {
+            self.on_call(call);
+        }
+        self.queue.retain(|call| !call.reply.is_closed());
     }
 
     /// Fails every call not yet handed to a worker, and refuses new ones from now on.
@@ -404,11 +434,42 @@ impl<T: Transport> Dispatcher<T> {
                 self.queue.pop_front();
                 continue;
             }
-            let Some(id) = self.workers.pick(front.method(), front.avoid(), per_worker) else {
-                break;
-            };
-            if let Some(call) = self.queue.pop_front() {
-                self.hand(id, call);
+            let kind = self.workers.kind_of(front.method());
+            match self.workers.pick(kind, front.avoid(), per_worker) {
+                Some(id) => {
+                    if let Some(call) = self.queue.pop_front() {
+                        self.hand(id, call);
+                    }
+                }
+                None if self.workers.any_async() => {
+                    self.pump_other_kind(kind);
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// The call at the front of the queue is of `blocked` kind and no worker has room for
+    /// it: hand out calls of the other kind from just behind it (a bounded look-ahead), so
+    /// async calls do not wait behind sync ones, nor the other way round.
+    fn pump_other_kind(&mut self, blocked: Kind) {
+        const LOOK_AHEAD: usize = 64;
+        let per_worker = self.settings.max_concurrent_calls_per_worker;
+        let mut i = 1;
+        while i < self.queue.len().min(LOOK_AHEAD) {
+            let call = &self.queue[i];
+            let kind = self.workers.kind_of(call.method());
+            let picked = (kind != blocked && !call.reply.is_closed())
+                .then(|| self.workers.pick(kind, call.avoid(), per_worker))
+                .flatten();
+            match picked {
+                Some(id) => {
+                    if let Some(call) = self.queue.remove(i) {
+                        self.hand(id, call);
+                    }
+                }
+                None => i += 1,
             }
         }
     }
@@ -425,7 +486,7 @@ impl<T: Transport> Dispatcher<T> {
             if front.reply.is_closed() {
                 // Its caller stopped waiting: it never runs.
                 w.pinned.pop_front();
-            } else if w.has_room(front.method(), per_worker) {
+            } else if w.has_room(kind_for(w, front.method()), per_worker) {
                 return w.pinned.pop_front();
             } else {
                 return None;
@@ -440,7 +501,8 @@ impl<T: Transport> Dispatcher<T> {
         };
         let (call_id, pinned) = (call.id(), call.pinned.is_some());
         tracing::trace!(call = call_id, worker = id.as_u64(), "call sent");
-        let started = w.hand(call);
+        let kind = kind_for(w, call.method());
+        let started = w.hand(call, kind);
         let ttl_reached =
             !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);
         self.timers.cancel(Timer::Idle(id));
@@ -606,7 +668,9 @@ impl<T: Transport> Dispatcher<T> {
             return;
         }
         let pid = ready.pid;
-        w.go_online(Caps::from_ready(ready));
+        let caps = Caps::from_ready(ready);
+        w.go_online(caps.clone());
+        self.workers.learn(&caps);
         tracing::debug!(worker = id.as_u64(), pid, "worker online");
         self.timers.cancel(Timer::Startup(id));
         self.startup.online();
@@ -671,7 +735,22 @@ impl<T: Transport> Dispatcher<T> {
             );
             self.fail_start(id, why, error);
         } else {
+            self.pace_if_young(id);
             self.drop_worker(id, Charge::Running(error));
+        }
+    }
+
+    /// Before replacing a worker the farm drops: if it never answered a call and came
+    /// online less than a second ago, pace its replacement as for a young crash.
+    fn pace_if_young(&mut self, id: WorkerId) {
+        let young = self.workers.get(id).is_some_and(|w| {
+            !w.answered
+                && w.online_since
+                    .is_some_and(|t| t.elapsed() < startup::EARLY_DEATH)
+        });
+        if young && !self.timers.is_set(Timer::Respawn) {
+            let pace = self.startup.crashed_young();
+            self.timers.set(Timer::Respawn, pace);
         }
     }
 
@@ -684,6 +763,7 @@ impl<T: Transport> Dispatcher<T> {
         if self.is_young(id) {
             self.fail_start(id, format!("worker refused to start: {message}"), error);
         } else {
+            self.pace_if_young(id);
             self.drop_worker(id, Charge::Running(error));
         }
     }
@@ -998,6 +1078,11 @@ impl<T: Transport> Dispatcher<T> {
             self.emit(Event::CallDone { worker, call, ok });
         }
     }
+}
+
+/// How worker `w` runs `method` (sync until its handshake says otherwise).
+fn kind_for<L>(w: &Worker<L>, method: &str) -> Kind {
+    w.caps().map_or(Kind::Sync, |c| c.kind_of(method))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use crate::event::{Event, WorkerId};
 use crate::options::FarmOptions;
 use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
-use call::{Call, Outcome, Place, Reply};
+use call::{Call, Limiter, Outcome, Place, Reply};
 use dispatcher::{Command, Dispatcher, Inputs};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
@@ -83,7 +83,7 @@ pub(crate) struct Core {
     first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     /// Set by the first `events()`: until then per-call events are not worth sending.
     subscribed: Arc<AtomicBool>,
-    limiter: Option<(Arc<Semaphore>, usize)>,
+    limiter: Option<Arc<Limiter>>,
     next_call: AtomicU64,
     /// Size of the last call frame, to size the next one's buffer right the first time.
     frame_hint: AtomicUsize,
@@ -207,9 +207,13 @@ impl<S: Serializer> Farm<S> {
             events,
             first_events: Mutex::new(Some(first_events)),
             subscribed,
-            limiter: settings
-                .max_concurrent_calls
-                .map(|n| (Arc::new(Semaphore::new(n)), n)),
+            limiter: settings.max_concurrent_calls.map(|limit| {
+                Arc::new(Limiter {
+                    semaphore: Semaphore::new(limit),
+                    limit,
+                    abandoned: AtomicUsize::new(0),
+                })
+            }),
             next_call: AtomicU64::new(1),
             frame_hint: AtomicUsize::new(64),
             max_frame: settings.max_frame,
@@ -255,7 +259,8 @@ impl<S: Serializer> Farm<S> {
         let serializer = self.serializer.clone();
         async move {
             // Held until the call settles or this future is dropped, whichever comes first.
-            let (rx, _place) = submitted.map_err(|e| *e)?;
+            let (rx, place) = submitted.map_err(|e| *e)?;
+            let _place = place.map(Abandon);
             let body = match rx.await {
                 Ok(Ok(body)) => body,
                 Ok(Err(error)) => return Err(*error),
@@ -383,17 +388,17 @@ impl<S: Serializer> Farm<S> {
     ) -> Result<(oneshot::Receiver<Outcome>, Option<Place>), CallError> {
         let place = match &self.core.limiter {
             None => None,
-            Some((semaphore, limit)) => {
-                semaphore
-                    .try_acquire()
-                    .map_err(|_| CallError::QueueFull { limit: *limit })?
-                    .forget();
-                // Gives the permit back when dropped: on an early return below, or when
-                // the caller's future settles or is dropped.
-                Some(Place(semaphore.clone()))
+            Some(limiter) => {
+                self.sweep_abandoned(limiter);
+                // Given back when dropped: on an early return below, or when the call
+                // settles, or when the caller's future is dropped.
+                let place = Place::acquire(limiter);
+                Some(place.ok_or(CallError::QueueFull {
+                    limit: limiter.limit,
+                })?)
             }
         };
-        let (reply, rx) = Reply::new();
+        let (reply, rx) = Reply::new(place.as_ref().map(Place::share));
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = self.encode_call(id, method, args)?;
         self.core
@@ -401,6 +406,16 @@ impl<S: Serializer> Farm<S> {
             .send(Call::new(frame, None, reply))
             .map_err(|_| CallError::ShutDown)?;
         Ok((rx, place))
+    }
+
+    /// Abandoned calls give their place back at once but stay in the queue until the
+    /// dispatcher reaches them; once `max_concurrent_calls` of them pile up, it sweeps them
+    /// out, so the queue stays bounded however many calls are made and dropped.
+    fn sweep_abandoned(&self, limiter: &Limiter) {
+        if limiter.abandoned.load(Ordering::Relaxed) >= limiter.limit {
+            limiter.abandoned.store(0, Ordering::Relaxed);
+            let _ = self.core.commands.send(Command::Sweep);
+        }
     }
 
     fn encode_call<A: Serialize>(
@@ -484,5 +499,15 @@ fn spawn_error(program: &std::path::Path, source: std::io::Error) -> CreateError
             path: program.to_owned(),
             source,
         },
+    }
+}
+
+/// The caller's hold on a call's place: dropping it before the call settles abandons the
+/// call.
+struct Abandon(Place);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }

@@ -55,12 +55,17 @@ impl Caps {
         }
     }
 
-    fn kind_of(&self, method: &str) -> Kind {
-        if !self.async_methods.is_empty() && self.async_methods.contains(method) {
+    /// How the worker runs `method`.
+    pub(crate) fn kind_of(&self, method: &str) -> Kind {
+        if self.has_async() && self.async_methods.contains(method) {
             Kind::Async
         } else {
             Kind::Sync
         }
+    }
+
+    fn has_async(&self) -> bool {
+        !self.async_methods.is_empty()
     }
 }
 
@@ -91,9 +96,13 @@ pub(crate) struct Worker<L> {
     pub(crate) link: L,
     pub(crate) state: WorkerState,
     calls: HashMap<u64, Held, CallIdHash>,
+    /// Sync calls held (running or waiting), of which running.
+    sync_held: usize,
     sync_running: usize,
-    sync_waiting: usize,
+    /// Async calls held (running or waiting).
     async_held: usize,
+    /// Calls held that have not started, of either kind.
+    waiting: usize,
     /// Broadcast calls waiting to be sent to it.
     pub(crate) pinned: VecDeque<Call>,
     /// Calls handed to it so far (what `ttl` counts; broadcasts excluded).
@@ -119,9 +128,10 @@ impl<L> Worker<L> {
             link,
             state: WorkerState::Starting,
             calls: HashMap::default(),
+            sync_held: 0,
             sync_running: 0,
-            sync_waiting: 0,
             async_held: 0,
+            waiting: 0,
             pinned: VecDeque::new(),
             handed: 0,
             given: false,
@@ -138,9 +148,9 @@ impl<L> Worker<L> {
         matches!(self.state, WorkerState::Starting | WorkerState::Online)
     }
 
-    /// Holds no call and no broadcast.
+    /// Holds no call and no broadcast anyone still waits for.
     pub(crate) fn is_drained(&self) -> bool {
-        self.calls.is_empty() && self.pinned.is_empty()
+        self.calls.is_empty() && self.pinned.iter().all(|c| c.reply.is_closed())
     }
 
     pub(crate) fn held(&self) -> usize {
@@ -149,7 +159,7 @@ impl<L> Worker<L> {
 
     /// Calls it holds that have not started.
     pub(crate) fn waiting(&self) -> usize {
-        self.sync_waiting
+        self.waiting
     }
 
     /// Whether it was ever handed a call.
@@ -164,25 +174,25 @@ impl<L> Worker<L> {
         self.online_since = Some(Instant::now());
     }
 
-    fn kind_of(&self, method: &str) -> Kind {
-        self.caps.as_ref().map_or(Kind::Sync, |c| c.kind_of(method))
+    pub(crate) fn caps(&self) -> Option<&Caps> {
+        self.caps.as_ref()
     }
 
     fn threads(&self) -> usize {
         self.caps.as_ref().map_or(1, |c| c.threads)
     }
 
-    /// Whether it can take one more call of `method` under `per_worker` (`None`: what it
+    /// Whether it can take one more call of `kind` under `per_worker` (`None`: what it
     /// can run at once, see [`FarmOptions::max_concurrent_calls_per_worker`]).
     ///
     /// [`FarmOptions::max_concurrent_calls_per_worker`]: crate::FarmOptions::max_concurrent_calls_per_worker
-    pub(crate) fn has_room(&self, method: &str, per_worker: Option<usize>) -> bool {
+    pub(crate) fn has_room(&self, kind: Kind, per_worker: Option<usize>) -> bool {
         if self.closed {
             return false;
         }
-        match (per_worker, self.kind_of(method)) {
+        match (per_worker, kind) {
             (Some(n), _) => self.calls.len() < n,
-            (None, Kind::Sync) => self.sync_running + self.sync_waiting < self.threads(),
+            (None, Kind::Sync) => self.sync_held < self.threads(),
             (None, Kind::Async) => self.async_held < ASYNC_CALLS_PER_WORKER,
         }
     }
@@ -195,12 +205,8 @@ impl<L> Worker<L> {
         match per_worker {
             Some(n) => n.saturating_sub(self.calls.len()),
             None => {
-                let sync =
-                    self.threads() - (self.sync_running + self.sync_waiting).min(self.threads());
-                let has_async = self
-                    .caps
-                    .as_ref()
-                    .is_some_and(|c| !c.async_methods.is_empty());
+                let sync = self.threads().saturating_sub(self.sync_held);
+                let has_async = self.caps.as_ref().is_some_and(Caps::has_async);
                 let asyn = if has_async {
                     ASYNC_CALLS_PER_WORKER.saturating_sub(self.async_held)
                 } else {
@@ -211,26 +217,36 @@ impl<L> Worker<L> {
         }
     }
 
-    /// Sends it `call`; whether the call starts on arrival (else it waits in the worker
-    /// until the worker reports it started).
-    pub(crate) fn hand(&mut self, mut call: Call) -> bool
+    /// Whether a call of `kind` sent now starts on arrival. A worker with one thread runs
+    /// its sync handlers on the thread that reads, so while one runs (or calls wait ahead
+    /// in its input) nothing it is sent starts, async calls included; with more threads it
+    /// reads all the time, and async calls start as they arrive.
+    fn starts_on_arrival(&self, kind: Kind) -> bool {
+        let threads = self.threads();
+        match kind {
+            Kind::Sync => self.sync_running < threads && self.waiting == 0,
+            Kind::Async => threads > 1 || (self.sync_running == 0 && self.waiting == 0),
+        }
+    }
+
+    /// Sends it `call`, a call of `kind`; whether the call starts on arrival (else it waits
+    /// in the worker until the worker reports it started).
+    pub(crate) fn hand(&mut self, mut call: Call, kind: Kind) -> bool
     where
         L: super::transport::Link,
     {
-        let kind = self.kind_of(call.method());
-        let starts = match kind {
-            Kind::Async => true,
-            Kind::Sync => self.sync_running < self.threads() && self.sync_waiting == 0,
-        };
+        let starts = self.starts_on_arrival(kind);
         protocol::set_call_queued(&mut call.frame, !starts);
         self.link.send(&call.frame);
-        match (kind, starts) {
-            (Kind::Async, _) => self.async_held += 1,
-            (Kind::Sync, true) => self.sync_running += 1,
-            (Kind::Sync, false) => self.sync_waiting += 1,
+        match kind {
+            Kind::Sync => self.sync_held += 1,
+            Kind::Async => self.async_held += 1,
         }
         if starts {
-            call.attempts += 1;
+            self.count_start(kind);
+            call.attempts = call.attempts.saturating_add(1);
+        } else {
+            self.waiting += 1;
         }
         if call.pinned.is_none() {
             self.handed += 1;
@@ -248,6 +264,12 @@ impl<L> Worker<L> {
         starts
     }
 
+    fn count_start(&mut self, kind: Kind) {
+        if kind == Kind::Sync {
+            self.sync_running += 1;
+        }
+    }
+
     /// The worker reports that call `id` started; whether that is news.
     pub(crate) fn start(&mut self, id: u64) -> bool {
         let Some(held) = self.calls.get_mut(&id) else {
@@ -257,26 +279,38 @@ impl<L> Worker<L> {
             return false;
         }
         held.started = true;
-        held.call.attempts += 1;
-        if held.kind == Kind::Sync {
-            self.sync_waiting -= 1;
-            self.sync_running += 1;
-        }
+        held.call.attempts = held.call.attempts.saturating_add(1);
+        let kind = held.kind;
+        self.waiting = self.waiting.saturating_sub(1);
+        self.count_start(kind);
         true
     }
 
-    /// Takes call `id` out (it was answered); `None` if the worker does not hold it.
+    /// Takes call `id` out (it was answered); `None` if the worker does not hold it. A call
+    /// answered without a `Started` ran all the same (say, its arguments did not decode):
+    /// that counts as an attempt.
     pub(crate) fn take(&mut self, id: u64) -> Option<Call> {
         let held = self.calls.remove(&id)?;
         self.forget(&held);
-        Some(held.call)
+        let mut call = held.call;
+        if !held.started {
+            call.attempts = call.attempts.saturating_add(1);
+        }
+        Some(call)
     }
 
+    /// Uncounts a call taken out. The counts match the table by construction; saturating
+    /// anyway, so a slip could never panic on the farm's task.
     fn forget(&mut self, held: &Held) {
-        match (held.kind, held.started) {
-            (Kind::Async, _) => self.async_held -= 1,
-            (Kind::Sync, true) => self.sync_running -= 1,
-            (Kind::Sync, false) => self.sync_waiting -= 1,
+        let held_of_kind = match held.kind {
+            Kind::Sync => &mut self.sync_held,
+            Kind::Async => &mut self.async_held,
+        };
+        *held_of_kind = held_of_kind.saturating_sub(1);
+        if !held.started {
+            self.waiting = self.waiting.saturating_sub(1);
+        } else if held.kind == Kind::Sync {
+            self.sync_running = self.sync_running.saturating_sub(1);
         }
     }
 
@@ -296,7 +330,12 @@ impl<L> Worker<L> {
         // Oldest first, so re-queued calls keep their order.
         out.running.sort_by_key(Call::id);
         out.waiting.sort_by_key(Call::id);
-        (self.sync_running, self.sync_waiting, self.async_held) = (0, 0, 0);
+        (
+            self.sync_held,
+            self.sync_running,
+            self.async_held,
+            self.waiting,
+        ) = (0, 0, 0, 0);
         out
     }
 }
@@ -307,6 +346,7 @@ pub(crate) struct Workers<L> {
     list: Vec<Worker<L>>,
     index: HashMap<WorkerId, usize>,
     next_id: u64,
+    caps: Option<Caps>,
 }
 
 impl<L> Default for Workers<L> {
@@ -315,6 +355,7 @@ impl<L> Default for Workers<L> {
             list: Vec::new(),
             index: HashMap::new(),
             next_id: 0,
+            caps: None,
         }
     }
 }
@@ -373,18 +414,34 @@ impl<L> Workers<L> {
             .count()
     }
 
-    /// The online worker with room for `method` that holds the fewest calls, avoiding
-    /// `avoid` (where an earlier attempt failed) while another has room. A scan: a farm has
-    /// few workers, and a scan needs no bookkeeping to keep in step.
+    /// How the farm's workers run `method`, by the handshake of the latest worker online
+    /// (every worker of a farm runs the same binary). Sync until one is online.
+    pub(crate) fn kind_of(&self, method: &str) -> Kind {
+        self.caps.as_ref().map_or(Kind::Sync, |c| c.kind_of(method))
+    }
+
+    /// Whether the workers have async methods at all.
+    pub(crate) fn any_async(&self) -> bool {
+        self.caps.as_ref().is_some_and(Caps::has_async)
+    }
+
+    /// Records what a worker said in its handshake, for [`kind_of`](Self::kind_of).
+    pub(crate) fn learn(&mut self, caps: &Caps) {
+        self.caps = Some(caps.clone());
+    }
+
+    /// The online worker with room for a call of `kind` that holds the fewest calls,
+    /// avoiding `avoid` (where an earlier attempt failed) while another has room. A scan: a
+    /// farm has few workers, and a scan needs no bookkeeping to keep in step.
     pub(crate) fn pick(
         &self,
-        method: &str,
+        kind: Kind,
         avoid: Option<WorkerId>,
         per_worker: Option<usize>,
     ) -> Option<WorkerId> {
         self.list
             .iter()
-            .filter(|w| w.state == WorkerState::Online && w.has_room(method, per_worker))
+            .filter(|w| w.state == WorkerState::Online && w.has_room(kind, per_worker))
             .min_by_key(|w| (Some(w.id) == avoid, w.calls.len()))
             .map(|w| w.id)
     }

@@ -99,11 +99,13 @@ struct Job<S> {
 struct Server<S: Serializer> {
     serializer: S,
     handlers: HashMap<String, Handler<S>>,
+    threads: usize,
     max_frame: usize,
     output: Arc<Output>,
     pending: Arc<Pending>,
     /// Sync calls go here when the worker has more than one thread.
     pool: Option<mpsc::Sender<Job<S>>>,
+    /// For async handlers; started with the first async call.
     runtime: Option<tokio::runtime::Runtime>,
     /// Replies and Started reports not yet written.
     out: Vec<u8>,
@@ -194,21 +196,6 @@ impl<S: Serializer> Server<S> {
         max_frame: usize,
         output: Arc<Output>,
     ) -> Result<Self, ServeError> {
-        let has_async = worker
-            .handlers
-            .values()
-            .any(|h| matches!(h, Handler::Async(_)));
-        let runtime = if has_async {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(worker.threads)
-                .thread_name("workfarm-async")
-                .enable_all()
-                .build()
-                .map_err(serve_error)?;
-            Some(runtime)
-        } else {
-            None
-        };
         let pending = Arc::new(Pending::default());
         let pool = (worker.threads > 1).then(|| {
             start_pool(
@@ -222,11 +209,12 @@ impl<S: Serializer> Server<S> {
         Ok(Server {
             serializer,
             handlers: worker.handlers,
+            threads: worker.threads,
             max_frame,
             output,
             pending,
             pool,
-            runtime,
+            runtime: None,
             out: Vec::with_capacity(64 * 1024),
         })
     }
@@ -295,9 +283,11 @@ impl<S: Serializer> Server<S> {
             Some(Handler::Async(f)) => match f(&self.serializer, &args, id, max_frame) {
                 Ok(future) => {
                     if queued {
+                        // Before the reply can overtake it from the runtime's thread.
                         protocol_started(id, max_frame, &mut self.out);
+                        self.flush()?;
                     }
-                    self.spawn(future);
+                    self.spawn(future)?;
                 }
                 Err(failure) => error_frame(id, &failure, max_frame, &mut self.out),
             },
@@ -305,9 +295,18 @@ impl<S: Serializer> Server<S> {
         Ok(())
     }
 
-    fn spawn(&self, future: super::handler::BoxFuture) {
+    fn spawn(&mut self, future: super::handler::BoxFuture) -> Result<(), ServeError> {
+        if self.runtime.is_none() {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(self.threads)
+                .thread_name("workfarm-async")
+                .enable_all()
+                .build()
+                .map_err(serve_error)?;
+            self.runtime = Some(runtime);
+        }
         let Some(runtime) = &self.runtime else {
-            return;
+            return Ok(());
         };
         let (output, pending) = (self.output.clone(), self.pending.clone());
         pending.begin();
@@ -316,6 +315,7 @@ impl<S: Serializer> Server<S> {
             let _ = output.write(&frame);
             pending.end();
         });
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), ServeError> {
@@ -368,9 +368,10 @@ fn start_pool<S: Serializer>(
         let spawned = std::thread::Builder::new()
             .name(format!("workfarm-sync-{n}"))
             .spawn(move || run_jobs(&rx, &s, max_frame, &output, &pending));
-        if spawned.is_err() && n == 0 {
-            // Not even one thread: run the pool's jobs nowhere would wedge every call.
-            eprintln!("workfarm worker: could not start a handler thread");
+        if spawned.is_err() {
+            // The handshake promised `threads` handlers at once: fewer would leave calls
+            // the farm counts as running waiting here.
+            eprintln!("workfarm worker: could not start handler thread {n} of {threads}");
             std::process::exit(1);
         }
     }

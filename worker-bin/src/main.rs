@@ -179,7 +179,12 @@ fn main() {
         .method("sum", |xs: Vec<f64>| xs.iter().sum::<f64>())
         .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed));
 
-    if let Err(e) = worker.serve() {
+    // `WORKER_THREADS=n`: run up to n sync handlers at once.
+    let threads = std::env::var("WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    if let Err(e) = worker.threads(threads).serve() {
         eprintln!("worker-bin: {e}");
         std::process::exit(1);
     }

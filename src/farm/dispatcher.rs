@@ -87,6 +87,8 @@ pub(crate) struct Dispatcher<T: Transport> {
     /// before the channel.
     queue: VecDeque<Call>,
     timers: Timers,
+    /// Workers handed a call this turn (their links are flushed at its end).
+    written: Vec<WorkerId>,
     mode: Mode,
     startup: Startup,
     retry: RetryPolicy,
@@ -124,6 +126,7 @@ impl<T: Transport> Dispatcher<T> {
             workers: Workers::default(),
             queue: VecDeque::new(),
             timers: Timers::default(),
+            written: Vec::new(),
             mode: Mode::Running,
             startup: Startup::default(),
             waiters: Vec::new(),
@@ -204,6 +207,14 @@ impl<T: Transport> Dispatcher<T> {
         if self.startup.failing().is_some() {
             return 1024;
         }
+        if !self.queue.is_empty() && !self.workers.any_async() {
+            return 0;
+        }
+        if self.calls.is_empty() {
+            // Nothing to take: only be woken by the next call (it is taken alone, and the
+            // turns after it, with calls waiting, measure the room).
+            return 1;
+        }
         let per_worker = self.settings.max_concurrent_calls_per_worker;
         let free = self
             .workers
@@ -211,11 +222,7 @@ impl<T: Transport> Dispatcher<T> {
             .map(|w| w.free_slots(per_worker))
             .fold(0, usize::saturating_add);
         if !self.queue.is_empty() {
-            return if self.workers.any_async() {
-                free.saturating_sub(self.queue.len())
-            } else {
-                0
-            };
+            return free.saturating_sub(self.queue.len());
         }
         if self.workers.live() < self.settings.workers {
             free.max(1)
@@ -235,8 +242,11 @@ impl<T: Transport> Dispatcher<T> {
             self.fire_timers();
         }
         self.pump();
-        for worker in self.workers.iter_mut() {
-            worker.link.flush();
+        // Only the links written to this turn have anything to flush.
+        for id in std::mem::take(&mut self.written) {
+            if let Some(w) = self.workers.get(id) {
+                w.link.flush();
+            }
         }
         if !self.ready_waiters.is_empty() {
             self.answer_ready_waiters();
@@ -502,6 +512,9 @@ impl<T: Transport> Dispatcher<T> {
         let (call_id, pinned) = (call.id(), call.pinned.is_some());
         tracing::trace!(call = call_id, worker = id.as_u64(), "call sent");
         let kind = kind_for(w, call.method());
+        if self.written.last() != Some(&id) {
+            self.written.push(id);
+        }
         let started = w.hand(call, kind);
         let ttl_reached =
             !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);

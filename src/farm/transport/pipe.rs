@@ -221,28 +221,13 @@ fn spawn(
     hello: &[u8],
     inbound: mpsc::UnboundedSender<Inbound>,
 ) -> std::io::Result<WorkerLink> {
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .envs(spec.envs.iter().map(|(k, v)| (k, v)))
-        .env(launch::WORKER_ENV, "1")
-        .env(launch::PARENT_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    #[cfg(unix)]
-    cmd.process_group(0);
-    if let Some(dir) = &spec.cwd {
-        cmd.current_dir(dir);
-    }
-    let mut child = spawn_from_long_lived_thread(cmd)?;
+    let mut child = spawn_from_long_lived_thread(command(spec))?;
     let pid = child.id().unwrap_or(0);
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return Err(std::io::Error::other("child stdio was not piped"));
     };
-
     {
         use std::os::fd::AsRawFd;
         crate::sys::grow_pipe(stdin.as_raw_fd(), PIPE_SIZE);
@@ -274,6 +259,25 @@ fn spawn(
         control: control_tx,
         pid,
     })
+}
+
+/// The worker's command line: piped stdio, its own process group, the farm's markers.
+fn command(spec: &Settings) -> Command {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.envs.iter().map(|(k, v)| (k, v)))
+        .env(launch::WORKER_ENV, "1")
+        .env(launch::PARENT_PID_ENV, std::process::id().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    if let Some(dir) = &spec.cwd {
+        cmd.current_dir(dir);
+    }
+    cmd
 }
 
 /// Spawns `cmd` from one thread that lives as long as the process.

@@ -122,7 +122,7 @@ pub struct Status {
 }
 
 impl Status {
-    /// Calls running on workers.
+    /// Calls handed to workers: running, or waiting inside them to start.
     pub fn in_flight(&self) -> usize {
         self.workers.iter().map(|w| w.in_flight).sum()
     }

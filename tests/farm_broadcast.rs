@@ -6,22 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 use support::*;
-use workfarm::{CallError, Event, Farm, Status, WorkerState};
-
-async fn all_online(farm: &Farm, n: usize) -> Status {
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        let s = farm.status().await;
-        if s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "workers never online: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+use workfarm::{CallError, Event, Farm};
 
 async fn wait_in_flight(farm: &Farm, n: usize) {
     let deadline = tokio::time::Instant::now() + SOON;

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use support::*;
-use workfarm::{CallError, Event, Farm, Status, WorkerState};
+use workfarm::{CallError, Event, Farm};
 
 /// Polls `f` exactly once: `Ready` means it settled without waiting for anything.
 async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
@@ -17,13 +17,6 @@ async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
 }
 
 /// Waits until `n` workers are online.
-async fn all_online(farm: &Farm, n: usize) -> Status {
-    wait_status(farm, SOON, |s| {
-        s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn n_workers_have_n_distinct_pids() {
     let farm = Farm::create(options(3)).unwrap();

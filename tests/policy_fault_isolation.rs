@@ -10,23 +10,12 @@ use support::*;
 use tokio::time::timeout;
 use workfarm::{CallError, Event, Farm, FarmOptions};
 
-async fn online(farm: &Farm, n: usize) {
-    wait_status(farm, SOON, |s| {
-        s.workers
-            .iter()
-            .filter(|w| w.state == workfarm::WorkerState::Online)
-            .count()
-            == n
-    })
-    .await;
-}
-
 /// A reply leaves as soon as its handler returns, not with the replies of later calls that
 /// arrived in the same read.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_is_not_held_back_by_a_slow_call_behind_it() {
     let farm = Farm::create(options(1).max_concurrent_calls_per_worker(2)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let quick = farm.run_method::<_, i64>("noop", 7);
     let slow = tokio::spawn(farm.run_method::<_, u32>("block", 6000u64));
     let answered = timeout(Duration::from_secs(4), quick).await;
@@ -45,7 +34,7 @@ async fn calls_waiting_behind_a_crash_are_rerun_free() {
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let crash = farm.run_method::<_, ()>("exit", 3);
     let victims: Vec<_> = (0..5i64)
         .map(|i| farm.run_method::<_, i64>("noop", i))
@@ -72,7 +61,7 @@ async fn timeout_counts_from_the_start_of_the_handler() {
             .max_concurrent_calls_per_worker(3),
     )
     .unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     // Each runs 1 s; the last waits 2 s first: more than the timeout from when it was sent.
     let calls: Vec<_> = (0..3)
         .map(|_| farm.run_method::<_, u32>("block", 1000u64))
@@ -151,7 +140,7 @@ async fn durability_pipelined() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_protocol_fault_poisons_no_unrelated_call() {
     let farm = Farm::create(options(2).max_retries(1)).unwrap();
-    online(&farm, 2).await;
+    all_online(&farm, 2).await;
     // The first call a fresh worker gets breaks the protocol, then the next one too.
     let rogue = farm.run_method::<_, u32>("garbage", "oversize");
     let others: Vec<_> = (0..50i64)
@@ -172,7 +161,7 @@ async fn a_protocol_fault_poisons_no_unrelated_call() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_that_closes_its_frames_is_ended() {
     let farm = Farm::create(options(1).max_retries(0)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let pid: u32 = farm.run_method("pid", ()).await.unwrap();
     let err = timeout(SOON, farm.run_method::<_, u32>("close_frames", ()))
         .await
@@ -198,7 +187,7 @@ async fn a_worker_that_closes_its_frames_is_ended() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abandoned_queued_call_frees_its_place_at_once() {
     let farm = Farm::create(options(1).max_concurrent_calls(2)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let busy = farm.run_method::<_, u32>("block", 1500u64);
     wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     let queued = farm.run_method::<_, i64>("noop", 1);
@@ -213,7 +202,7 @@ async fn an_abandoned_queued_call_frees_its_place_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_abandoned_broadcast_is_skipped() {
     let farm = Farm::create(options(1)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let mut events = farm.events();
     let pid: u32 = farm.run_method("pid", ()).await.unwrap();
     let busy = farm.run_method::<_, u32>("block", 1000u64);
@@ -242,7 +231,7 @@ async fn an_abandoned_broadcast_is_skipped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn broadcasts_waiting_for_a_busy_worker_are_bounded() {
     let farm = Farm::create(options(1)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let busy = farm.run_method::<_, u32>("block", 3000u64);
     wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     let waiting: Vec<_> = (0..1100)
@@ -279,7 +268,7 @@ async fn culprit_and_victims_are_told_apart() {
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     // Two poison calls: the second waits behind the first, then takes down the replacement.
     let first = farm.run_method::<_, ()>("exit", 3);
     let second = farm.run_method::<_, ()>("exit", 4);
@@ -322,7 +311,7 @@ async fn validation_job(options: FarmOptions) -> Duration {
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
-    online(&farm, 2).await;
+    all_online(&farm, 2).await;
     let started = Instant::now();
     let calls: Vec<_> = (0..300)
         .map(|i| {
@@ -373,7 +362,7 @@ async fn an_async_call_behind_a_running_sync_call_is_not_charged() {
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let crash = farm.run_method::<_, u32>("abort", ());
     let sleeper = farm.run_method::<_, u32>("sleep", 10u64);
     let err = timeout(SOON, crash).await.expect("settles").unwrap_err();
@@ -391,7 +380,7 @@ async fn an_async_call_behind_a_running_sync_call_is_not_charged() {
 #[tokio::test(flavor = "multi_thread")]
 async fn async_calls_pass_sync_calls_that_wait_for_a_thread() {
     let farm = Farm::create(options(1).env("WORKER_THREADS", "2")).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let busy: Vec<_> = (0..2)
         .map(|_| tokio::spawn(farm.run_method::<_, u32>("block", 4000u64)))
         .collect();
@@ -410,7 +399,7 @@ async fn async_calls_pass_sync_calls_that_wait_for_a_thread() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_with_two_threads_runs_two_sync_calls() {
     let farm = Farm::create(options(1).env("WORKER_THREADS", "2")).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let calls: Vec<_> = (0..3)
         .map(|_| tokio::spawn(farm.run_method::<_, u32>("block", 1000u64)))
         .collect();
@@ -431,7 +420,7 @@ async fn a_worker_with_two_threads_runs_two_sync_calls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn abandoned_calls_do_not_pile_up() {
     let farm = Farm::create(options(1).max_concurrent_calls(10)).unwrap();
-    online(&farm, 1).await;
+    all_online(&farm, 1).await;
     let busy = farm.run_method::<_, u32>("block", 1500u64);
     wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     for i in 0..10_000i64 {

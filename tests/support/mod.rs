@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::sync::broadcast;
-use workfarm::{Event, Farm, FarmOptions, Status};
+use workfarm::{Event, Farm, FarmOptions, Status, WorkerState};
 
 /// Installs a per-test tracing subscriber (`RUST_LOG=workfarm=debug` to see the farm's logs).
 pub fn trace_init() {
@@ -168,4 +168,12 @@ pub fn spawned_pids(events: &[Event]) -> Vec<u32> {
             _ => None,
         })
         .collect()
+}
+
+/// Waits until the farm has exactly `n` workers, all online; fails the test after [`SOON`].
+pub async fn all_online(farm: &Farm, n: usize) -> Status {
+    wait_status(farm, SOON, |s| {
+        s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online)
+    })
+    .await
 }

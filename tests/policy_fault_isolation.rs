@@ -14,12 +14,17 @@ use workfarm::{CallError, Event, Farm, FarmOptions};
 /// arrived in the same read.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reply_is_not_held_back_by_a_slow_call_behind_it() {
-    let farm = Farm::create(options(1).max_concurrent_calls_per_worker(2)).unwrap();
+    let farm = Farm::create(options(1).max_concurrent_calls_per_worker(3)).unwrap();
     all_online(&farm, 1).await;
+    // The first call keeps the worker busy, so the next two reach it in one read.
+    let first = tokio::spawn(farm.run_method::<_, u32>("block", 300u64));
+    wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     let quick = farm.run_method::<_, i64>("noop", 7);
     let slow = tokio::spawn(farm.run_method::<_, u32>("block", 6000u64));
+    wait_status(&farm, SOON, |s| s.in_flight() == 3).await;
     let answered = timeout(Duration::from_secs(4), quick).await;
     assert_eq!(answered.expect("answered before the slow call ends"), Ok(7));
+    assert!(first.await.unwrap().is_ok());
     assert!(!slow.is_finished(), "the slow call is still running");
     farm.kill().await;
 }
@@ -35,10 +40,14 @@ async fn calls_waiting_behind_a_crash_are_rerun_free() {
     )
     .unwrap();
     all_online(&farm, 1).await;
+    // A busy first call, so the crash and its victims are all sent ahead into the worker.
+    let first = farm.run_method::<_, u32>("block", 300u64);
     let crash = farm.run_method::<_, ()>("exit", 3);
-    let victims: Vec<_> = (0..5i64)
+    let victims: Vec<_> = (0..4i64)
         .map(|i| farm.run_method::<_, i64>("noop", i))
         .collect();
+    wait_status(&farm, SOON, |s| s.in_flight() == 6).await;
+    assert!(first.await.is_ok());
     match timeout(SOON, crash).await.expect("settles") {
         Err(CallError::WorkerDied { running, exit, .. }) => {
             assert!(running, "the culprit was running");
@@ -264,14 +273,18 @@ async fn culprit_and_victims_are_told_apart() {
     let farm = Farm::create(
         options(1)
             .max_retries(0)
-            .max_concurrent_calls_per_worker(2)
+            .max_concurrent_calls_per_worker(3)
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
     all_online(&farm, 1).await;
     // Two poison calls: the second waits behind the first, then takes down the replacement.
+    // A busy call ahead of them makes sure both are sent into the worker first.
+    let busy = farm.run_method::<_, u32>("block", 300u64);
     let first = farm.run_method::<_, ()>("exit", 3);
     let second = farm.run_method::<_, ()>("exit", 4);
+    wait_status(&farm, SOON, |s| s.in_flight() == 3).await;
+    assert!(busy.await.is_ok());
     let first = timeout(SOON, first).await.expect("settles").unwrap_err();
     assert!(
         matches!(first, CallError::WorkerDied { running: true, .. }),

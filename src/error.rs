@@ -150,6 +150,8 @@ pub enum CallError {
     },
     /// The result could not be decoded into the caller's type.
     Deserialize {
+        /// The method called (empty for the default method).
+        method: String,
         /// The type asked for.
         type_name: &'static str,
         /// The decoder's message.
@@ -231,9 +233,15 @@ impl fmt::Display for CallError {
             CallError::Serialize { type_name, message } => {
                 write!(f, "could not encode {type_name}: {message}")
             }
-            CallError::Deserialize { type_name, message } => {
-                write!(f, "result does not decode as {type_name}: {message}")
-            }
+            CallError::Deserialize {
+                method,
+                type_name,
+                message,
+            } => write!(
+                f,
+                "result of {} does not decode as {type_name}: {message}",
+                MethodName(method)
+            ),
         }
     }
 }
@@ -298,8 +306,20 @@ pub enum CreateError {
         /// The error from the operating system.
         source: std::io::Error,
     },
+    /// The working directory given with
+    /// [`FarmOptions::current_dir`](crate::FarmOptions::current_dir) does not exist.
+    CurrentDirNotFound {
+        /// The directory given.
+        path: PathBuf,
+    },
     /// `create` was called outside a tokio runtime.
     NoRuntime,
+    /// The tokio runtime lacks a driver the farm needs (`"time"` or `"io"`): build it with
+    /// `enable_all()` (as `#[tokio::main]` does).
+    RuntimeDriverMissing {
+        /// The driver: `"time"` or `"io"`.
+        driver: &'static str,
+    },
 }
 
 impl fmt::Display for CreateError {
@@ -317,9 +337,21 @@ impl fmt::Display for CreateError {
             CreateError::Spawn { path, .. } => {
                 write!(f, "could not start worker {}", path.display())
             }
+            CreateError::CurrentDirNotFound { path } => {
+                write!(
+                    f,
+                    "the workers' current_dir {} does not exist",
+                    path.display()
+                )
+            }
             CreateError::NoRuntime => {
                 f.write_str("Farm::create must be called within a tokio runtime")
             }
+            CreateError::RuntimeDriverMissing { driver } => write!(
+                f,
+                "the tokio runtime has no {driver} driver: build it with enable_all() \
+                 (or enable_{driver}())"
+            ),
         }
     }
 }
@@ -331,7 +363,9 @@ impl std::error::Error for CreateError {
             CreateError::InvalidOption { .. }
             | CreateError::WorkerNotFound { .. }
             | CreateError::NotExecutable { .. }
-            | CreateError::NoRuntime => None,
+            | CreateError::CurrentDirNotFound { .. }
+            | CreateError::NoRuntime
+            | CreateError::RuntimeDriverMissing { .. } => None,
         }
     }
 }

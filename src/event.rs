@@ -73,6 +73,16 @@ pub enum Event {
         /// Whether the handler succeeded.
         ok: bool,
     },
+    /// A worker wrote to stderr faster than the farm's own stderr took it (say, a pipe
+    /// nobody reads), so that many whole lines of it were dropped rather than forwarded
+    /// ([`StderrMode::Forward`](crate::StderrMode::Forward) only). Sent at most once a
+    /// second per worker.
+    StderrDropped {
+        /// The worker.
+        worker: WorkerId,
+        /// Lines dropped since the last such event.
+        lines: u64,
+    },
     /// Something went wrong with a worker: it broke the protocol, failed to start, or could
     /// not be spawned.
     Error {
@@ -93,7 +103,8 @@ impl Event {
             | Event::TtlReached { worker }
             | Event::IdleReached { worker }
             | Event::MemoryLimitReached { worker, .. }
-            | Event::CallDone { worker, .. } => Some(*worker),
+            | Event::CallDone { worker, .. }
+            | Event::StderrDropped { worker, .. } => Some(*worker),
             Event::Error { worker, .. } => *worker,
         }
     }

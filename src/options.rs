@@ -103,7 +103,14 @@ impl FarmOptions<Json> {
 
     /// Options for a farm whose workers are the current executable, re-entered as workers
     /// (see [`Worker::serve_if_worker`](crate::worker::Worker::serve_if_worker)).
+    ///
+    /// A program started this way that reaches this call instead of serving (it forgot
+    /// `serve_if_worker`) would start a farm of itself, and so on without end: instead, it
+    /// tells its farm why in the protocol and exits, and the farm's calls and
+    /// [`Farm::ready`](crate::Farm::ready) fail with [`CallError::WorkerStart`](crate::CallError::WorkerStart)
+    /// saying so.
     pub fn current_exe() -> Self {
+        crate::worker::refuse_to_recurse();
         Self::new(std::env::current_exe().unwrap_or_default())
     }
 }

@@ -134,6 +134,24 @@ async fn broadcast_that_cannot_be_encoded_fails_on_every_worker() {
     farm.shutdown().await;
 }
 
+/// A runtime without its time driver: a `CreateError` naming it, not a farm whose every call
+/// fails with `ShutDown` after internal panics.
+#[test]
+fn runtime_without_timers_is_an_error_naming_the_driver() {
+    let bad = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let err = bad
+        .block_on(async { Farm::create(options(1)).map(|_| ()) })
+        .unwrap_err();
+    assert!(
+        matches!(err, CreateError::RuntimeDriverMissing { driver: "time" }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("enable_time"), "{err}");
+}
+
 /// A runtime without its I/O driver cannot spawn workers: a clear error from `create`, and
 /// the process-wide spawner survives for farms on proper runtimes.
 #[test]
@@ -145,7 +163,11 @@ fn runtime_without_io_is_an_error_and_does_not_break_later_farms() {
     let err = bad
         .block_on(async { Farm::create(options(1)).map(|_| ()) })
         .unwrap_err();
-    assert!(matches!(err, CreateError::Spawn { .. }), "{err:?}");
+    assert!(
+        matches!(err, CreateError::RuntimeDriverMissing { driver: "io" }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("enable_all"), "{err}");
     let good = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -271,4 +271,38 @@ async fn broadcast_after_shutdown_reaches_no_one() {
         .expect("broadcast after shutdown must not hang");
     assert!(result.successes.is_empty());
     assert!(result.failures.is_empty());
+    assert_eq!(result.unreached, Some(CallError::ShutDown), "says why");
+}
+
+/// With no worker starting or online (they all fail to start, and the farm has given up
+/// for now), a broadcast says why it reached no one.
+#[tokio::test]
+async fn broadcast_with_no_live_worker_says_why() {
+    let farm = Farm::create(options(2).env("WORKER_EXIT_AT_START", "3")).unwrap();
+    assert!(farm.ready().await.is_err());
+    let result = wait_for_unreached(&farm).await;
+    match result.unreached {
+        Some(CallError::WorkerStart { message }) => {
+            assert!(message.contains("exit code 3"), "{message}")
+        }
+        other => panic!("expected WorkerStart, got {other:?}"),
+    }
+    farm.kill().await;
+}
+
+/// Broadcasts until one reaches no worker (replacements may be starting for a while).
+async fn wait_for_unreached(farm: &Farm) -> workfarm::Broadcast<u32> {
+    let deadline = tokio::time::Instant::now() + SOON;
+    loop {
+        let result = farm.broadcast_method::<_, u32>("pid", ()).await;
+        if result.unreached.is_some() {
+            assert!(result.successes.is_empty() && result.failures.is_empty());
+            return result;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every broadcast reached a worker"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

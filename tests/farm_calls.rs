@@ -264,7 +264,12 @@ async fn result_of_the_wrong_type_is_a_deserialize_error_naming_the_type() {
 
     let err = farm.run_method::<_, u32>("echo", "text").await.unwrap_err();
     match &err {
-        CallError::Deserialize { type_name, message } => {
+        CallError::Deserialize {
+            method,
+            type_name,
+            message,
+        } => {
+            assert_eq!(method, "echo");
             assert_eq!(*type_name, "u32");
             assert!(!message.is_empty());
         }

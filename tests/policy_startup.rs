@@ -53,6 +53,20 @@ async fn missing_binary_is_refused() {
     }
 }
 
+/// A working directory that does not exist is named as such, not reported as a missing
+/// worker binary (which is what the spawn's ENOENT alone would suggest).
+#[tokio::test]
+async fn missing_current_dir_is_named() {
+    let dir = temp_path("no-such-dir");
+    match Farm::create(options(1).current_dir(&dir)) {
+        Err(err @ CreateError::CurrentDirNotFound { .. }) => {
+            assert!(err.to_string().contains(&*dir.to_string_lossy()), "{err}");
+            assert!(err.to_string().contains("current_dir"), "{err}");
+        }
+        other => panic!("expected CurrentDirNotFound, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn non_executable_file_is_refused() {
     let path = temp_path("noexec");

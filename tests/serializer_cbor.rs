@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
 use support::*;
-use workfarm::serializer::{Builtin, Cbor, Json, Serializer};
+use workfarm::serializer::{Builtin, Cbor, Json, Postcard, Serializer};
 use workfarm::{CallError, Farm};
 
 /// The argument and result of the worker's `floats` method.
@@ -48,6 +48,42 @@ fn cbor_farm(n: usize) -> Farm<Cbor> {
 }
 
 // ===== through a farm =====
+
+/// Postcard's own decode errors say only "Serde Deserialization Error": what the farm adds
+/// names the method and the type, on both sides.
+#[tokio::test]
+async fn postcard_decode_errors_name_the_method_and_the_type() {
+    let farm = Farm::create(options(1).serializer(Postcard)).unwrap();
+    let err = farm
+        .run_method::<_, Vec<String>>("sum", vec![1.0f64, 2.0])
+        .await
+        .unwrap_err();
+    match &err {
+        CallError::Deserialize {
+            method, type_name, ..
+        } => {
+            assert_eq!(method, "sum");
+            assert!(
+                type_name.contains("Vec<alloc::string::String>"),
+                "{type_name}"
+            );
+        }
+        other => panic!("expected Deserialize, got {other:?}"),
+    }
+    assert!(err.to_string().contains("\"sum\""), "{err}");
+    let err = farm
+        .run_method::<_, f64>("sum", "not floats")
+        .await
+        .unwrap_err();
+    match &err {
+        CallError::BadArguments { method, message } => {
+            assert_eq!(method, "sum");
+            assert!(message.contains("Vec<f64>"), "{message}");
+        }
+        other => panic!("expected BadArguments, got {other:?}"),
+    }
+    farm.shutdown().await;
+}
 
 #[tokio::test]
 async fn cbor_farm_answers_ordinary_calls() {
@@ -142,7 +178,9 @@ async fn json_turns_nan_and_infinities_into_null() {
         .await
         .unwrap_err();
     match &err {
-        CallError::Deserialize { type_name, message } => {
+        CallError::Deserialize {
+            type_name, message, ..
+        } => {
             assert_eq!(*type_name, "f64");
             assert!(message.contains("null"), "{message}");
         }

@@ -76,6 +76,82 @@ async fn chatty_call_in_flight_with_async_calls_on_the_same_worker() {
     farm.shutdown().await;
 }
 
+/// The worker knows it is one; a process it starts (inheriting its environment, with the
+/// worker's stdin or a pipe of its own) does not mistake itself for a worker.
+#[tokio::test]
+async fn a_workers_children_are_not_workers() {
+    let farm = Farm::create(options(1)).unwrap();
+    assert!(farm.run_method::<_, bool>("is_worker", ()).await.unwrap());
+    for piped in [false, true] {
+        let child: bool = farm.run_method("child_is_worker", piped).await.unwrap();
+        assert!(
+            !child,
+            "a child (stdin piped: {piped}) thinks it is a worker"
+        );
+    }
+    assert!(!workfarm::worker::Worker::is_worker(), "nor is the test");
+    farm.shutdown().await;
+}
+
+/// A sync handler that builds a runtime of its own and blocks on it (what
+/// `reqwest::blocking` and many SDKs do inside) works: sync handlers never run inside the
+/// worker's runtime, also once async calls have started it, and on a worker with threads.
+#[tokio::test]
+async fn a_sync_handler_may_build_and_block_on_its_own_runtime() {
+    for threads in ["1", "3"] {
+        let farm = Farm::create(options(1).env("WORKER_THREADS", threads)).unwrap();
+        assert_eq!(
+            farm.run_method::<_, u32>("own_runtime", ()).await.unwrap(),
+            7
+        );
+        // Starts the worker's async runtime.
+        farm.run_method::<_, u32>("sleep", 1u64).await.unwrap();
+        assert_eq!(
+            farm.run_method::<_, u32>("own_runtime", ()).await.unwrap(),
+            7
+        );
+        farm.shutdown().await;
+    }
+}
+
+/// A worker's frame pipes keep the kernel's default size (64 KiB) until a large frame
+/// crosses them, so a big farm does not eat the user's pipe quota; one that carries a
+/// 1 MiB argument grows, and only that one.
+#[tokio::test]
+async fn pipes_grow_only_for_large_frames() {
+    const DEFAULT: usize = 64 * 1024;
+    let farm = Farm::create(options(8).max_concurrent_calls_per_worker(1)).unwrap();
+    let sizes = farm
+        .broadcast_method::<_, (usize, usize)>("pipe_sizes", ())
+        .await;
+    assert_eq!(sizes.successes.len(), 8, "{:?}", sizes.failures);
+    for (worker, (input, output)) in &sizes.successes {
+        assert!(input > &0 && output > &0, "{worker}: found both pipes");
+        assert!(
+            *input <= DEFAULT && *output <= DEFAULT,
+            "{worker}: pipes grown before any large frame: {input} / {output}"
+        );
+    }
+    // A 1 MiB argument to one worker: its input pipe grows.
+    let bytes = serde_bytes::ByteBuf::from(vec![7u8; 1 << 20]);
+    let _: serde_bytes::ByteBuf = farm.run_method("bytes", &bytes).await.unwrap();
+    let sizes = farm
+        .broadcast_method::<_, (usize, usize)>("pipe_sizes", ())
+        .await;
+    let grown: Vec<_> = sizes
+        .successes
+        .iter()
+        .filter(|(_, (input, _))| *input > DEFAULT)
+        .collect();
+    assert_eq!(
+        grown.len(),
+        1,
+        "exactly one input pipe grew: {:?}",
+        sizes.successes
+    );
+    farm.shutdown().await;
+}
+
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("workfarm-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -110,10 +186,9 @@ async fn info_reports_env_cwd_and_args() {
         info.env.get("WORKFARM_TEST_EMPTY").map(String::as_str),
         Some("")
     );
-    // The farm's own markers are consumed by `serve()`: handlers (and processes they start)
-    // do not see them, so a child of a worker does not mistake itself for a worker.
-    assert_eq!(info.env.get("WORKFARM_WORKER"), None);
-    assert_eq!(info.env.get("WORKFARM_PARENT_PID"), None);
+    // The farm's markers stay in the environment (the worker never mutates it); what makes
+    // a process a worker is that the marker names its stdin (see the test below).
+    assert!(info.env.contains_key("WORKFARM_WORKER"));
     // The parent's environment is inherited.
     if let Ok(path) = std::env::var("PATH") {
         assert_eq!(info.env.get("PATH"), Some(&path));

@@ -31,12 +31,16 @@ const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// Broadcast calls that may wait for one worker; later broadcasts fail for it at once.
 pub(crate) const MAX_PINNED: usize = 1024;
 
+/// Where each worker's answer to a broadcast arrives.
+pub(crate) type BroadcastReceivers = Vec<(WorkerId, oneshot::Receiver<Outcome>)>;
+
 /// A request from a [`Farm`](crate::Farm) handle, other than a call.
 #[derive(Debug)]
 pub(crate) enum Command {
     Broadcast {
         frame: Box<[u8]>,
-        replies: oneshot::Sender<Vec<(WorkerId, oneshot::Receiver<Outcome>)>>,
+        /// One receiver per worker the call went to, or why it went to none.
+        replies: oneshot::Sender<Result<BroadcastReceivers, CallError>>,
     },
     Status(oneshot::Sender<Status>),
     /// Answer once every worker is online, or no worker can start, or the farm stops.
@@ -300,10 +304,10 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     /// Pins one copy of the call to each live worker.
-    fn on_broadcast(&mut self, frame: &[u8]) -> Vec<(WorkerId, oneshot::Receiver<Outcome>)> {
+    fn on_broadcast(&mut self, frame: &[u8]) -> Result<BroadcastReceivers, CallError> {
         let mut receivers = Vec::new();
         if self.mode != Mode::Running {
-            return receivers;
+            return Err(CallError::ShutDown);
         }
         for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
             let (reply, rx) = Reply::new(None);
@@ -316,7 +320,17 @@ impl<T: Transport> Dispatcher<T> {
             }
             receivers.push((worker.id, rx));
         }
-        receivers
+        if receivers.is_empty() {
+            // Every worker died and none is starting yet (replacements are being paced).
+            let message = self
+                .startup
+                .failing()
+                .unwrap_or("no worker is starting or online (replacements are on their way)");
+            return Err(CallError::WorkerStart {
+                message: message.to_owned(),
+            });
+        }
+        Ok(receivers)
     }
 
     /// Graceful: fail what is queued, let what is in flight finish, then stop each worker.
@@ -606,6 +620,14 @@ impl<T: Transport> Dispatcher<T> {
             }
             Inbound::Fault { worker, message } => self.on_fault(worker, message),
             Inbound::Closed { worker } => self.on_closed(worker),
+            Inbound::StderrDropped { worker, lines } => {
+                tracing::warn!(
+                    worker = worker.as_u64(),
+                    lines,
+                    "worker stderr dropped: the farm's stderr does not keep up"
+                );
+                self.emit(Event::StderrDropped { worker, lines });
+            }
             Inbound::Exited {
                 worker,
                 exit,

@@ -322,7 +322,8 @@ impl Harness {
         self.d.on_command(Command::Broadcast { frame, replies });
         self.d.after_turn();
         self.turn();
-        (id, rx.try_recv().expect("answered at once"))
+        let sent = rx.try_recv().expect("answered at once");
+        (id, sent.expect("reached a worker"))
     }
 
     // ----- the fake worker's actions -----

@@ -109,6 +109,11 @@ pub struct Broadcast<T> {
     pub successes: Vec<(WorkerId, T)>,
     /// Workers whose call failed, with why.
     pub failures: Vec<(WorkerId, CallError)>,
+    /// Why the call reached no worker at all, when it reached none (then `successes` and
+    /// `failures` are empty): [`CallError::ShutDown`] once the farm is stopping, or
+    /// [`CallError::WorkerStart`] when no worker is starting or online, with the last start
+    /// failure if there is one.
+    pub unreached: Option<CallError>,
 }
 
 /// A snapshot of a farm, from [`Farm::status`].
@@ -170,13 +175,33 @@ impl<S: Serializer> Farm<S> {
     /// [`CreateError::InvalidOption`] for an out-of-range option;
     /// [`CreateError::WorkerNotFound`], [`CreateError::NotExecutable`] or
     /// [`CreateError::Spawn`] when the worker binary cannot be started;
-    /// [`CreateError::NoRuntime`] outside a tokio runtime. A worker that starts but then
-    /// fails is reported on its calls ([`CallError::WorkerStart`]) and in events.
+    /// [`CreateError::CurrentDirNotFound`] for a working directory that does not exist;
+    /// [`CreateError::NoRuntime`] outside a tokio runtime, and
+    /// [`CreateError::RuntimeDriverMissing`] in one built without its time or I/O driver.
+    /// A worker that starts but then fails is reported on its calls
+    /// ([`CallError::WorkerStart`]) and in events.
+    ///
+    /// # Signals
+    ///
+    /// If `SIGPIPE` is at its default disposition (which kills the process when it writes
+    /// to a pipe whose reader is gone, such as a worker that closed its stdin), `create`
+    /// sets it to ignored, as every Rust program's runtime does at start; the write then
+    /// fails with an error the farm handles. A handler the program installed is kept.
     pub fn create(options: FarmOptions<S>) -> Result<Self, CreateError> {
         options.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(CreateError::NoRuntime);
         }
+        if let Some(driver) = missing_runtime_driver() {
+            return Err(CreateError::RuntimeDriverMissing { driver });
+        }
+        if let Some(dir) = options.settings.cwd.as_ref().filter(|dir| !dir.is_dir()) {
+            return Err(CreateError::CurrentDirNotFound { path: dir.clone() });
+        }
+        if is_current_exe(&options.settings.program) {
+            crate::worker::refuse_to_recurse();
+        }
+        crate::sys::ignore_sigpipe_if_default();
         let FarmOptions {
             settings,
             serializer,
@@ -257,6 +282,8 @@ impl<S: Serializer> Farm<S> {
         // Boxed, so the future a caller holds for each queued call stays small.
         let submitted = self.submit(method, &args).map_err(Box::new);
         let serializer = self.serializer.clone();
+        // For a result that does not decode: the error names the method.
+        let method: Box<str> = method.into();
         async move {
             // Held until the call settles or this future is dropped, whichever comes first.
             let (rx, place) = submitted.map_err(|e| *e)?;
@@ -266,7 +293,7 @@ impl<S: Serializer> Farm<S> {
                 Ok(Err(error)) => return Err(*error),
                 Err(_) => return Err(CallError::ShutDown),
             };
-            decode_result(&serializer, &body)
+            decode_result(&serializer, &method, &body)
         }
     }
 
@@ -293,6 +320,7 @@ impl<S: Serializer> Farm<S> {
         let mut result = Broadcast {
             successes: Vec::new(),
             failures: Vec::new(),
+            unreached: None,
         };
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let frame = match self.encode_call(id, method, &args) {
@@ -304,20 +332,30 @@ impl<S: Serializer> Farm<S> {
                         result.failures.push((worker.id, error.clone()));
                     }
                 }
+                if result.failures.is_empty() {
+                    result.unreached = Some(error);
+                }
                 return result;
             }
         };
-        let receivers = self
+        let sent = self
             .core
             .request(|replies| Command::Broadcast { frame, replies })
             .await
-            .unwrap_or_default();
+            .unwrap_or(Err(CallError::ShutDown));
+        let receivers = match sent {
+            Ok(receivers) => receivers,
+            Err(why) => {
+                result.unreached = Some(why);
+                return result;
+            }
+        };
         for (worker, rx) in receivers {
             let outcome = match rx.await {
                 Ok(outcome) => outcome.map_err(|e| *e),
                 Err(_) => Err(CallError::ShutDown),
             };
-            match outcome.and_then(|body| decode_result(&self.serializer, &body)) {
+            match outcome.and_then(|body| decode_result(&self.serializer, method, &body)) {
                 Ok(value) => result.successes.push((worker, value)),
                 Err(error) => result.failures.push((worker, error)),
             }
@@ -455,9 +493,11 @@ impl<S: Serializer> Farm<S> {
 
 fn decode_result<S: Serializer, T: DeserializeOwned>(
     serializer: &S,
+    method: &str,
     body: &[u8],
 ) -> Result<T, CallError> {
     serializer.decode(body).map_err(|e| CallError::Deserialize {
+        method: method.to_owned(),
         type_name: std::any::type_name::<T>(),
         message: e.to_string(),
     })
@@ -485,6 +525,26 @@ fn hello_frame(
         }
     })?;
     Ok(hello.into_boxed_slice())
+}
+
+/// The driver the current runtime lacks, if any: the farm's timers need `time`, its pipes
+/// `io`. tokio has no way to ask but to try, and trying panics.
+fn missing_runtime_driver() -> Option<&'static str> {
+    let time = std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO)));
+    if time.is_err() {
+        return Some("time");
+    }
+    let (read, _write) = crate::sys::pipe().ok()?;
+    let io =
+        std::panic::catch_unwind(move || tokio::net::unix::pipe::Receiver::from_owned_fd(read));
+    io.is_err().then_some("io")
+}
+
+/// Whether `program` is this very executable.
+fn is_current_exe(program: &std::path::Path) -> bool {
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+    let this = std::env::current_exe().ok();
+    this.is_some() && this.as_deref().and_then(canonical) == canonical(program)
 }
 
 fn spawn_error(program: &std::path::Path, source: std::io::Error) -> CreateError {

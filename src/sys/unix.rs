@@ -1,7 +1,8 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// A signal the farm sends to a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,18 +57,6 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * u64::try_from(page).ok()?)
 }
 
-/// Asks for a bigger pipe buffer (Linux `F_SETPIPE_SZ`), so a large frame crosses in a
-/// few system calls instead of one per 64 KiB. Best effort: the default size still works.
-pub(crate) fn grow_pipe(fd: std::os::fd::RawFd, bytes: usize) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: fcntl on a descriptor the caller owns, with an integer argument.
-    unsafe {
-        libc::fcntl(fd, libc::F_SETPIPE_SZ, bytes as libc::c_int);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (fd, bytes);
-}
-
 /// Moves the worker's stdout out of reach of user code: returns a private, close-on-exec
 /// duplicate of fd 1 for frames, and points fd 1 at stderr, so a stray `println!` (or a
 /// child process writing to its inherited stdout) lands in the log, not in the frame stream.
@@ -107,28 +96,196 @@ pub(crate) fn take_stdin() -> io::Result<OwnedFd> {
     }
 }
 
-/// Asks the kernel to SIGKILL this process when the thread that spawned it dies (Linux),
-/// then checks the parent is still the one that spawned us, closing the race where it died
-/// before the request was made.
-pub(crate) fn die_with_parent(expected_parent: Option<u32>) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with integer arguments.
+// ===== the worker's tie to its farm =====
+
+/// The parent this worker had when it started serving (a wrapper's pid, if the farm
+/// started one); a different `getppid()` later means that parent died.
+static START_PARENT: AtomicI32 = AtomicI32::new(0);
+/// The farm's pid, from the worker's environment (0: unknown).
+static FARM_PID: AtomicI32 = AtomicI32::new(0);
+/// Whether this worker's process group is the one the farm made for it (so killing the
+/// group takes the worker's children and nothing of the farm's).
+static GROUP_IS_OURS: AtomicBool = AtomicBool::new(false);
+
+/// Ties this worker's life to its farm's, and its children's lives to its own.
+///
+/// Linux sends the parent-death signal when the thread that spawned us exits; the farm
+/// spawns from one thread that lives as long as it does. The signal is `SIGHUP` ("the
+/// controlling process died"), which the farm never sends otherwise: its handler SIGKILLs
+/// the whole process group (the worker and any process a handler started), where the
+/// signal's default action would end the worker alone. At that moment the dying parent's
+/// other threads may still stand in for it, so the handler cannot check the parent pid,
+/// and need not. Then checks the farm is still alive, closing the race where it died before
+/// the request was made.
+pub(crate) fn follow_farm(farm: Option<u32>) {
+    let farm = farm
+        .and_then(|p| libc::pid_t::try_from(p).ok())
+        .filter(|&p| p > 1);
+    // SAFETY: getppid, getpgrp and getpgid take integers and have no memory effects; the
+    // sigaction struct is zeroed (a valid value) and fully set before use; the handler only
+    // makes async-signal-safe calls.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-    }
-    if let Some(expected) = expected_parent {
-        // SAFETY: getppid has no preconditions; kill with signal 0 only checks existence.
-        let (parent, expected_alive) = unsafe {
-            let alive = libc::pid_t::try_from(expected).is_ok_and(|p| libc::kill(p, 0) == 0);
-            (libc::getppid(), alive)
+        START_PARENT.store(libc::getppid(), Ordering::Relaxed);
+        let Some(farm) = farm else {
+            return;
         };
-        // A wrapper (`sh -c`, `timeout`) between farm and worker is fine; a farm that is
-        // already gone is not.
-        if u32::try_from(parent).ok() != Some(expected) && !expected_alive {
-            eprintln!("workfarm worker: the farm (pid {expected}) is gone; exiting");
-            std::process::exit(1);
+        FARM_PID.store(farm, Ordering::Relaxed);
+        let own = libc::getpgrp();
+        let farms = libc::getpgid(farm);
+        GROUP_IS_OURS.store(farms >= 0 && own != farms && own > 1, Ordering::Relaxed);
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_farm_death as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut());
+        #[cfg(target_os = "linux")]
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGHUP, 0, 0, 0);
+    }
+    if farm_is_gone() {
+        eprintln!("workfarm worker: the farm is gone; exiting");
+        kill_own_group();
+    }
+}
+
+extern "C" fn on_farm_death(_: libc::c_int) {
+    kill_own_group();
+}
+
+/// Whether the farm that started this worker is gone: our parent changed (we were
+/// re-parented), or the farm's pid no longer names a live process.
+pub(crate) fn farm_is_gone() -> bool {
+    // SAFETY: getppid and kill(pid, 0) take integers and have no memory effects.
+    let (parent, farm_exists) = unsafe {
+        let farm = FARM_PID.load(Ordering::Relaxed);
+        (libc::getppid(), farm > 1 && libc::kill(farm, 0) == 0)
+    };
+    if parent != START_PARENT.load(Ordering::Relaxed) {
+        return true;
+    }
+    let farm = FARM_PID.load(Ordering::Relaxed);
+    if farm <= 1 {
+        return false;
+    }
+    // A dead farm whose own parent has not reaped it yet still answers kill(pid, 0).
+    !farm_exists || process_state(farm) == Some('Z')
+}
+
+/// SIGKILLs this worker's process group if the farm made it ours (the worker, a wrapper
+/// the farm started it through, and everything a handler started), else this process.
+/// Async-signal-safe.
+pub(crate) fn kill_own_group() {
+    // SAFETY: kill(2) takes plain integers and has no memory effects.
+    unsafe {
+        if GROUP_IS_OURS.load(Ordering::Relaxed) {
+            libc::kill(0, libc::SIGKILL);
+        }
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+/// A process's state letter from `/proc/<pid>/stat` (`'Z'` for a zombie).
+pub(crate) fn process_state(pid: libc::pid_t) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+// ===== the farm's side of a worker's pipes =====
+
+/// A new pipe, both ends close-on-exec: `(read, write)`.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array; each is then owned once.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// What names the file behind a descriptor (`device:inode`): the farm hands a worker this
+/// for its stdin, so the worker can tell it was started by the farm while its children,
+/// which inherit the environment but not that stdin, cannot be fooled.
+pub(crate) fn file_identity(fd: RawFd) -> Option<String> {
+    // SAFETY: fstat fills a zeroed struct it is given a pointer to.
+    unsafe {
+        let mut stat: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut stat) != 0 {
+            return None;
+        }
+        Some(format!("{}:{}", stat.st_dev, stat.st_ino))
+    }
+}
+
+/// A pipe's buffer size (Linux `F_GETPIPE_SZ`).
+pub(crate) fn pipe_size(fd: RawFd) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: fcntl with integer arguments on a descriptor the caller owns.
+    unsafe {
+        usize::try_from(libc::fcntl(fd, libc::F_GETPIPE_SZ)).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = fd;
+        None
+    }
+}
+
+/// Asks for a pipe buffer of `bytes` (Linux `F_SETPIPE_SZ`); the size it got, if it changed.
+pub(crate) fn set_pipe_size(fd: RawFd, bytes: usize) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: fcntl with integer arguments on a descriptor the caller owns.
+    unsafe {
+        let bytes = libc::c_int::try_from(bytes).ok()?;
+        usize::try_from(libc::fcntl(fd, libc::F_SETPIPE_SZ, bytes)).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, bytes);
+        None
+    }
+}
+
+/// The per-user soft limit on pipe buffer pages (`/proc/sys/fs/pipe-user-pages-soft`), in
+/// bytes; `None` if there is none or it cannot be read.
+pub(crate) fn pipe_user_soft_limit() -> Option<usize> {
+    let pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    (pages > 0).then(|| pages * page)
+}
+
+/// Ignores `SIGPIPE` if it is at its default (which kills the process on a write to a
+/// worker that closed its stdin). Rust programs ignore it already; a host that installed a
+/// handler of its own, or chose to ignore it, is left alone.
+pub(crate) fn ignore_sigpipe_if_default() {
+    // SAFETY: sigaction reads into and from zeroed structs; SIG_IGN has no handler code.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut current) != 0 {
+            return;
+        }
+        if current.sa_sigaction == libc::SIG_DFL {
+            let mut ignore: libc::sigaction = std::mem::zeroed();
+            ignore.sa_sigaction = libc::SIG_IGN;
+            libc::sigemptyset(&mut ignore.sa_mask);
+            libc::sigaction(libc::SIGPIPE, &ignore, std::ptr::null_mut());
         }
     }
+}
+
+/// Reaps `pid` if it has exited; `true` once it is reaped or is not our child at all.
+pub(crate) fn try_reap(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a local.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    r != 0
 }
 
 /// Reads from a blocking descriptor into the spare capacity of `buf` (no zero-filling, which

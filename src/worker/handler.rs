@@ -52,6 +52,15 @@ impl<S> Clone for Handler<S> {
     }
 }
 
+/// Why arguments did not decode, naming the type they were decoded as (some decoders, such
+/// as Postcard's, say only "Serde Deserialization Error").
+fn bad_arguments<A>(error: impl Display) -> Failure {
+    Failure::new(
+        FailureKind::BadArguments,
+        format_args!("{error} (decoding {})", std::any::type_name::<A>()),
+    )
+}
+
 pub(crate) fn sync_handler<S, A, T, E, F>(f: F) -> Handler<S>
 where
     S: Serializer,
@@ -61,9 +70,7 @@ where
     F: Fn(A) -> Result<T, E> + Send + Sync + 'static,
 {
     Handler::Sync(Arc::new(move |s: &S, args: &[u8], out: &mut Vec<u8>| {
-        let args: A = s
-            .decode(args)
-            .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+        let args: A = s.decode(args).map_err(bad_arguments::<A>)?;
         let value = catch_unwind(AssertUnwindSafe(|| f(args)))
             .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))?
             .map_err(|e| Failure::new(FailureKind::Handler, e))?;
@@ -85,9 +92,7 @@ where
         move |s: &S, args: &[u8], id: u64, max_frame: usize| {
             // A user `Deserialize` impl may panic too, not only the handler.
             let future = catch_unwind(AssertUnwindSafe(|| {
-                let args: A = s
-                    .decode(args)
-                    .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+                let args: A = s.decode(args).map_err(bad_arguments::<A>)?;
                 Ok(f(args))
             }))
             .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))??;

@@ -42,7 +42,10 @@
 //! before any handler runs, so `println!` in a handler (or a child process it starts)
 //! cannot corrupt the stream. The farm forwards the worker's stderr to its own.
 //!
-//! The worker exits when the farm closes its stdin, after finishing the calls it has.
+//! The worker exits when the farm closes its stdin, after finishing the calls it has. If
+//! instead the farm died (its stdin closed with the farm gone, or the parent-death signal
+//! arrived mid-call), it SIGKILLs its process group at once: itself and every process its
+//! handlers started, which would otherwise outlive the farm.
 
 mod handler;
 mod serve;
@@ -56,6 +59,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::{self, Display};
 use std::future::Future;
+use std::sync::OnceLock;
 
 /// The name of the default method on the wire.
 pub const DEFAULT_METHOD: &str = "";
@@ -88,6 +92,55 @@ impl Worker<Builtin> {
     pub fn new() -> Self {
         Worker::with_serializer(Builtin::Json)
     }
+
+    /// Whether this process was started by a farm as one of its workers.
+    ///
+    /// A process a worker's handler starts inherits the worker's environment, but not the
+    /// pipe the farm gave the worker as stdin, which is what this checks; so it answers
+    /// `false` there.
+    ///
+    /// ```
+    /// use workfarm::worker::Worker;
+    ///
+    /// if Worker::is_worker() {
+    ///     // started by a farm
+    /// }
+    /// ```
+    pub fn is_worker() -> bool {
+        started_by_farm()
+    }
+}
+
+/// Whether the farm's marker names this process's stdin (see [`Worker::is_worker`]).
+/// Decided once: serving points stdin elsewhere.
+fn started_by_farm() -> bool {
+    static STARTED_BY_FARM: OnceLock<bool> = OnceLock::new();
+    *STARTED_BY_FARM.get_or_init(|| {
+        let marker = std::env::var_os(WORKER_ENV);
+        marker.is_some() && marker == sys::file_identity(0).map(Into::into)
+    })
+}
+
+/// Stops a program that a farm started as its own worker
+/// ([`FarmOptions::current_exe`](crate::FarmOptions::current_exe)) but that did not call
+/// [`Worker::serve_if_worker`] first thing in `main`: such a program would start a farm of
+/// itself, which would start another, and so on. It tells the farm why in the protocol and
+/// exits, so the farm reports it as the reason its workers cannot start.
+pub(crate) fn refuse_to_recurse() {
+    if !started_by_farm() {
+        return;
+    }
+    let message = "this program was started as a farm's worker (FarmOptions::current_exe) but \
+                   builds a farm of itself: call Worker::serve_if_worker() first thing in main";
+    let mut frame_bytes = Vec::new();
+    let start = crate::protocol::frame::begin(&mut frame_bytes);
+    crate::protocol::encode_fatal(message, &mut frame_bytes);
+    let _ = crate::protocol::frame::finish(&mut frame_bytes, start, usize::MAX);
+    let mut stdout = std::io::stdout().lock();
+    let _ = std::io::Write::write_all(&mut stdout, &frame_bytes);
+    let _ = std::io::Write::flush(&mut stdout);
+    eprintln!("workfarm: {message}");
+    std::process::exit(1);
 }
 
 /// Why [`Worker::serve`] could not serve.
@@ -199,17 +252,12 @@ impl<S: Serializer> Worker<S> {
         self
     }
 
-    /// Whether this process was started by a farm.
-    pub fn is_worker() -> bool {
-        std::env::var_os(WORKER_ENV).is_some_and(|v| v == "1")
-    }
-
     /// If this process was started by a farm, serves it and then exits the process;
     /// otherwise returns at once. Call it first thing in `main` of a program that is its
     /// own worker ([`FarmOptions::current_exe`](crate::FarmOptions::current_exe)), as
     /// procspawn's `init()`.
     pub fn serve_if_worker(self) {
-        if !Self::is_worker() {
+        if !started_by_farm() {
             return;
         }
         match self.serve() {
@@ -229,14 +277,12 @@ impl<S: Serializer> Worker<S> {
     /// When stdin/stdout are not the pipes of a farm, the handshake fails, or the farm
     /// breaks the protocol.
     pub fn serve(self) -> Result<(), ServeError> {
-        let parent = std::env::var(PARENT_PID_ENV)
-            .ok()
-            .and_then(|p| p.parse().ok());
-        // Children a handler starts must not think a farm started them. (Still
-        // single-threaded here, unless called from inside a runtime.)
-        std::env::remove_var(WORKER_ENV);
-        std::env::remove_var(PARENT_PID_ENV);
-        sys::die_with_parent(parent);
+        // Read, never removed: children a handler starts inherit the markers but fail the
+        // stdin check, and the environment is not touched once threads may exist.
+        let farm = started_by_farm()
+            .then(|| std::env::var(PARENT_PID_ENV).ok()?.parse().ok())
+            .flatten();
+        sys::follow_farm(farm);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;
         let run = move || serve::serve(self, input, output);

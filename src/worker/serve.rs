@@ -137,6 +137,10 @@ pub(super) fn serve<S: Serializer>(
     input.decoder = FrameDecoder::new(max_frame);
     let mut server = Server::start(worker, serializer, max_frame, output)?;
     let served = server.run(&mut input);
+    if sys::farm_is_gone() {
+        // Nobody is left to answer, and a handler's children must not outlive the farm.
+        sys::kill_own_group();
+    }
     server.finish();
     served
 }

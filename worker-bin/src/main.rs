@@ -10,6 +10,8 @@ use std::io::Write;
 use std::time::Duration;
 use workfarm::worker::Worker;
 
+mod parent;
+
 /// What `info` reports about the worker process.
 #[derive(Serialize)]
 struct Info {
@@ -35,15 +37,19 @@ struct Floats {
 }
 
 fn main() {
-    // `workfarm-worker --parent N`: act as a parent that owns a farm of N copies of itself
-    // (for tests that kill or interrupt the parent).
-    if std::env::args().nth(1).as_deref() == Some("--parent") {
-        let workers = std::env::args()
-            .nth(2)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(2);
-        parent_mode(workers);
-        return;
+    // `workfarm-worker --<scenario> ...`: act as a parent that owns a farm of copies of
+    // itself (for tests that kill, interrupt or starve the parent); see `parent.rs`.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(first) = args.first() {
+        if first == "--report-is-worker" {
+            // Run by the `child_is_worker` method: what a worker's child thinks it is.
+            println!("{}", Worker::is_worker());
+            return;
+        }
+        if parent::SCENARIOS.contains(&first.as_str()) {
+            parent::run(&args);
+            return;
+        }
     }
     // Start-up misbehaviour, chosen by the test through the environment.
     if let Ok(code) = std::env::var("WORKER_EXIT_AT_START") {
@@ -177,6 +183,20 @@ fn main() {
         .method("floats", |f: Floats| f)
         .method("int_keys", |m: BTreeMap<i64, String>| m)
         .method("sum", |xs: Vec<f64>| xs.iter().sum::<f64>())
+        // Builds a runtime of its own and blocks on it, as blocking clients
+        // (`reqwest::blocking`, many SDKs) do inside; returns 7.
+        .method("own_runtime", |()| own_runtime())
+        // Whether this process is a worker, and whether a child it starts thinks it is one
+        // (with the worker's stdin, or with a pipe of its own as stdin).
+        .method("is_worker", |()| Worker::is_worker())
+        .try_method("child_is_worker", |piped: bool| child_is_worker(piped))
+        // Starts `sleep 1000` and returns its pid (a grandchild of the farm).
+        .try_method("spawn_sleep", |()| spawn_sleep())
+        // Stops reading the farm's pipe (its last reader goes) and lives on, deaf; answers
+        // its pid.
+        .method("close_input", |()| close_input())
+        // The buffer sizes of the worker's two frame pipes: (input, output).
+        .method("pipe_sizes", |()| frame_pipe_sizes())
         .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed));
 
     // `WORKER_THREADS=n`: run up to n sync handlers at once.
@@ -273,44 +293,92 @@ fn rand_unit() -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Owns a farm of `workers` copies of this binary: prints each worker's pid, then `ready`,
-/// then waits. On SIGINT it shuts the farm down gracefully and prints how each worker
-/// exited, then `done`.
-fn parent_mode(workers: usize) {
-    use workfarm::{Event, Farm, FarmOptions};
-    let Ok(runtime) = tokio::runtime::Runtime::new() else {
-        std::process::exit(2);
+fn own_runtime() -> u32 {
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return 0;
     };
     runtime.block_on(async {
-        let farm = match Farm::create(FarmOptions::current_exe().workers(workers)) {
-            Ok(farm) => farm,
-            Err(e) => {
-                eprintln!("parent: {e}");
-                std::process::exit(2);
-            }
-        };
-        let mut events = farm.events();
-        let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
-        for (_, pid) in &pids.successes {
-            println!("{pid}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        7
+    })
+}
+
+fn child_is_worker(piped: bool) -> Result<bool, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--report-is-worker");
+    if piped {
+        cmd.stdin(std::process::Stdio::piped());
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim() == "true")
+}
+
+fn spawn_sleep() -> Result<u32, String> {
+    let child = std::process::Command::new("sleep")
+        .arg("1000")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    // Not waited for: it is meant to outlive this call.
+    Ok(child.id())
+}
+
+/// The descriptor numbers (and targets) of this process's pipes among fds 3..64.
+fn pipe_fds() -> Vec<(i32, String)> {
+    (3..64)
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            target.starts_with("pipe:").then_some((fd, target))
+        })
+        .collect()
+}
+
+/// The pipe inode the farm gave this worker as stdin (from its marker, `dev:ino`).
+fn input_pipe() -> Option<String> {
+    let marker = std::env::var("WORKFARM_WORKER").ok()?;
+    let (_, ino) = marker.split_once(':')?;
+    Some(format!("pipe:[{ino}]"))
+}
+
+fn close_input() -> u32 {
+    let input = input_pipe();
+    // A pipe nobody will ever write: the serving loop waits on it for good.
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two new descriptors into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    for (fd, target) in pipe_fds() {
+        if Some(&target) == input.as_ref() {
+            // SAFETY: dup2 onto a descriptor this process owns: it now reads the new pipe,
+            // and the farm's pipe loses its only reader.
+            unsafe { libc::dup2(fds[0], fd) };
         }
-        // Listen for SIGINT before saying we are ready, so a test may send it right away.
-        let mut interrupt =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
-                Ok(interrupt) => interrupt,
-                Err(e) => {
-                    eprintln!("parent: {e}");
-                    std::process::exit(2);
-                }
-            };
-        println!("ready");
-        let _ = interrupt.recv().await;
-        farm.shutdown().await;
-        while let Ok(event) = events.try_recv() {
-            if let Event::Exited { pid, exit, .. } = event {
-                println!("exited {pid} {exit}");
-            }
+    }
+    std::process::id()
+}
+
+fn frame_pipe_sizes() -> (usize, usize) {
+    let input = input_pipe();
+    let stderr = std::fs::read_link("/proc/self/fd/2")
+        .ok()
+        .map(|t| t.to_string_lossy().into_owned());
+    let size = |fd: i32| {
+        // SAFETY: fcntl with integer arguments on a descriptor this process owns.
+        usize::try_from(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }).unwrap_or(0)
+    };
+    let (mut inp, mut out) = (0, 0);
+    for (fd, target) in pipe_fds() {
+        if Some(&target) == input.as_ref() {
+            inp = size(fd);
+        } else if Some(&target) != stderr.as_ref() {
+            out = size(fd);
         }
-        println!("done");
-    });
+    }
+    (inp, out)
 }

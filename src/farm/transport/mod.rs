@@ -7,6 +7,8 @@
 //! with no processes and paused time.
 
 pub(crate) mod pipe;
+mod pipe_buffer;
+mod spawner;
 mod stderr;
 
 use crate::error::ExitInfo;
@@ -62,6 +64,8 @@ pub(crate) enum Inbound {
     Fault { worker: WorkerId, message: String },
     /// Its frame stream ended: it will answer nothing more, though it may still run.
     Closed { worker: WorkerId },
+    /// Its stderr came faster than ours took it: this many lines were dropped.
+    StderrDropped { worker: WorkerId, lines: u64 },
     /// It ended and was reaped; every message it sent was delivered before this.
     Exited {
         worker: WorkerId,

@@ -5,9 +5,11 @@
 //!
 //! Each worker gets three tasks: a writer that drains what the pipe could not take at once
 //! (see [`Outbox`]), a supervisor that reads and decodes frames and reaps the process, and
-//! an stderr forwarder that copies the worker's stderr to ours and remembers the last lines
-//! for error reports (so the pipe never fills).
+//! an stderr forwarder that passes the worker's stderr on and remembers the last lines for
+//! error reports (so the pipe never fills).
 
+use super::pipe_buffer::{PipeBuffer, MAX_PIPE};
+use super::spawner::{reap_killed, spawn_from_long_lived_thread};
 use super::stderr::forward_stderr;
 use super::{Inbound, Link, Transport};
 use crate::error::ExitInfo;
@@ -18,6 +20,7 @@ use crate::protocol::{decode_from_worker, launch, FromWorker};
 use crate::sys::{kill_group_remnants, signal_group, Signal};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,10 +30,11 @@ use tokio::process::{Child, ChildStdout, Command};
 use tokio::sync::{mpsc, Notify};
 /// Frames at least this big are written on their own instead of being copied into a batch.
 const DIRECT_WRITE: usize = 32 * 1024;
-/// Pipe buffer asked for on each side (Linux allows up to 1 MiB unprivileged by default).
-const PIPE_SIZE: usize = 1024 * 1024;
 /// Read buffer size for a worker's stdout.
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a worker whose stdin broke may take to exit before it is reported as having
+/// closed its input while alive.
+const BROKEN_INPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// Starts workers as child processes of this one.
 #[derive(Debug)]
@@ -69,6 +73,8 @@ pub(crate) struct WorkerLink {
     writer: tokio::task::AbortHandle,
     /// Small frames handed out this turn of the dispatcher, written together by `flush`.
     pending: Vec<u8>,
+    /// The worker's stdin, grown when a large frame is sent.
+    stdin_buffer: PipeBuffer,
     control: mpsc::UnboundedSender<Signal>,
     pid: u32,
 }
@@ -85,6 +91,7 @@ impl Link for WorkerLink {
             return;
         };
         if frame.len() >= DIRECT_WRITE {
+            self.stdin_buffer.fit(frame.len());
             if !self.pending.is_empty() {
                 outbox.submit(&self.pending);
                 self.pending.clear();
@@ -154,6 +161,9 @@ struct Outbox {
     pipe: pipe::Sender,
     backlog: Mutex<Backlog>,
     wake: Notify,
+    /// Told when a write fails: the worker exited, or it closed its stdin and lives on.
+    /// Shared with the supervisor, which must not hold the pipe open.
+    broke: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -184,8 +194,9 @@ impl Outbox {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) => {
-                        // The worker is gone; its supervisor reports the exit.
+                        // The worker exited or closed its stdin; its supervisor tells which.
                         backlog.broken = true;
+                        self.broke.notify_one();
                         return;
                     }
                 }
@@ -221,27 +232,30 @@ fn spawn(
     hello: &[u8],
     inbound: mpsc::UnboundedSender<Inbound>,
 ) -> std::io::Result<WorkerLink> {
-    let mut child = spawn_from_long_lived_thread(command(spec))?;
+    let (stdin_read, stdin_write) = crate::sys::pipe()?;
+    let identity = crate::sys::file_identity(stdin_read.as_raw_fd()).unwrap_or_default();
+    let mut child = spawn_from_long_lived_thread(command(spec, stdin_read, &identity))?;
     let pid = child.id().unwrap_or(0);
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("child stdio was not piped"));
     };
-    {
-        use std::os::fd::AsRawFd;
-        crate::sys::grow_pipe(stdin.as_raw_fd(), PIPE_SIZE);
-        crate::sys::grow_pipe(stdout.as_raw_fd(), PIPE_SIZE);
-    }
     let outbox = Arc::new(Outbox {
-        pipe: pipe::Sender::from_owned_fd(stdin.into_owned_fd()?)?,
+        pipe: pipe::Sender::from_owned_fd(stdin_write)?,
         backlog: Mutex::new(Backlog::default()),
         wake: Notify::new(),
+        broke: Arc::new(Notify::new()),
     });
+    let stdin_buffer = PipeBuffer::new(outbox.pipe.as_raw_fd());
     outbox.submit(hello);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_frames(outbox.clone())).abort_handle();
-    let stderr_task = tokio::spawn(forward_stderr(stderr, pid, spec.stderr));
+    let stderr_task = tokio::spawn(forward_stderr(
+        stderr,
+        worker,
+        pid,
+        spec.stderr,
+        inbound.clone(),
+    ));
     tokio::spawn(supervise(Supervised {
         worker,
         child,
@@ -249,6 +263,7 @@ fn spawn(
         stdout,
         stderr_task,
         control: control_rx,
+        input_broke: outbox.broke.clone(),
         inbound,
         max_frame: spec.max_frame,
     }));
@@ -256,19 +271,21 @@ fn spawn(
         outbox: Some(outbox),
         writer,
         pending: Vec::new(),
+        stdin_buffer,
         control: control_tx,
         pid,
     })
 }
 
-/// The worker's command line: piped stdio, its own process group, the farm's markers.
-fn command(spec: &Settings) -> Command {
+/// The worker's command line: its stdin the pipe made for it, named by `identity` in its
+/// environment (how it knows a farm started it); its own process group; the farm's pid.
+fn command(spec: &Settings, stdin: std::os::fd::OwnedFd, identity: &str) -> Command {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.envs.iter().map(|(k, v)| (k, v)))
-        .env(launch::WORKER_ENV, "1")
+        .env(launch::WORKER_ENV, identity)
         .env(launch::PARENT_PID_ENV, std::process::id().to_string())
-        .stdin(Stdio::piped())
+        .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -278,57 +295,6 @@ fn command(spec: &Settings) -> Command {
         cmd.current_dir(dir);
     }
     cmd
-}
-
-/// Spawns `cmd` from one thread that lives as long as the process.
-///
-/// Linux delivers a worker's parent-death signal when the *thread* that forked it exits, not
-/// the process. Runtime threads come and go (a blocking-pool thread exits after 10 s idle),
-/// so forking from whichever thread runs the dispatcher could kill healthy workers. One
-/// dedicated spawner thread makes the signal mean what it should: the parent process died.
-fn spawn_from_long_lived_thread(mut cmd: Command) -> std::io::Result<Child> {
-    type Job = Box<dyn FnOnce() + Send>;
-    static SPAWNER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<Job>>>> =
-        std::sync::OnceLock::new();
-    let spawner = SPAWNER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("workfarm-spawner".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    job();
-                }
-            })
-            .ok()
-            .map(|_| std::sync::Mutex::new(tx))
-    });
-    let Some(spawner) = spawner else {
-        // No thread could be started: spawn from here rather than not at all.
-        return cmd.spawn();
-    };
-    let handle = tokio::runtime::Handle::current();
-    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
-    let job: Job = Box::new(move || {
-        // A panic here (say, a runtime without its I/O driver) must not kill the thread
-        // every later spawn of the process depends on.
-        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _runtime = handle.enter();
-            cmd.spawn()
-        }))
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::other(
-                "spawning panicked: the tokio runtime needs its I/O and time drivers (enable_all)",
-            ))
-        });
-        let _ = reply_tx.send(spawned);
-    });
-    let sent = spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job);
-    if sent.is_err() {
-        return Err(std::io::Error::other("the spawner thread is gone"));
-    }
-    reply_rx
-        .recv()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread is gone")))
 }
 
 /// Drains an outbox's backlog into the pipe as the worker reads. Ends (dropping its share of
@@ -354,6 +320,7 @@ async fn write_frames(outbox: Arc<Outbox>) {
                     let mut backlog = outbox.lock();
                     backlog.broken = true;
                     backlog.frames.clear();
+                    outbox.broke.notify_one();
                     return;
                 }
             }
@@ -384,6 +351,8 @@ struct Supervised {
     stdout: ChildStdout,
     stderr_task: tokio::task::JoinHandle<Vec<String>>,
     control: mpsc::UnboundedReceiver<Signal>,
+    /// Told when writing to the worker's stdin fails.
+    input_broke: Arc<Notify>,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
 }
@@ -393,28 +362,38 @@ struct Supervised {
 async fn supervise(s: Supervised) {
     let Supervised {
         worker,
-        mut child,
+        child,
         pid,
         mut stdout,
         stderr_task,
         mut control,
+        input_broke: broke,
         inbound,
         max_frame,
     } = s;
-    let mut guard = GroupGuard { pid, reaped: false };
+    let mut guard = GroupGuard {
+        pid,
+        child: Some(child),
+    };
+    let mut stdout_buffer = PipeBuffer::new(stdout.as_raw_fd());
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut decoder = FrameDecoder::new(max_frame);
     let mut reading = true;
     let mut control_open = true;
+    let mut input_broke = false;
     let mut status = None;
     // Once the process is gone, give its output this long to drain (a grandchild may hold
-    // the pipe open).
-    let drain_grace = tokio::time::sleep(Duration::from_secs(3600));
-    tokio::pin!(drain_grace);
+    // the pipe open); once its stdin broke, give it this long to exit.
+    let grace = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(grace);
 
     while reading || status.is_none() {
         tokio::select! {
             read = read_some(&mut stdout, &mut buf), if reading => {
+                if matches!(read, Ok(n) if n >= stdout_buffer.size()) {
+                    // The read emptied a full pipe: the worker may have been waiting on it.
+                    stdout_buffer.fit(MAX_PIPE);
+                }
                 reading = deliver(read, worker, &mut decoder, &mut buf, &inbound);
                 if !reading && status.is_none() {
                     // The frame stream ended but the process lives on: it can answer
@@ -422,11 +401,15 @@ async fn supervise(s: Supervised) {
                     let _ = inbound.send(Inbound::Closed { worker });
                 }
             }
-            exit = child.wait(), if status.is_none() => {
-                guard.reaped = true;
+            exit = wait(&mut guard.child), if status.is_none() => {
+                guard.child = None;
                 kill_group_remnants(pid);
                 status = Some(exit.map(ExitInfo::from_status).unwrap_or(ExitInfo { code: None, signal: None }));
-                drain_grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
+                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
+            }
+            () = broke.notified(), if !input_broke && status.is_none() => {
+                input_broke = true;
+                grace.as_mut().reset(tokio::time::Instant::now() + BROKEN_INPUT_GRACE);
             }
             signal = control.recv(), if control_open => match signal {
                 // Not yet reaped, so the pid (and the group it leads) is still this worker's.
@@ -434,7 +417,17 @@ async fn supervise(s: Supervised) {
                 Some(_) => {}
                 None => control_open = false,
             },
-            () = &mut drain_grace, if status.is_some() => reading = false,
+            () = &mut grace, if status.is_some() || input_broke => {
+                if status.is_some() {
+                    reading = false;
+                } else {
+                    // Alive but deaf: calls sent to it would never arrive.
+                    input_broke = false;
+                    grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
+                    let message = "the worker closed its stdin while alive".to_owned();
+                    let _ = inbound.send(Inbound::Fault { worker, message });
+                }
+            }
         }
     }
     let stderr_tail = stderr_tail(stderr_task).await;
@@ -447,6 +440,13 @@ async fn supervise(s: Supervised) {
         exit,
         stderr_tail,
     });
+}
+
+async fn wait(child: &mut Option<Child>) -> std::io::Result<std::process::ExitStatus> {
+    match child {
+        Some(child) => child.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Passes on what one read brought; whether to keep reading (not at the end of the stream,
@@ -487,17 +487,19 @@ async fn stderr_tail(task: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> 
     }
 }
 
-/// Kills the worker's process group if its supervisor is dropped before reaping it (the
-/// runtime shut down under a live farm), so no worker outlives its runtime.
+/// Holds the worker's process until it is reaped. If its supervisor is dropped first (the
+/// runtime shut down under a live farm), kills the process group and has the process
+/// reaped from a thread, so no worker outlives its runtime, not even as a zombie.
 struct GroupGuard {
     pid: u32,
-    reaped: bool,
+    child: Option<Child>,
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if !self.reaped {
+        if let Some(child) = self.child.take() {
             signal_group(self.pid, Signal::Kill);
+            reap_killed(self.pid, child);
         }
     }
 }

@@ -1,32 +1,49 @@
 //! A worker's stderr: drained as it comes (so the worker never blocks on it), passed on as
 //! the farm's [`StderrMode`] says, and its last lines kept for error reports.
+//!
+//! Forwarded lines go through one thread per process that writes them to our stderr, with
+//! a bounded queue in front of it: when our stderr does not keep up (a pipe nobody reads, a
+//! paused terminal), whole lines are dropped and counted rather than blocking the farm.
 
+use super::Inbound;
+use crate::event::WorkerId;
 use crate::options::StderrMode;
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::ChildStderr;
+use tokio::sync::mpsc;
 
 /// Lines of a worker's stderr kept for error reports.
 const STDERR_TAIL_LINES: usize = 10;
+/// Forwarded bytes that may wait for our stderr, all workers together; past this, lines are
+/// dropped.
+const FORWARD_QUEUE_BYTES: usize = 1024 * 1024;
+/// Dropped lines are reported at most this often per worker (and once more at its end).
+const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Drains the worker's stderr (so the pipe never fills), passes it on as `mode` says, and
 /// returns its last lines. Reads in chunks, so a line without end costs bounded memory.
 pub(super) async fn forward_stderr(
     mut stderr: ChildStderr,
+    worker: WorkerId,
     pid: u32,
     mode: StderrMode,
+    inbound: mpsc::UnboundedSender<Inbound>,
 ) -> Vec<String> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut tail = StderrTail::default();
+    let mut forward = (mode == StderrMode::Forward).then(|| Forwarding::new(worker, inbound));
     loop {
         let n = match stderr.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        if mode == StderrMode::Forward {
-            let _ = std::io::stderr().lock().write_all(chunk);
+        if let Some(forward) = &mut forward {
+            forward.feed(chunk);
         }
         tail.feed(chunk, |line| {
             if mode == StderrMode::Log {
@@ -39,8 +56,146 @@ pub(super) async fn forward_stderr(
             tracing::info!(target: "workfarm::worker", pid, "{line}");
         }
     });
+    if let Some(forward) = &mut forward {
+        forward.finish();
+    }
     tracing::trace!(pid, "worker stderr closed");
     tail.lines.into()
+}
+
+/// One worker's stderr on its way to ours, in whole lines.
+struct Forwarding {
+    worker: WorkerId,
+    inbound: mpsc::UnboundedSender<Inbound>,
+    /// The end of the last chunk, not yet a whole line.
+    partial: Vec<u8>,
+    /// Lines dropped since the last report.
+    dropped: u64,
+    last_report: Instant,
+}
+
+impl Forwarding {
+    fn new(worker: WorkerId, inbound: mpsc::UnboundedSender<Inbound>) -> Self {
+        Forwarding {
+            worker,
+            inbound,
+            partial: Vec::new(),
+            dropped: 0,
+            last_report: Instant::now(),
+        }
+    }
+
+    /// Passes on the whole lines in `chunk` (and a line-less run once it is long).
+    fn feed(&mut self, chunk: &[u8]) {
+        let lines = match chunk.iter().rposition(|&b| b == b'\n') {
+            Some(end) => {
+                let mut lines = std::mem::take(&mut self.partial);
+                lines.extend_from_slice(&chunk[..=end]);
+                self.partial.extend_from_slice(&chunk[end + 1..]);
+                lines
+            }
+            None => {
+                self.partial.extend_from_slice(chunk);
+                if self.partial.len() < StderrTail::MAX_LINE {
+                    return;
+                }
+                std::mem::take(&mut self.partial)
+            }
+        };
+        self.offer(lines);
+        if self.dropped > 0 && self.last_report.elapsed() >= DROP_REPORT_INTERVAL {
+            self.report();
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let mut rest = std::mem::take(&mut self.partial);
+            rest.push(b'\n');
+            self.offer(rest);
+        }
+        if self.dropped > 0 {
+            self.report();
+        }
+    }
+
+    fn offer(&mut self, lines: Vec<u8>) {
+        let count = lines.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
+        let taken = StderrWriter::get().is_some_and(|writer| writer.offer(lines));
+        if !taken {
+            self.dropped += count;
+        }
+    }
+
+    fn report(&mut self) {
+        let _ = self.inbound.send(Inbound::StderrDropped {
+            worker: self.worker,
+            lines: std::mem::take(&mut self.dropped),
+        });
+        self.last_report = Instant::now();
+    }
+}
+
+/// The thread that writes forwarded lines to our stderr, and the bounded queue before it.
+struct StderrWriter {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<Vec<u8>>,
+    bytes: usize,
+}
+
+impl StderrWriter {
+    /// The process's writer, started on first use; `None` if no thread could be started.
+    fn get() -> Option<&'static StderrWriter> {
+        static WRITER: OnceLock<Option<&'static StderrWriter>> = OnceLock::new();
+        *WRITER.get_or_init(|| {
+            let writer: &'static StderrWriter = Box::leak(Box::new(StderrWriter {
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+            }));
+            std::thread::Builder::new()
+                .name("workfarm-stderr".into())
+                .spawn(move || writer.run())
+                .ok()
+                .map(|_| writer)
+        })
+    }
+
+    /// Queues `lines` unless the queue is full; whether they were taken.
+    fn offer(&self, lines: Vec<u8>) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if queue.bytes + lines.len() > FORWARD_QUEUE_BYTES {
+            return false;
+        }
+        queue.bytes += lines.len();
+        queue.chunks.push_back(lines);
+        self.wake.notify_one();
+        true
+    }
+
+    fn run(&self) {
+        loop {
+            let batch: Vec<Vec<u8>> = {
+                let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+                while queue.chunks.is_empty() {
+                    queue = self.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+                queue.bytes = 0;
+                queue.chunks.drain(..).collect()
+            };
+            let mut stderr = std::io::stderr().lock();
+            for chunk in &batch {
+                // Blocks while our stderr is stalled; the queue fills meanwhile and lines
+                // are dropped, but no farm waits.
+                let _ = stderr.write_all(chunk);
+            }
+            let _ = stderr.flush();
+        }
+    }
 }
 
 /// The last lines of a worker's stderr, assembled from chunks.

@@ -620,12 +620,8 @@ impl<T: Transport> Dispatcher<T> {
             }
             Inbound::Fault { worker, message } => self.on_fault(worker, message),
             Inbound::Closed { worker } => self.on_closed(worker),
+            // Logged by the stderr thread: a log line from here could block on that stderr.
             Inbound::StderrDropped { worker, lines } => {
-                tracing::warn!(
-                    worker = worker.as_u64(),
-                    lines,
-                    "worker stderr dropped: the farm's stderr does not keep up"
-                );
                 self.emit(Event::StderrDropped { worker, lines });
             }
             Inbound::Exited {

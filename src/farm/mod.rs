@@ -528,7 +528,8 @@ fn hello_frame(
 }
 
 /// The driver the current runtime lacks, if any: the farm's timers need `time`, its pipes
-/// `io`. tokio has no way to ask but to try, and trying panics.
+/// `io`. tokio has no way to ask but to try, and trying panics (caught here; the panic
+/// hook still prints it, and with `panic = "abort"` the process ends instead).
 fn missing_runtime_driver() -> Option<&'static str> {
     let time = std::panic::catch_unwind(|| drop(tokio::time::sleep(std::time::Duration::ZERO)));
     if time.is_err() {
@@ -544,7 +545,10 @@ fn missing_runtime_driver() -> Option<&'static str> {
 fn is_current_exe(program: &std::path::Path) -> bool {
     let canonical = |p: &std::path::Path| std::fs::canonicalize(p).ok();
     let this = std::env::current_exe().ok();
-    this.is_some() && this.as_deref().and_then(canonical) == canonical(program)
+    match (this.as_deref().and_then(canonical), canonical(program)) {
+        (Some(this), Some(program)) => this == program,
+        _ => false,
+    }
 }
 
 fn spawn_error(program: &std::path::Path, source: std::io::Error) -> CreateError {

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 /// A signal the farm sends to a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,9 @@ pub(crate) fn take_stdin() -> io::Result<OwnedFd> {
 static START_PARENT: AtomicI32 = AtomicI32::new(0);
 /// The farm's pid, from the worker's environment (0: unknown).
 static FARM_PID: AtomicI32 = AtomicI32::new(0);
+/// When the farm's process started (clock ticks since boot, 0: unknown), so a pid reused by
+/// another process after the farm died is not taken for the farm.
+static FARM_START: AtomicU64 = AtomicU64::new(0);
 /// Whether this worker's process group is the one the farm made for it (so killing the
 /// group takes the worker's children and nothing of the farm's).
 static GROUP_IS_OURS: AtomicBool = AtomicBool::new(false);
@@ -130,6 +133,7 @@ pub(crate) fn follow_farm(farm: Option<u32>) {
             return;
         };
         FARM_PID.store(farm, Ordering::Relaxed);
+        FARM_START.store(process_start_time(farm).unwrap_or(0), Ordering::Relaxed);
         let own = libc::getpgrp();
         let farms = libc::getpgid(farm);
         GROUP_IS_OURS.store(farms >= 0 && own != farms && own > 1, Ordering::Relaxed);
@@ -150,23 +154,44 @@ extern "C" fn on_farm_death(_: libc::c_int) {
     kill_own_group();
 }
 
-/// Whether the farm that started this worker is gone: our parent changed (we were
-/// re-parented), or the farm's pid no longer names a live process.
+/// Whether the farm that started this worker is gone.
+///
+/// Started by the farm directly, the worker is re-parented when the farm dies, so an
+/// unchanged parent settles it. Through a wrapper (`sh -c`, `timeout`), the farm is gone
+/// when its pid no longer names the process that was there at start, or names a zombie.
+/// With the parent outside our pid namespace there is no telling: not gone.
 pub(crate) fn farm_is_gone() -> bool {
-    // SAFETY: getppid and kill(pid, 0) take integers and have no memory effects.
-    let (parent, farm_exists) = unsafe {
-        let farm = FARM_PID.load(Ordering::Relaxed);
-        (libc::getppid(), farm > 1 && libc::kill(farm, 0) == 0)
-    };
-    if parent != START_PARENT.load(Ordering::Relaxed) {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let start_parent = START_PARENT.load(Ordering::Relaxed);
+    if parent != start_parent {
         return true;
     }
     let farm = FARM_PID.load(Ordering::Relaxed);
-    if farm <= 1 {
+    if farm <= 1 || start_parent <= 0 || start_parent == farm {
         return false;
     }
-    // A dead farm whose own parent has not reaped it yet still answers kill(pid, 0).
-    !farm_exists || process_state(farm) == Some('Z')
+    match (process_state(farm), process_start_time(farm)) {
+        (Some('Z'), _) => true,
+        (Some(_), Some(started)) => {
+            let known = FARM_START.load(Ordering::Relaxed);
+            known != 0 && started != known
+        }
+        // SAFETY: kill with signal 0 only checks existence. EPERM: it exists.
+        _ => unsafe { libc::kill(farm, 0) != 0 && *libc::__errno_location() == libc::ESRCH },
+    }
+}
+
+/// When a process started, in clock ticks since boot (`/proc/<pid>/stat`, field 22).
+fn process_start_time(pid: libc::pid_t) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// SIGKILLs this worker's process group if the farm made it ours (the worker, a wrapper
@@ -275,17 +300,6 @@ pub(crate) fn ignore_sigpipe_if_default() {
             libc::sigaction(libc::SIGPIPE, &ignore, std::ptr::null_mut());
         }
     }
-}
-
-/// Reaps `pid` if it has exited; `true` once it is reaped or is not our child at all.
-pub(crate) fn try_reap(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return true;
-    };
-    let mut status = 0;
-    // SAFETY: waitpid writes the status into a local.
-    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-    r != 0
 }
 
 /// Reads from a blocking descriptor into the spare capacity of `buf` (no zero-filling, which

@@ -45,7 +45,9 @@
 //! The worker exits when the farm closes its stdin, after finishing the calls it has. If
 //! instead the farm died (its stdin closed with the farm gone, or the parent-death signal
 //! arrived mid-call), it SIGKILLs its process group at once: itself and every process its
-//! handlers started, which would otherwise outlive the farm.
+//! handlers started, which would otherwise outlive the farm. The parent-death signal is
+//! `SIGHUP`: handler code must leave `SIGHUP`'s disposition alone, and a `SIGHUP` sent to a
+//! worker by hand ends its whole group.
 
 mod handler;
 mod serve;
@@ -97,7 +99,9 @@ impl Worker<Builtin> {
     ///
     /// A process a worker's handler starts inherits the worker's environment, but not the
     /// pipe the farm gave the worker as stdin, which is what this checks; so it answers
-    /// `false` there.
+    /// `false` there. A wrapper between farm and worker must pass that stdin through as it
+    /// is (`sh -c`, `env`, `timeout` do; `ssh` or `docker run -i`, which copy it through a
+    /// pipe of their own, do not).
     ///
     /// ```
     /// use workfarm::worker::Worker;
@@ -110,6 +114,9 @@ impl Worker<Builtin> {
         started_by_farm()
     }
 }
+
+/// Set once [`Worker::serve`] has begun.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the farm's marker names this process's stdin (see [`Worker::is_worker`]).
 /// Decided once: serving points stdin elsewhere.
@@ -127,7 +134,8 @@ fn started_by_farm() -> bool {
 /// itself, which would start another, and so on. It tells the farm why in the protocol and
 /// exits, so the farm reports it as the reason its workers cannot start.
 pub(crate) fn refuse_to_recurse() {
-    if !started_by_farm() {
+    // Once serving, a handler may legitimately start a farm of this binary.
+    if !started_by_farm() || SERVING.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let message = "this program was started as a farm's worker (FarmOptions::current_exe) but \
@@ -282,6 +290,7 @@ impl<S: Serializer> Worker<S> {
         let farm = started_by_farm()
             .then(|| std::env::var(PARENT_PID_ENV).ok()?.parse().ok())
             .flatten();
+        SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
         sys::follow_farm(farm);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;

@@ -338,11 +338,15 @@ fn pipe_fds() -> Vec<(i32, String)> {
         .collect()
 }
 
-/// The pipe inode the farm gave this worker as stdin (from its marker, `dev:ino`).
+/// The farm's pipe this worker reads its frames from: the one pipe among fds 3.. that is
+/// open for reading (see `/proc/self/fdinfo`).
 fn input_pipe() -> Option<String> {
-    let marker = std::env::var("WORKFARM_WORKER").ok()?;
-    let (_, ino) = marker.split_once(':')?;
-    Some(format!("pipe:[{ino}]"))
+    pipe_fds().into_iter().find_map(|(fd, target)| {
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+        let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
+        (flags & 0o3 == 0).then_some(target)
+    })
 }
 
 fn close_input() -> u32 {

@@ -185,9 +185,20 @@ async fn forgot_serve(log: &str) {
         let ppid = unsafe { libc::getppid() };
         let _ = writeln!(file, "{} {ppid}", std::process::id());
     }
+    // Should the farm's refusal ever regress, this stops the recursion at the second
+    // generation (the test then fails on the log) instead of filling the process table.
+    let depth: u32 = std::env::var("FORGOT_SERVE_DEPTH")
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0);
+    if depth >= 2 {
+        eprintln!("parent: recursion reached depth {depth}; stopping");
+        std::process::exit(3);
+    }
     let options = FarmOptions::current_exe()
         .workers(2)
-        .args(["--forgot-serve", log]);
+        .args(["--forgot-serve", log])
+        .env("FORGOT_SERVE_DEPTH", (depth + 1).to_string());
     let farm = create(options);
     match farm.ready().await {
         Err(CallError::WorkerStart { message }) => {

@@ -34,7 +34,7 @@ const DIRECT_WRITE: usize = 32 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a worker whose stdin broke may take to exit before it is reported as having
 /// closed its input while alive.
-const BROKEN_INPUT_GRACE: Duration = Duration::from_millis(200);
+const BROKEN_INPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// Starts workers as child processes of this one.
 #[derive(Debug)]
@@ -389,18 +389,10 @@ async fn supervise(s: Supervised) {
 
     while reading || status.is_none() {
         tokio::select! {
-            read = read_some(&mut stdout, &mut buf), if reading => {
-                if matches!(read, Ok(n) if n >= stdout_buffer.size()) {
-                    // The read emptied a full pipe: the worker may have been waiting on it.
-                    stdout_buffer.fit(MAX_PIPE);
-                }
-                reading = deliver(read, worker, &mut decoder, &mut buf, &inbound);
-                if !reading && status.is_none() {
-                    // The frame stream ended but the process lives on: it can answer
-                    // nothing more.
-                    let _ = inbound.send(Inbound::Closed { worker });
-                }
-            }
+            // In this order: an exit that is ready wins over the grace timer (so a crash is
+            // never taken for a worker that closed its stdin), and a worker flooding its
+            // output cannot starve its own kill. Replies still all come before `Exited`.
+            biased;
             exit = wait(&mut guard.child), if status.is_none() => {
                 guard.child = None;
                 kill_group_remnants(pid);
@@ -418,14 +410,32 @@ async fn supervise(s: Supervised) {
                 None => control_open = false,
             },
             () = &mut grace, if status.is_some() || input_broke => {
+                let exited = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 if status.is_some() {
                     reading = false;
+                } else if let Some(exit) = exited {
+                    guard.child = None;
+                    kill_group_remnants(pid);
+                    status = Some(ExitInfo::from_status(exit));
+                    grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
                 } else {
                     // Alive but deaf: calls sent to it would never arrive.
                     input_broke = false;
                     grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(3600));
                     let message = "the worker closed its stdin while alive".to_owned();
                     let _ = inbound.send(Inbound::Fault { worker, message });
+                }
+            }
+            read = read_some(&mut stdout, &mut buf), if reading => {
+                if matches!(read, Ok(n) if n >= stdout_buffer.size()) {
+                    // The read emptied a full pipe: the worker may have been waiting on it.
+                    stdout_buffer.fit(MAX_PIPE);
+                }
+                reading = deliver(read, worker, &mut decoder, &mut buf, &inbound);
+                if !reading && status.is_none() {
+                    // The frame stream ended but the process lives on: it can answer
+                    // nothing more.
+                    let _ = inbound.send(Inbound::Closed { worker });
                 }
             }
         }
@@ -499,7 +509,7 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
             signal_group(self.pid, Signal::Kill);
-            reap_killed(self.pid, child);
+            reap_killed(child);
         }
     }
 }

@@ -60,51 +60,44 @@ pub(super) fn spawn_from_long_lived_thread(mut cmd: Command) -> std::io::Result<
 /// Takes a killed worker whose supervisor can no longer wait for it (its runtime shut down)
 /// and reaps it from a thread of its own, so it does not stay a zombie.
 ///
-/// tokio would queue the child for reaping by the next runtime that sees a `SIGCHLD`; if
-/// there is none, it never is. So the child is forgotten (a few bytes of tokio's handle are
-/// leaked, once per worker, only on this path) and reaped here by pid.
-pub(super) fn reap_killed(pid: u32, child: Child) {
-    std::mem::forget(child);
-    static REAPER: OnceLock<Option<Mutex<mpsc::Sender<u32>>>> = OnceLock::new();
+/// Dropped unreaped, tokio would queue the child for the next runtime that sees a
+/// `SIGCHLD`; if there is none, it is never reaped. `try_wait` needs no runtime, so the
+/// thread polls it until the child has exited, then drops it.
+pub(super) fn reap_killed(child: Child) {
+    static REAPER: OnceLock<Option<Mutex<mpsc::Sender<Child>>>> = OnceLock::new();
     let reaper = REAPER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<u32>();
+        let (tx, rx) = mpsc::channel::<Child>();
         std::thread::Builder::new()
             .name("workfarm-reaper".into())
             .spawn(move || reap_forever(&rx))
             .ok()
             .map(|_| Mutex::new(tx))
     });
-    let queued = reaper.as_ref().is_some_and(|tx| {
-        tx.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(pid)
-            .is_ok()
-    });
-    if !queued {
-        // No thread: one try now (a SIGKILLed process is usually gone within microseconds).
-        crate::sys::try_reap(pid);
+    if let Some(tx) = reaper {
+        // If the thread is gone, the child goes back to tokio's own queue when dropped.
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(child);
     }
 }
 
-fn reap_forever(pids: &mpsc::Receiver<u32>) {
-    let mut waiting: Vec<u32> = Vec::new();
+fn reap_forever(children: &mpsc::Receiver<Child>) {
+    let mut waiting: Vec<Child> = Vec::new();
     loop {
         let next = if waiting.is_empty() {
-            pids.recv().map_err(|_| ())
+            children.recv().map(Some).map_err(|_| ())
         } else {
             // Killed processes go within milliseconds (one in uninterruptible sleep may
             // take longer): poll, rather than block on any one of them.
-            pids.recv_timeout(Duration::from_millis(10))
-                .or_else(|e| match e {
-                    mpsc::RecvTimeoutError::Timeout => Ok(0),
-                    mpsc::RecvTimeoutError::Disconnected => Err(()),
-                })
+            match children.recv_timeout(Duration::from_millis(10)) {
+                Ok(child) => Ok(Some(child)),
+                Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            }
         };
         match next {
-            Ok(0) => {}
-            Ok(pid) => waiting.push(pid),
+            Ok(Some(child)) => waiting.push(child),
+            Ok(None) => {}
             Err(()) => return,
         }
-        waiting.retain(|&pid| !crate::sys::try_reap(pid));
+        waiting.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
     }
 }

@@ -3,13 +3,16 @@
 //!
 //! Forwarded lines go through one thread per process that writes them to our stderr, with
 //! a bounded queue in front of it: when our stderr does not keep up (a pipe nobody reads, a
-//! paused terminal), whole lines are dropped and counted rather than blocking the farm.
+//! paused terminal), lines are dropped and counted rather than blocking the farm. The farm
+//! sends an event for them; the thread logs them once our stderr takes writes again (a log
+//! line written from the farm's own task could block on that very stderr).
 
 use super::Inbound;
 use crate::event::WorkerId;
 use crate::options::StderrMode;
 use std::collections::VecDeque;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -18,8 +21,8 @@ use tokio::sync::mpsc;
 
 /// Lines of a worker's stderr kept for error reports.
 const STDERR_TAIL_LINES: usize = 10;
-/// Forwarded bytes that may wait for our stderr, all workers together; past this, lines are
-/// dropped.
+/// Forwarded bytes that may wait for our stderr, all workers together, besides the batch
+/// being written; past this, lines are dropped.
 const FORWARD_QUEUE_BYTES: usize = 1024 * 1024;
 /// Dropped lines are reported at most this often per worker (and once more at its end).
 const DROP_REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -121,7 +124,10 @@ impl Forwarding {
 
     fn offer(&mut self, lines: Vec<u8>) {
         let count = lines.iter().filter(|&&b| b == b'\n').count().max(1) as u64;
-        let taken = StderrWriter::get().is_some_and(|writer| writer.offer(lines));
+        let taken = match StderrWriter::get() {
+            Some(writer) => writer.offer(lines, count),
+            None => false,
+        };
         if !taken {
             self.dropped += count;
         }
@@ -140,6 +146,8 @@ impl Forwarding {
 struct StderrWriter {
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Lines dropped since the thread last logged it.
+    dropped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -156,6 +164,7 @@ impl StderrWriter {
             let writer: &'static StderrWriter = Box::leak(Box::new(StderrWriter {
                 queue: Mutex::new(Queue::default()),
                 wake: Condvar::new(),
+                dropped: AtomicU64::new(0),
             }));
             std::thread::Builder::new()
                 .name("workfarm-stderr".into())
@@ -165,10 +174,11 @@ impl StderrWriter {
         })
     }
 
-    /// Queues `lines` unless the queue is full; whether they were taken.
-    fn offer(&self, lines: Vec<u8>) -> bool {
+    /// Queues `lines` (`count` of them) unless the queue is full; whether they were taken.
+    fn offer(&self, lines: Vec<u8>, count: u64) -> bool {
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if queue.bytes + lines.len() > FORWARD_QUEUE_BYTES {
+            self.dropped.fetch_add(count, Ordering::Relaxed);
             return false;
         }
         queue.bytes += lines.len();
@@ -187,6 +197,13 @@ impl StderrWriter {
                 queue.bytes = 0;
                 queue.chunks.drain(..).collect()
             };
+            let dropped = self.dropped.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                tracing::warn!(
+                    lines = dropped,
+                    "dropped lines of worker stderr: the farm's own stderr did not keep up"
+                );
+            }
             let mut stderr = std::io::stderr().lock();
             for chunk in &batch {
                 // Blocks while our stderr is stalled; the queue fills meanwhile and lines

@@ -390,7 +390,7 @@ impl Harness {
             .filter(|(to, _)| *to == worker)
             .filter_map(|(_, message)| match message {
                 ToWorker::Call { id, queued, .. } => Some((*id, *queued)),
-                ToWorker::Hello(_) => None,
+                ToWorker::Hello(_) | ToWorker::Stop => None,
             })
             .collect()
     }

@@ -9,6 +9,7 @@
 //! | `0x01` | to worker | Hello   | version u16, max frame u32, serializer name (u8 len)    |
 //! | `0x02` | to worker | Call    | call id u64, method (u16 len), encoded arguments       |
 //! | `0x03` | to worker | Call, queued | as Call; the worker reports Started when it starts it |
+//! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
 //! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
 //! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
@@ -23,6 +24,10 @@
 //! are async (they start the moment they arrive). The farm sends a plain Call only when the
 //! worker will start it on arrival; any other call goes as "Call, queued", and the worker
 //! writes Started for it, before its handler runs, when it gets to it.
+//!
+//! **Stop, or gone.** The farm says Stop before it closes a worker's input; the worker then
+//! answers the calls it has and exits. Input that ends without Stop means the farm died or
+//! dropped the worker: nobody is left to answer, and the worker kills its process group.
 
 pub(crate) mod frame;
 
@@ -38,11 +43,12 @@ use bytes::{Buf, Bytes};
 use std::fmt;
 
 /// Version of the wire protocol; the handshake refuses a worker that speaks another.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 const TAG_HELLO: u8 = 0x01;
 const TAG_CALL: u8 = 0x02;
 const TAG_CALL_QUEUED: u8 = 0x03;
+const TAG_STOP: u8 = 0x04;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
@@ -115,6 +121,14 @@ pub(crate) enum ToWorker {
         /// The farm counts the call as waiting until the worker reports it Started.
         queued: bool,
     },
+    /// The polite stop: no more calls follow; answer the ones you have, then exit. A worker
+    /// whose input ends without it knows the farm is gone (or dropped it).
+    Stop,
+}
+
+/// Encodes a Stop message.
+pub(crate) fn encode_stop(out: &mut Vec<u8>) {
+    out.push(TAG_STOP);
 }
 
 pub(crate) fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
@@ -213,6 +227,8 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
                 queued: tag == TAG_CALL_QUEUED,
             })
         }
+        TAG_STOP if p.is_empty() => Ok(ToWorker::Stop),
+        TAG_STOP => Err(malformed("stop")),
         tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
     }
 }
@@ -478,10 +494,15 @@ mod tests {
             b"\x83\0\0\0\0\0\0\0\0\x09",
             b"\x02\0",
             b"\x85\0\0",
-            b"\x81\x02\0\0\0\0\0\x01\0\x05\0",
+            b"\x81\x03\0\0\0\0\0\x01\0\x05\0",
         ] {
             assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());
         }
+        assert!(decode_to_worker(Bytes::from_static(b"\x04junk")).is_err());
+        assert_eq!(
+            decode_to_worker(Bytes::from_static(b"\x04")).ok(),
+            Some(ToWorker::Stop)
+        );
     }
 }

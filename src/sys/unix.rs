@@ -160,7 +160,7 @@ extern "C" fn on_farm_death(_: libc::c_int) {
 /// unchanged parent settles it. Through a wrapper (`sh -c`, `timeout`), the farm is gone
 /// when its pid no longer names the process that was there at start, or names a zombie.
 /// With the parent outside our pid namespace there is no telling: not gone.
-pub(crate) fn farm_is_gone() -> bool {
+fn farm_is_gone() -> bool {
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() };
     let start_parent = START_PARENT.load(Ordering::Relaxed);

@@ -42,9 +42,9 @@
 //! before any handler runs, so `println!` in a handler (or a child process it starts)
 //! cannot corrupt the stream. The farm forwards the worker's stderr to its own.
 //!
-//! The worker exits when the farm closes its stdin, after finishing the calls it has. If
-//! instead the farm died (its stdin closed with the farm gone, or the parent-death signal
-//! arrived mid-call), it SIGKILLs its process group at once: itself and every process its
+//! The worker exits when the farm says Stop and closes its stdin, after finishing the calls
+//! it has. If instead the farm died (its stdin ended without Stop, or the parent-death
+//! signal arrived mid-call), it SIGKILLs its process group at once: itself and every process its
 //! handlers started, which would otherwise outlive the farm. The parent-death signal is
 //! `SIGHUP`: handler code must leave `SIGHUP`'s disposition alone, and a `SIGHUP` sent to a
 //! worker by hand ends its whole group.

@@ -95,6 +95,14 @@ struct Job<S> {
     f: Arc<SyncFn<S>>,
 }
 
+/// How the farm's input ended.
+enum Ending {
+    /// After Stop: answer what is running, then exit.
+    Stopped,
+    /// Without Stop: the farm is gone, or dropped this worker.
+    Abandoned,
+}
+
 /// Everything the serving loop needs once the handshake is done.
 struct Server<S: Serializer> {
     serializer: S,
@@ -137,12 +145,13 @@ pub(super) fn serve<S: Serializer>(
     input.decoder = FrameDecoder::new(max_frame);
     let mut server = Server::start(worker, serializer, max_frame, output)?;
     let served = server.run(&mut input);
-    if sys::farm_is_gone() {
-        // Nobody is left to answer, and a handler's children must not outlive the farm.
+    if matches!(served, Ok(Ending::Abandoned)) {
+        // The input ended without Stop: the farm died or dropped us. Nobody is left to
+        // answer, and a handler's children must not outlive the farm.
         sys::kill_own_group();
     }
     server.finish();
-    served
+    served.map(|_| ())
 }
 
 /// Reads the farm's Hello and answers Ready, or Fatal if this worker cannot serve it.
@@ -223,8 +232,9 @@ impl<S: Serializer> Server<S> {
         })
     }
 
-    /// Serves until end of input.
-    fn run(&mut self, input: &mut Input) -> Result<(), ServeError> {
+    /// Serves until end of input; says whether the farm said Stop first.
+    fn run(&mut self, input: &mut Input) -> Result<Ending, ServeError> {
+        let mut stopped = false;
         loop {
             while let Some(payload) = input.try_next()? {
                 match protocol::decode_to_worker(payload) {
@@ -234,6 +244,7 @@ impl<S: Serializer> Server<S> {
                         args,
                         queued,
                     }) => self.call(id, protocol::method_name(&method), args, queued)?,
+                    Ok(ToWorker::Stop) => stopped = true,
                     Ok(ToWorker::Hello(_)) => {
                         return Err(serve_error("second handshake from the farm"))
                     }
@@ -244,7 +255,11 @@ impl<S: Serializer> Server<S> {
             }
             self.flush()?;
             if !input.fill()? {
-                return Ok(());
+                return Ok(if stopped {
+                    Ending::Stopped
+                } else {
+                    Ending::Abandoned
+                });
             }
         }
     }

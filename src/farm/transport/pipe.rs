@@ -117,8 +117,12 @@ impl Link for WorkerLink {
         }
     }
 
-    /// Closes the worker's stdin once queued frames are written: the polite stop.
+    /// Says Stop, then closes the worker's stdin once queued frames are written: the polite
+    /// stop. (Input that ends without Stop tells the worker its farm is gone.)
     fn close_input(&mut self) {
+        if self.outbox.is_some() {
+            self.send(&stop_frame());
+        }
         self.flush();
         if let Some(outbox) = self.outbox.take() {
             outbox.close();
@@ -223,6 +227,16 @@ impl Outbox {
             self.wake.notify_one();
         }
     }
+}
+
+/// The framed Stop message.
+fn stop_frame() -> Vec<u8> {
+    let mut frame = Vec::new();
+    let start = crate::protocol::frame::begin(&mut frame);
+    crate::protocol::encode_stop(&mut frame);
+    // One byte fits any frame cap.
+    let _ = crate::protocol::frame::finish(&mut frame, start, usize::MAX);
+    frame
 }
 
 /// Starts a worker process and its tasks; `hello` is the first frame it is sent.

@@ -360,3 +360,29 @@ async fn calls_made_before_the_workers_are_online_wait_in_the_queue() {
     assert_eq!(tokio::time::timeout(SOON, call).await.unwrap(), Ok(42));
     farm.shutdown().await;
 }
+
+/// Calls made before any worker has finished its handshake spread over every worker that is
+/// starting: the first one online does not take the whole queue, even where the per-worker
+/// limit would let it (calls never move once handed), so a job submitted right after
+/// `create` runs in parallel without `ready()`.
+#[tokio::test]
+async fn calls_queued_during_startup_spread_over_the_starting_workers() {
+    for _ in 0..3 {
+        let farm = Farm::create(options(2).max_concurrent_calls_per_worker(8)).unwrap();
+        let calls: Vec<_> = (0..8)
+            .map(|_| farm.run_method::<_, u32>("block", 100u64))
+            .collect();
+        let mut per_pid = std::collections::HashMap::new();
+        for call in calls {
+            *per_pid.entry(call.await.unwrap()).or_insert(0) += 1;
+        }
+        let mut counts: Vec<u32> = per_pid.values().copied().collect();
+        counts.sort_unstable();
+        assert_eq!(
+            counts,
+            [4, 4],
+            "8 calls over 2 starting workers: {per_pid:?}"
+        );
+        farm.shutdown().await;
+    }
+}

@@ -452,6 +452,7 @@ impl<T: Transport> Dispatcher<T> {
                 }
             }
         }
+        let share = self.workers.startup_share(self.queue.len());
         while let Some(front) = self.queue.front() {
             if front.reply.is_closed() {
                 // The caller gave up while the call waited: skip it.
@@ -459,14 +460,14 @@ impl<T: Transport> Dispatcher<T> {
                 continue;
             }
             let kind = self.workers.kind_of(front.method());
-            match self.workers.pick(kind, front.avoid(), per_worker) {
+            match self.workers.pick(kind, front.avoid(), per_worker, share) {
                 Some(id) => {
                     if let Some(call) = self.queue.pop_front() {
                         self.hand(id, call);
                     }
                 }
                 None if self.workers.any_async() => {
-                    self.pump_other_kind(kind);
+                    self.pump_other_kind(kind, share);
                     break;
                 }
                 None => break,
@@ -477,7 +478,7 @@ impl<T: Transport> Dispatcher<T> {
     /// The call at the front of the queue is of `blocked` kind and no worker has room for
     /// it: hand out calls of the other kind from just behind it (a bounded look-ahead), so
     /// async calls do not wait behind sync ones, nor the other way round.
-    fn pump_other_kind(&mut self, blocked: Kind) {
+    fn pump_other_kind(&mut self, blocked: Kind, share: Option<usize>) {
         const LOOK_AHEAD: usize = 64;
         let per_worker = self.settings.max_concurrent_calls_per_worker;
         let mut i = 1;
@@ -485,7 +486,7 @@ impl<T: Transport> Dispatcher<T> {
             let call = &self.queue[i];
             let kind = self.workers.kind_of(call.method());
             let picked = (kind != blocked && !call.reply.is_closed())
-                .then(|| self.workers.pick(kind, call.avoid(), per_worker))
+                .then(|| self.workers.pick(kind, call.avoid(), per_worker, share))
                 .flatten();
             match picked {
                 Some(id) => {

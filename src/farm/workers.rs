@@ -438,11 +438,32 @@ impl<L> Workers<L> {
         kind: Kind,
         avoid: Option<WorkerId>,
         per_worker: Option<usize>,
+        share: Option<usize>,
     ) -> Option<WorkerId> {
         self.list
             .iter()
             .filter(|w| w.state == WorkerState::Online && w.has_room(kind, per_worker))
+            .filter(|w| share.map_or(true, |share| w.calls.len() < share))
             .min_by_key(|w| (Some(w.id) == avoid, w.calls.len()))
             .map(|w| w.id)
+    }
+
+    /// While workers are still starting, the most calls one online worker should hold: an
+    /// even share of the calls waiting and held among every worker starting or online, so
+    /// the first worker to finish its handshake does not take the whole queue (calls never
+    /// move once handed). `None` when no worker is starting.
+    pub(crate) fn startup_share(&self, queued: usize) -> Option<usize> {
+        let (mut starting, mut online, mut held) = (0, 0, 0);
+        for w in &self.list {
+            match w.state {
+                WorkerState::Starting => starting += 1,
+                WorkerState::Online => {
+                    online += 1;
+                    held += w.calls.len();
+                }
+                _ => {}
+            }
+        }
+        (starting > 0).then(|| (queued + held).div_ceil(starting + online).max(1))
     }
 }

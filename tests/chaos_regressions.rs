@@ -134,17 +134,19 @@ async fn broadcast_that_cannot_be_encoded_fails_on_every_worker() {
     farm.shutdown().await;
 }
 
+/// What `Farm::create` says on a runtime built by `builder`.
+fn create_error_on(builder: &mut tokio::runtime::Builder) -> CreateError {
+    let runtime = builder.build().unwrap();
+    runtime
+        .block_on(async { Farm::create(options(1)).map(|_| ()) })
+        .unwrap_err()
+}
+
 /// A runtime without its time driver: a `CreateError` naming it, not a farm whose every call
 /// fails with `ShutDown` after internal panics.
 #[test]
 fn runtime_without_timers_is_an_error_naming_the_driver() {
-    let bad = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
-    let err = bad
-        .block_on(async { Farm::create(options(1)).map(|_| ()) })
-        .unwrap_err();
+    let err = create_error_on(tokio::runtime::Builder::new_current_thread().enable_io());
     assert!(
         matches!(err, CreateError::RuntimeDriverMissing { driver: "time" }),
         "{err:?}"
@@ -156,13 +158,7 @@ fn runtime_without_timers_is_an_error_naming_the_driver() {
 /// the process-wide spawner survives for farms on proper runtimes.
 #[test]
 fn runtime_without_io_is_an_error_and_does_not_break_later_farms() {
-    let bad = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
-    let err = bad
-        .block_on(async { Farm::create(options(1)).map(|_| ()) })
-        .unwrap_err();
+    let err = create_error_on(tokio::runtime::Builder::new_current_thread().enable_time());
     assert!(
         matches!(err, CreateError::RuntimeDriverMissing { driver: "io" }),
         "{err:?}"

@@ -7,12 +7,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use workfarm::Farm;
 
-/// `/proc/<pid>/stat`'s state letter, if the process exists.
-fn state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
 /// A farm is created and answers a call; then its runtime is dropped while the farm handle
 /// is still held. Within 2 s every worker is killed and reaped: not even a zombie is left.
 #[test]
@@ -27,12 +21,12 @@ fn dropping_the_runtime_under_a_live_farm_leaves_no_zombie() {
     });
     drop(runtime);
     let deadline = Instant::now() + Duration::from_secs(2);
-    while pids.iter().any(|&pid| state(pid).is_some()) && Instant::now() < deadline {
+    while pids.iter().any(|&pid| process_state(pid).is_some()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
     let left: Vec<(u32, char)> = pids
         .iter()
-        .filter_map(|&pid| state(pid).map(|s| (pid, s)))
+        .filter_map(|&pid| process_state(pid).map(|s| (pid, s)))
         .collect();
     assert!(
         left.is_empty(),

@@ -92,14 +92,15 @@ pub async fn collect_events(
     out
 }
 
+/// `/proc/<pid>/stat`'s state letter (`'Z'` for a zombie), if the process exists.
+pub fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
+    process_state(pid).is_some_and(|state| state != 'Z')
 }
 
 /// Waits until `pid` is gone, failing the test after `within`.

@@ -236,45 +236,27 @@ fn pi_kernel(n: u64, seed: u32) -> u64 {
         .count() as u64
 }
 
-/// Writes junk to the frame descriptor: the pipe among fds 3.. that is neither stdin's nor
-/// stderr's (fd 1 now points at stderr; the frame fd is a private dup of the old stdout).
+/// Writes junk to the frame descriptor (see [`frame_fds`]).
 fn garbage(kind: &str) -> u32 {
-    let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
-    let (stdin, stderr) = (link(0), link(2));
     let junk: &[u8] = if kind == "oversize" {
         &[0xff, 0xff, 0xff, 0x7f, b'j', b'u', b'n', b'k']
     } else {
         &[1, 0, 0, 0, 0xee]
     };
-    for fd in 3..64 {
-        let Some(target) = link(fd) else { continue };
-        if target.to_string_lossy().starts_with("pipe:")
-            && Some(&target) != stdin.as_ref()
-            && Some(&target) != stderr.as_ref()
-        {
-            // SAFETY: write(2) from a live slice to an open descriptor.
-            unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };
-            return std::process::id();
-        }
-    }
-    panic!("garbage: no frame descriptor found")
+    let Some(fd) = frame_fds().output else {
+        panic!("garbage: no frame descriptor found")
+    };
+    // SAFETY: write(2) from a live slice to an open descriptor.
+    unsafe { libc::write(fd, junk.as_ptr().cast(), junk.len()) };
+    std::process::id()
 }
 
-/// Closes the frame descriptor (see [`garbage`] for how it is found), then blocks for good.
+/// Closes the frame descriptor (see [`frame_fds`]), then blocks for good.
 fn close_frames() -> u32 {
-    let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
-    let (stdin, stderr) = (link(0), link(2));
-    for fd in 3..64 {
-        let Some(target) = link(fd) else { continue };
-        if target.to_string_lossy().starts_with("pipe:")
-            && Some(&target) != stdin.as_ref()
-            && Some(&target) != stderr.as_ref()
-        {
-            // SAFETY: closing a descriptor this process owns; nothing else uses it until the
-            // worker's next write, which then fails (the point of the test).
-            unsafe { libc::close(fd) };
-            break;
-        }
+    if let Some(fd) = frame_fds().output {
+        // SAFETY: closing a descriptor this process owns; nothing else uses it until the
+        // worker's next write, which then fails (the point of the test).
+        unsafe { libc::close(fd) };
     }
     std::thread::sleep(Duration::from_secs(3600));
     std::process::id()
@@ -327,62 +309,61 @@ fn spawn_sleep() -> Result<u32, String> {
     Ok(child.id())
 }
 
-/// The descriptor numbers (and targets) of this process's pipes among fds 3..64.
-fn pipe_fds() -> Vec<(i32, String)> {
-    (3..64)
-        .filter_map(|fd| {
-            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-            let target = target.to_string_lossy().into_owned();
-            target.starts_with("pipe:").then_some((fd, target))
-        })
-        .collect()
+/// The worker's private frame descriptors: the pipes among fds 3..64 other than stderr's,
+/// told apart by how they are open (`/proc/self/fdinfo`). Serving has pointed fd 0 at
+/// `/dev/null` and fd 1 at stderr.
+struct FrameFds {
+    input: Option<i32>,
+    output: Option<i32>,
 }
 
-/// The farm's pipe this worker reads its frames from: the one pipe among fds 3.. that is
-/// open for reading (see `/proc/self/fdinfo`).
-fn input_pipe() -> Option<String> {
-    pipe_fds().into_iter().find_map(|(fd, target)| {
+fn frame_fds() -> FrameFds {
+    let link = |fd: i32| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+    let stderr = link(2);
+    let read_only = |fd: i32| {
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
-        let flags = u32::from_str_radix(flags.trim(), 8).ok()?;
-        (flags & 0o3 == 0).then_some(target)
-    })
+        Some(u32::from_str_radix(flags.trim(), 8).ok()? & 0o3 == 0)
+    };
+    let mut fds = FrameFds {
+        input: None,
+        output: None,
+    };
+    for fd in 3..64 {
+        let Some(target) = link(fd) else { continue };
+        if !target.to_string_lossy().starts_with("pipe:") || Some(&target) == stderr.as_ref() {
+            continue;
+        }
+        match read_only(fd) {
+            Some(true) => fds.input = fds.input.or(Some(fd)),
+            Some(false) => fds.output = fds.output.or(Some(fd)),
+            None => {}
+        }
+    }
+    fds
 }
 
 fn close_input() -> u32 {
-    let input = input_pipe();
     // A pipe nobody will ever write: the serving loop waits on it for good.
     let mut fds = [0; 2];
     // SAFETY: pipe writes two new descriptors into the array.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return 0;
     }
-    for (fd, target) in pipe_fds() {
-        if Some(&target) == input.as_ref() {
-            // SAFETY: dup2 onto a descriptor this process owns: it now reads the new pipe,
-            // and the farm's pipe loses its only reader.
-            unsafe { libc::dup2(fds[0], fd) };
-        }
+    if let Some(input) = frame_fds().input {
+        // SAFETY: dup2 onto a descriptor this process owns: it now reads the new pipe, and
+        // the farm's pipe loses its only reader.
+        unsafe { libc::dup2(fds[0], input) };
     }
     std::process::id()
 }
 
 fn frame_pipe_sizes() -> (usize, usize) {
-    let input = input_pipe();
-    let stderr = std::fs::read_link("/proc/self/fd/2")
-        .ok()
-        .map(|t| t.to_string_lossy().into_owned());
-    let size = |fd: i32| {
+    let size = |fd: Option<i32>| {
         // SAFETY: fcntl with integer arguments on a descriptor this process owns.
-        usize::try_from(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }).unwrap_or(0)
+        fd.and_then(|fd| usize::try_from(unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) }).ok())
+            .unwrap_or(0)
     };
-    let (mut inp, mut out) = (0, 0);
-    for (fd, target) in pipe_fds() {
-        if Some(&target) == input.as_ref() {
-            inp = size(fd);
-        } else if Some(&target) != stderr.as_ref() {
-            out = size(fd);
-        }
-    }
-    (inp, out)
+    let fds = frame_fds();
+    (size(fds.input), size(fds.output))
 }

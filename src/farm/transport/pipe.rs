@@ -35,6 +35,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How long a worker whose stdin broke may take to exit before it is reported as having
 /// closed its input while alive.
 const BROKEN_INPUT_GRACE: Duration = Duration::from_millis(500);
+/// How long a worker's output may keep draining after it exited (a grandchild may hold the
+/// pipe open).
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// Starts workers as child processes of this one.
 #[derive(Debug)]
@@ -408,10 +411,8 @@ async fn supervise(s: Supervised) {
             // output cannot starve its own kill. Replies still all come before `Exited`.
             biased;
             exit = wait(&mut guard.child), if status.is_none() => {
-                guard.child = None;
-                kill_group_remnants(pid);
-                status = Some(exit.map(ExitInfo::from_status).unwrap_or(ExitInfo { code: None, signal: None }));
-                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
+                status = Some(guard.reaped(exit.ok()));
+                grace.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
             }
             () = broke.notified(), if !input_broke && status.is_none() => {
                 input_broke = true;
@@ -424,14 +425,11 @@ async fn supervise(s: Supervised) {
                 None => control_open = false,
             },
             () = &mut grace, if status.is_some() || input_broke => {
-                let exited = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 if status.is_some() {
                     reading = false;
-                } else if let Some(exit) = exited {
-                    guard.child = None;
-                    kill_group_remnants(pid);
-                    status = Some(ExitInfo::from_status(exit));
-                    grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(500));
+                } else if let Some(exit) = guard.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    status = Some(guard.reaped(Some(exit)));
+                    grace.as_mut().reset(tokio::time::Instant::now() + DRAIN_GRACE);
                 } else {
                     // Alive but deaf: calls sent to it would never arrive.
                     input_broke = false;
@@ -455,10 +453,7 @@ async fn supervise(s: Supervised) {
         }
     }
     let stderr_tail = stderr_tail(stderr_task).await;
-    let exit = status.unwrap_or(ExitInfo {
-        code: None,
-        signal: None,
-    });
+    let exit = status.unwrap_or(UNKNOWN_EXIT);
     let _ = inbound.send(Inbound::Exited {
         worker,
         exit,
@@ -517,6 +512,21 @@ async fn stderr_tail(task: tokio::task::JoinHandle<Vec<String>>) -> Vec<String> 
 struct GroupGuard {
     pid: u32,
     child: Option<Child>,
+}
+
+const UNKNOWN_EXIT: ExitInfo = ExitInfo {
+    code: None,
+    signal: None,
+};
+
+impl GroupGuard {
+    /// The worker was reaped (with this status, if it could be read): what it left in its
+    /// group goes too.
+    fn reaped(&mut self, exit: Option<std::process::ExitStatus>) -> ExitInfo {
+        self.child = None;
+        kill_group_remnants(self.pid);
+        exit.map_or(UNKNOWN_EXIT, ExitInfo::from_status)
+    }
 }
 
 impl Drop for GroupGuard {

@@ -61,8 +61,8 @@ pub(crate) struct Settings {
     pub(crate) stderr: StderrMode,
     pub(crate) workers: usize,
     pub(crate) max_concurrent_calls: Option<usize>,
-    /// `None`: as many sync calls as the worker runs at once, and up to
-    /// [`ASYNC_CALLS_PER_WORKER`] async ones.
+    /// `None`: up to `policy::pipeline::SYNC_CALLS_PER_WORKER` sync calls (at least the
+    /// worker's threads) and [`ASYNC_CALLS_PER_WORKER`] async ones.
     pub(crate) max_concurrent_calls_per_worker: Option<usize>,
     pub(crate) max_retries: u32,
     pub(crate) retry_handler_errors: bool,
@@ -166,16 +166,20 @@ impl<S: Serializer> FarmOptions<S> {
 
     /// Most calls one worker holds at once, running or waiting to run.
     ///
-    /// Default: what the worker can really run at once — as many sync calls as it has
-    /// threads (1 for a default worker, `n` with `Worker::threads(n)`), and up to 10 async
-    /// calls. So a call never waits inside a worker behind another one, where a crash or a
-    /// hang of the other could delay it.
+    /// Default: up to 32 sync calls (or the worker's thread count, if larger), of which the
+    /// worker runs as many as it has threads (1 for a default worker, `n` with
+    /// `Worker::threads(n)`) and the rest wait inside it, and up to 10 async calls. Sending
+    /// calls ahead saves a round trip per call: many times the throughput for short calls.
     ///
-    /// A larger value pipelines sync calls: the extra ones wait inside the worker, which
-    /// saves a round trip per call (faster for many short calls) but may delay them behind
-    /// a slow call while another worker sits idle. They are still never charged for their
-    /// worker's faults: a call that had not started when its worker died or was stopped is
-    /// re-queued free, and its `timeout` clock starts only when its handler starts.
+    /// Waiting inside a worker never costs a call more than a few milliseconds, and never
+    /// a retry: a worker that neither starts nor finishes a call for a 5 ms check period
+    /// gives its waiting calls back (they run elsewhere, or there once it is free), a worker
+    /// that is idle while nothing waits in the farm's queue takes waiting calls from the
+    /// busiest one, and calls whose caller has gone are taken back unrun. A waiting call is
+    /// never charged for its worker's death or another call's timeout (it is re-queued
+    /// free), and its `timeout` clock starts only when its handler starts.
+    ///
+    /// `1` keeps every call in the farm's queue until a worker can start it.
     pub fn max_concurrent_calls_per_worker(mut self, n: usize) -> Self {
         self.settings.max_concurrent_calls_per_worker = Some(n);
         self

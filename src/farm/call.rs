@@ -129,6 +129,10 @@ pub(crate) struct Retry {
     pub(crate) failures: Vec<CallError>,
     /// Times it lost its worker before it started (re-queued free).
     pub(crate) displaced: u32,
+    /// It was running beside other calls when its worker died, so any of them may have
+    /// been the culprit: from now on it runs alone on its worker, so a culprit cannot take
+    /// innocent neighbours down with it again, attempt after attempt.
+    pub(crate) alone: bool,
 }
 
 impl Call {
@@ -150,6 +154,11 @@ impl Call {
     /// The worker to avoid, if an earlier attempt failed there.
     pub(crate) fn avoid(&self) -> Option<WorkerId> {
         self.retry.as_ref().and_then(|r| r.avoid)
+    }
+
+    /// Whether it must run on a worker that holds nothing else (see [`Retry::alone`]).
+    pub(crate) fn runs_alone(&self) -> bool {
+        self.retry.as_ref().is_some_and(|r| r.alone)
     }
 
     /// The method called (empty for the default method).

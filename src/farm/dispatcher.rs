@@ -7,6 +7,7 @@
 //! free), settle it, stop a worker, spawn one, arm a timer.
 
 use super::call::{Call, Outcome, Reply};
+use super::policy::pipeline;
 use super::policy::recycle::RecyclePolicy;
 use super::policy::retry::{Attempt, RetryPolicy, Verdict};
 use super::policy::startup::{self, Ending, Startup};
@@ -16,7 +17,7 @@ use super::workers::{Caps, Emptied, Kind, Worker, Workers};
 use crate::error::{CallError, ExitInfo};
 use crate::event::{Event, WorkerId};
 use crate::options::Settings;
-use crate::protocol::{FailureKind, FromWorker, Ready, PROTOCOL_VERSION};
+use crate::protocol::{self, frame, FailureKind, FromWorker, Ready, PROTOCOL_VERSION};
 use crate::{Status, WorkerState, WorkerStatus};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -99,6 +100,8 @@ pub(crate) struct Dispatcher<T: Transport> {
     recycle: RecyclePolicy,
     waiters: Vec<oneshot::Sender<()>>,
     ready_waiters: Vec<oneshot::Sender<Result<(), CallError>>>,
+    /// Whether `Timer::StallCheck` is armed (checked on every call handed to wait).
+    stall_check_armed: bool,
 }
 
 impl<T: Transport> Dispatcher<T> {
@@ -135,6 +138,7 @@ impl<T: Transport> Dispatcher<T> {
             startup: Startup::default(),
             waiters: Vec::new(),
             ready_waiters: Vec::new(),
+            stall_check_armed: false,
         }
     }
 
@@ -246,6 +250,7 @@ impl<T: Transport> Dispatcher<T> {
             self.fire_timers();
         }
         self.pump();
+        self.withdraw_for_free_threads();
         // Only the links written to this turn have anything to flush.
         for id in std::mem::take(&mut self.written) {
             if let Some(w) = self.workers.get(id) {
@@ -312,7 +317,7 @@ impl<T: Transport> Dispatcher<T> {
         for worker in self.workers.iter_mut().filter(|w| w.is_live()) {
             let (reply, rx) = Reply::new(None);
             worker.pinned.retain(|c| !c.reply.is_closed());
-            if worker.pinned.len() >= MAX_PINNED {
+            if worker.broadcasts_waiting() >= MAX_PINNED {
                 reply.send(Err(CallError::QueueFull { limit: MAX_PINNED }));
             } else {
                 let call = Call::new(frame.into(), Some(worker.id), reply);
@@ -460,7 +465,7 @@ impl<T: Transport> Dispatcher<T> {
                 continue;
             }
             let kind = self.workers.kind_of(front.method());
-            match self.workers.pick(kind, front.avoid(), per_worker, share) {
+            match self.workers.pick(front, kind, per_worker, share) {
                 Some(id) => {
                     if let Some(call) = self.queue.pop_front() {
                         self.hand(id, call);
@@ -486,7 +491,7 @@ impl<T: Transport> Dispatcher<T> {
             let call = &self.queue[i];
             let kind = self.workers.kind_of(call.method());
             let picked = (kind != blocked && !call.reply.is_closed())
-                .then(|| self.workers.pick(kind, call.avoid(), per_worker, share))
+                .then(|| self.workers.pick(call, kind, per_worker, share))
                 .flatten();
             match picked {
                 Some(id) => {
@@ -536,11 +541,122 @@ impl<T: Transport> Dispatcher<T> {
         self.timers.cancel(Timer::Idle(id));
         if started {
             self.arm_call_timeout(id, call_id);
+        } else if !self.stall_check_armed {
+            self.stall_check_armed = true;
+            self.timers.set(Timer::StallCheck, pipeline::STALL_CHECK);
         }
         if ttl_reached {
             tracing::debug!(worker = id.as_u64(), "ttl reached");
             self.retire(id, Event::TtlReached { worker: id });
         }
+    }
+
+    /// Nothing waits in the queue and a worker has a free thread: ask for waiting calls
+    /// back from the worker that holds the most (see `policy::pipeline`).
+    fn withdraw_for_free_threads(&mut self) {
+        if self.mode != Mode::Running || !self.queue.is_empty() || !self.calls.is_empty() {
+            return;
+        }
+        let (mut free, mut in_progress) = (0, 0);
+        for w in self.workers.iter() {
+            free += w.free_threads();
+            in_progress += w.withdrawing();
+        }
+        for _ in 0..pipeline::withdrawals(free, in_progress, true) {
+            let most = self
+                .workers
+                .iter()
+                .filter(|w| w.withdrawable() > 0)
+                .max_by_key(|w| w.withdrawable())
+                .map(|w| w.id);
+            let Some(id) = most else { return };
+            let Some(call) = self.workers.get(id).and_then(|w| w.withdraw_newest()) else {
+                return;
+            };
+            self.send_withdraw(id, call);
+        }
+    }
+
+    /// Checks the workers holding waiting calls: calls whose callers have gone are asked
+    /// back (they never run), and a stalled worker gives back all it can.
+    fn check_stalls(&mut self) {
+        self.stall_check_armed = false;
+        if self.mode != Mode::Running {
+            // Stopping: what workers hold finishes where it is.
+            return;
+        }
+        let mut any_waiting = false;
+        for id in self.workers.ids() {
+            let Some(w) = self.workers.get(id) else {
+                continue;
+            };
+            if w.state == WorkerState::Stopping {
+                continue;
+            }
+            let mut ids = w.withdraw_abandoned();
+            let stalled =
+                w.withdrawable() > 0 && pipeline::is_stalled(w.progress, w.progress_checked);
+            w.progress_checked = w.progress;
+            if stalled {
+                ids.extend(w.stall());
+            }
+            any_waiting |= w.waiting() > 0;
+            if !ids.is_empty() {
+                tracing::debug!(
+                    worker = id.as_u64(),
+                    calls = ids.len(),
+                    stalled,
+                    "withdrawing waiting calls"
+                );
+            }
+            for call in ids {
+                self.send_withdraw(id, call);
+            }
+        }
+        if any_waiting {
+            self.stall_check_armed = true;
+            self.timers.set(Timer::StallCheck, pipeline::STALL_CHECK);
+        }
+    }
+
+    fn send_withdraw(&mut self, id: WorkerId, call: u64) {
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
+        tracing::trace!(call, worker = id.as_u64(), "withdrawing call");
+        let mut out = Vec::with_capacity(16);
+        let start = frame::begin(&mut out);
+        protocol::encode_withdraw(call, &mut out);
+        // Cannot fail: 13 bytes fit any cap.
+        let _ = frame::finish(&mut out, start, self.settings.max_frame);
+        w.link.send(&out);
+        if self.written.last() != Some(&id) {
+            self.written.push(id);
+        }
+    }
+
+    /// Worker `id` gave call `call` back unstarted: it goes back to the queue, uncharged,
+    /// in its place by age.
+    fn on_withdrawn(&mut self, id: WorkerId, call: u64) {
+        let Some(call) = self.workers.get(id).and_then(|w| w.withdrawn(call)) else {
+            return;
+        };
+        tracing::trace!(call = call.id(), worker = id.as_u64(), "call withdrawn");
+        if call.reply.is_closed() {
+            // Asked back because its caller had gone: it never runs.
+            return;
+        }
+        if self.mode != Mode::Running {
+            // Asked back just before the farm began to stop: it fails as queued calls did.
+            call.reply.send(Err(CallError::ShutDown));
+            return;
+        }
+        let at = self
+            .queue
+            .iter()
+            .position(|c| c.id() > call.id())
+            .unwrap_or(self.queue.len());
+        self.queue.insert(at, call);
     }
 
     fn arm_call_timeout(&mut self, worker: WorkerId, call: u64) {
@@ -646,6 +762,7 @@ impl<T: Transport> Dispatcher<T> {
                     self.arm_call_timeout(id, call);
                 }
             }
+            FromWorker::Withdrawn { id: call } => self.on_withdrawn(id, call),
             FromWorker::Ready(ready) => self.on_ready(id, ready),
             FromWorker::Fatal { message } => self.on_fatal(id, message),
         }
@@ -919,13 +1036,19 @@ impl<T: Transport> Dispatcher<T> {
             .chain(waiting.into_iter().map(|c| (c, false)))
             .collect();
         all.sort_by_key(|(c, _)| std::cmp::Reverse(c.id()));
+        let suspects = all.iter().filter(|(_, was_running)| *was_running).count();
         for (mut call, was_running) in all {
             self.timers.cancel(Timer::CallTimeout {
                 worker: id,
                 call: call.id(),
             });
             match (&charge, was_running) {
-                (Charge::Running(error), true) => self.fail_running(call, error.clone(), id),
+                (Charge::Running(error), true) => {
+                    if suspects > 1 {
+                        call.retry_mut().alone = true;
+                    }
+                    self.fail_running(call, error.clone(), id);
+                }
                 _ => {
                     if was_running {
                         // Innocent (another call timed out): this run is not an attempt.
@@ -1060,6 +1183,7 @@ impl<T: Transport> Dispatcher<T> {
             }
             Timer::Respawn => self.ensure_workers(),
             Timer::MemoryCheck => self.check_memory(),
+            Timer::StallCheck => self.check_stalls(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! the sender the fake transport was given.
 
 use super::*;
+use crate::farm::policy::pipeline;
 use crate::protocol::{self, frame, Hello, ToWorker};
 use crate::FarmOptions;
 use std::collections::HashMap;
@@ -390,7 +391,21 @@ impl Harness {
             .filter(|(to, _)| *to == worker)
             .filter_map(|(_, message)| match message {
                 ToWorker::Call { id, queued, .. } => Some((*id, *queued)),
-                ToWorker::Hello(_) | ToWorker::Stop => None,
+                ToWorker::Hello(_) | ToWorker::Stop | ToWorker::Withdraw { .. } => None,
+            })
+            .collect()
+    }
+
+    /// The calls worker `worker` was asked to give back, in order.
+    fn withdrawals_from(&self, worker: WorkerId) -> Vec<u64> {
+        let state = self.state.lock().unwrap();
+        state
+            .sent
+            .iter()
+            .filter(|(to, _)| *to == worker)
+            .filter_map(|(_, message)| match message {
+                ToWorker::Withdraw { id } => Some(*id),
+                _ => None,
             })
             .collect()
     }
@@ -426,8 +441,8 @@ fn body(id: u64) -> Bytes {
 // ===== the tests =====
 
 #[tokio::test(start_paused = true)]
-async fn a_second_call_waits_in_the_farm_not_in_the_worker() {
-    let mut h = farm(options());
+async fn with_one_call_per_worker_a_second_call_waits_in_the_farm() {
+    let mut h = farm(options().max_concurrent_calls_per_worker(1));
     h.ready(w(1));
     let mut a = h.call();
     let mut b = h.call();
@@ -441,6 +456,106 @@ async fn a_second_call_waits_in_the_farm_not_in_the_worker() {
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, false)]);
     h.answer(w(1), b.id);
     assert_eq!(b.body(), body(b.id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_sync_calls_are_pipelined_queued() {
+    let mut h = farm(options());
+    h.ready(w(1));
+    let calls: Vec<Pending> = (0..40).map(|_| h.call()).collect();
+    let sent = h.sent_to(w(1));
+    assert_eq!(sent.len(), pipeline::SYNC_CALLS_PER_WORKER);
+    assert_eq!(sent[0], (calls[0].id, false));
+    assert!(sent[1..].iter().all(|&(_, queued)| queued));
+    assert_eq!(h.d.status().queued, 40 - pipeline::SYNC_CALLS_PER_WORKER);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_worker_gives_its_waiting_calls_back() {
+    let mut h = farm(options());
+    h.ready(w(1));
+    let (mut a, mut b) = (h.call(), h.call());
+    assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, true)]);
+    // The first check sees the wait begin; the second sees no progress since.
+    h.advance(pipeline::STALL_CHECK).await;
+    assert!(h.withdrawals_from(w(1)).is_empty());
+    h.advance(pipeline::STALL_CHECK).await;
+    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
+
+    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
+    assert_eq!(h.d.status().queued, 1, "B is back in the farm's queue");
+    let mut c = h.call();
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (b.id, true)],
+        "a stalled worker takes no calls that would wait"
+    );
+    h.answer(w(1), a.id);
+    // Progress: B goes back to run at once, C may wait behind it again.
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (b.id, true), (b.id, false), (c.id, true)]
+    );
+    h.says(
+        w(1),
+        vec![ok(b.id), FromWorker::Started { id: c.id }, ok(c.id)],
+    );
+    assert_eq!(a.body(), body(a.id));
+    assert_eq!(b.body(), body(b.id));
+    assert_eq!(c.body(), body(c.id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawal_that_comes_too_late_settles_the_call_once() {
+    let mut h = farm(options().timeout(Duration::from_secs(1)));
+    h.ready(w(1));
+    let (mut a, mut b) = (h.call(), h.call());
+    h.advance(pipeline::STALL_CHECK).await;
+    h.advance(pipeline::STALL_CHECK).await;
+    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
+    // The worker had already started B: it says Started, never Withdrawn.
+    h.says(w(1), vec![ok(a.id), FromWorker::Started { id: b.id }]);
+    assert!(b.is_pending());
+    assert_eq!(h.d.status().queued, 0);
+    h.answer(w(1), b.id);
+    assert_eq!(b.body(), body(b.id));
+    assert_eq!(a.body(), body(a.id));
+    // A late Withdrawn for a call that ran is ignored.
+    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
+    assert_eq!(h.d.status().queued, 0);
+    assert_eq!(h.sent_to(w(1)).len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_worker_takes_a_waiting_call_from_a_busy_one() {
+    let mut h = farm(options().workers(2));
+    h.ready(w(1));
+    h.ready(w(2));
+    let (mut a, mut b, mut c, mut d) = (h.call(), h.call(), h.call(), h.call());
+    assert_eq!(h.sent_to(w(1)), [(a.id, false), (c.id, true)]);
+    assert_eq!(h.sent_to(w(2)), [(b.id, false), (d.id, true)]);
+
+    h.says(
+        w(2),
+        vec![ok(b.id), FromWorker::Started { id: d.id }, ok(d.id)],
+    );
+    assert_eq!(
+        h.withdrawals_from(w(1)),
+        [c.id],
+        "W2 is idle, C waits on W1"
+    );
+    h.says(w(1), vec![FromWorker::Withdrawn { id: c.id }]);
+    assert_eq!(
+        h.sent_to(w(2)),
+        [(b.id, false), (d.id, true), (c.id, false)]
+    );
+    h.answer(w(2), c.id);
+    h.answer(w(1), a.id);
+    for call in [&mut a, &mut b, &mut c, &mut d] {
+        assert_eq!(call.body(), body(call.id));
+    }
+    assert_eq!(h.withdrawals_from(w(1)), [c.id], "nothing more to move");
+    assert!(h.withdrawals_from(w(2)).is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -723,13 +838,15 @@ async fn timers_of_dead_workers_and_their_calls_go_too() {
         assert_eq!(h.d.timers.len(), at_start, "after {n} workers");
     }
     h.ready(w(51));
-    h.says(w(51), vec![ok(a.id), ok(b.id)]);
+    // Both were running each time: each now runs alone.
+    h.answer(w(51), a.id);
+    h.answer(w(51), b.id);
     assert_eq!((a.body(), b.body()), (body(a.id), body(b.id)));
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_abandoned_broadcast_is_not_sent() {
-    let mut h = farm(options());
+    let mut h = farm(options().max_concurrent_calls_per_worker(1));
     let (dropped, receivers) = h.broadcast();
     assert_eq!(receivers.len(), 1, "a starting worker is live");
     drop(receivers);
@@ -799,4 +916,34 @@ async fn a_worker_over_max_memory_is_retired() {
     assert_eq!(h.closed_input(), [w(1)]);
     assert!(h.terminated().is_empty(), "a polite stop");
     assert_eq!(h.spawned(), [w(1), w(2)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_running_together_when_their_worker_died_are_retried_alone() {
+    let mut h = farm(options().max_retries(1));
+    h.ready_with(w(1), 2);
+    let (mut a, mut b) = (h.call(), h.call());
+    assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, false)]);
+    h.exits(w(1), CRASH);
+    h.advance(ms(10)).await; // young crash: paced
+    h.ready_with(w(2), 2);
+    // Either could be the culprit: each runs alone, though W2 has two threads.
+    assert_eq!(h.sent_to(w(2)), [(a.id, false)]);
+    let mut c = h.call();
+    assert_eq!(
+        h.sent_to(w(2)),
+        [(a.id, false)],
+        "nothing joins a call that runs alone"
+    );
+    h.answer(w(2), a.id);
+    assert_eq!(h.sent_to(w(2)), [(a.id, false), (b.id, false)]);
+    h.answer(w(2), b.id);
+    assert_eq!(
+        h.sent_to(w(2)),
+        [(a.id, false), (b.id, false), (c.id, false)]
+    );
+    h.answer(w(2), c.id);
+    for call in [&mut a, &mut b, &mut c] {
+        assert_eq!(call.body(), body(call.id));
+    }
 }

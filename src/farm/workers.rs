@@ -2,6 +2,7 @@
 //! which only wait, how much room it has, and the one way to empty it.
 
 use super::call::Call;
+use super::policy::pipeline::SYNC_CALLS_PER_WORKER;
 use crate::event::WorkerId;
 use crate::options::ASYNC_CALLS_PER_WORKER;
 use crate::protocol::{self, Ready};
@@ -76,6 +77,8 @@ struct Held {
     kind: Kind,
     /// Its handler has started (so a crash or a hang may be its doing).
     started: bool,
+    /// The farm asked for it back and has not heard whether it started.
+    withdrawing: bool,
 }
 
 /// What a worker held when it was emptied.
@@ -103,6 +106,21 @@ pub(crate) struct Worker<L> {
     async_held: usize,
     /// Calls held that have not started, of either kind.
     waiting: usize,
+    /// Waiting calls the farm asked back.
+    withdrawing: usize,
+    /// Waiting broadcast calls not asked back: they belong to this worker, and are asked
+    /// back only once their caller has gone.
+    pinned_waiting: usize,
+    /// Counts calls started or finished (and the start of a wait): a stall check that sees
+    /// the same count twice finds the worker stuck.
+    pub(crate) progress: u64,
+    /// `progress` at the last stall check.
+    pub(crate) progress_checked: u64,
+    /// Gave its waiting calls back for lack of progress: takes only calls that start on
+    /// arrival until it makes progress again.
+    stalled: bool,
+    /// Holds a call that runs alone (see `Retry::alone`): takes nothing else meanwhile.
+    alone: bool,
     /// Broadcast calls waiting to be sent to it.
     pub(crate) pinned: VecDeque<Call>,
     /// Calls handed to it so far (what `ttl` counts; broadcasts excluded).
@@ -132,6 +150,12 @@ impl<L> Worker<L> {
             sync_running: 0,
             async_held: 0,
             waiting: 0,
+            withdrawing: 0,
+            pinned_waiting: 0,
+            progress: 0,
+            progress_checked: 0,
+            stalled: false,
+            alone: false,
             pinned: VecDeque::new(),
             handed: 0,
             given: false,
@@ -187,25 +211,124 @@ impl<L> Worker<L> {
     ///
     /// [`FarmOptions::max_concurrent_calls_per_worker`]: crate::FarmOptions::max_concurrent_calls_per_worker
     pub(crate) fn has_room(&self, kind: Kind, per_worker: Option<usize>) -> bool {
-        if self.closed {
+        if self.closed || self.alone || (self.stalled && !self.starts_on_arrival(kind)) {
             return false;
         }
         match (per_worker, kind) {
             (Some(n), _) => self.calls.len() < n,
-            (None, Kind::Sync) => self.sync_held < self.threads(),
+            (None, Kind::Sync) => self.sync_held < self.sync_limit(),
             (None, Kind::Async) => self.async_held < ASYNC_CALLS_PER_WORKER,
         }
     }
 
+    /// Sync calls it may hold by default: its threads, plus waiting ones unless stalled.
+    fn sync_limit(&self) -> usize {
+        if self.stalled {
+            self.threads()
+        } else {
+            self.threads().max(SYNC_CALLS_PER_WORKER)
+        }
+    }
+
+    /// Threads with no sync call running or waiting for them.
+    pub(crate) fn free_threads(&self) -> usize {
+        if self.state != WorkerState::Online || self.closed || self.alone {
+            return 0;
+        }
+        self.threads().saturating_sub(self.sync_held)
+    }
+
+    /// Waiting sync calls not yet asked back (broadcast calls stay).
+    pub(crate) fn withdrawable(&self) -> usize {
+        self.waiting_sync()
+            .saturating_sub(self.withdrawing + self.pinned_waiting)
+    }
+
+    /// Broadcast calls waiting for it, in the farm or inside it.
+    pub(crate) fn broadcasts_waiting(&self) -> usize {
+        self.pinned.len() + self.pinned_waiting
+    }
+
+    /// Withdrawals asked of it and not yet answered.
+    pub(crate) fn withdrawing(&self) -> usize {
+        self.withdrawing
+    }
+
+    /// Marks its newest waiting sync call as asked back; its id.
+    pub(crate) fn withdraw_newest(&mut self) -> Option<u64> {
+        let held = self
+            .calls
+            .values_mut()
+            .filter(|h| !h.started && !h.withdrawing && h.kind == Kind::Sync)
+            .filter(|h| h.call.pinned.is_none())
+            .max_by_key(|h| h.call.id())?;
+        held.withdrawing = true;
+        self.withdrawing += 1;
+        Some(held.call.id())
+    }
+
+    /// Asks back the waiting calls whose callers have gone (so they never run); their ids.
+    pub(crate) fn withdraw_abandoned(&mut self) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for held in self.calls.values_mut() {
+            if held.started || held.withdrawing || held.kind != Kind::Sync {
+                continue;
+            }
+            if held.call.reply.is_closed() {
+                held.withdrawing = true;
+                self.withdrawing += 1;
+                if held.call.pinned.is_some() {
+                    self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
+                }
+                ids.push(held.call.id());
+            }
+        }
+        ids.sort_unstable();
+        ids
+    }
+
+    /// It made no progress over a stall check: marks it stalled and asks all its waiting
+    /// sync calls back; their ids.
+    pub(crate) fn stall(&mut self) -> Vec<u64> {
+        self.stalled = true;
+        let mut ids = Vec::new();
+        while let Some(id) = self.withdraw_newest() {
+            ids.push(id);
+        }
+        ids.reverse();
+        ids
+    }
+
+    /// The worker gave call `id` back unstarted: takes it out, attempts unchanged.
+    pub(crate) fn withdrawn(&mut self, id: u64) -> Option<Call> {
+        if !self
+            .calls
+            .get(&id)
+            .is_some_and(|h| h.withdrawing && !h.started)
+        {
+            return None;
+        }
+        let held = self.calls.remove(&id)?;
+        self.forget(&held);
+        if held.call.pinned.is_none() {
+            // It never ran here: `ttl` and the status do not count it.
+            self.handed = self.handed.saturating_sub(1);
+        }
+        Some(held.call)
+    }
+
     /// Calls it could take now, of any kind (how many to take from the queue for it).
     pub(crate) fn free_slots(&self, per_worker: Option<usize>) -> usize {
-        if self.state != WorkerState::Online || self.closed {
+        if self.state != WorkerState::Online || self.closed || self.alone {
             return 0;
         }
         match per_worker {
+            Some(n) if self.stalled => {
+                (n.saturating_sub(self.calls.len())).min(self.free_threads())
+            }
             Some(n) => n.saturating_sub(self.calls.len()),
             None => {
-                let sync = self.threads().saturating_sub(self.sync_held);
+                let sync = self.sync_limit().saturating_sub(self.sync_held);
                 let has_async = self.caps.as_ref().is_some_and(Caps::has_async);
                 let asyn = if has_async {
                     ASYNC_CALLS_PER_WORKER.saturating_sub(self.async_held)
@@ -217,16 +340,19 @@ impl<L> Worker<L> {
         }
     }
 
-    /// Whether a call of `kind` sent now starts on arrival. A worker with one thread runs
-    /// its sync handlers on the thread that reads, so while one runs (or calls wait ahead
-    /// in its input) nothing it is sent starts, async calls included; with more threads it
-    /// reads all the time, and async calls start as they arrive.
+    /// Whether a call of `kind` sent now starts on arrival: a sync call when a thread is
+    /// free and no call waits ahead of it; an async call always (the worker's reading
+    /// thread never runs handlers, so it starts async calls as they arrive).
     fn starts_on_arrival(&self, kind: Kind) -> bool {
-        let threads = self.threads();
         match kind {
-            Kind::Sync => self.sync_running < threads && self.waiting == 0,
-            Kind::Async => threads > 1 || (self.sync_running == 0 && self.waiting == 0),
+            Kind::Sync => self.sync_running < self.threads() && self.waiting_sync() == 0,
+            Kind::Async => true,
         }
+    }
+
+    /// Sync calls held that have not started.
+    fn waiting_sync(&self) -> usize {
+        self.sync_held.saturating_sub(self.sync_running)
     }
 
     /// Sends it `call`, a call of `kind`; whether the call starts on arrival (else it waits
@@ -236,6 +362,7 @@ impl<L> Worker<L> {
         L: super::transport::Link,
     {
         let starts = self.starts_on_arrival(kind);
+        self.alone |= call.runs_alone();
         protocol::set_call_queued(&mut call.frame, !starts);
         self.link.send(&call.frame);
         match kind {
@@ -246,7 +373,14 @@ impl<L> Worker<L> {
             self.count_start(kind);
             call.attempts = call.attempts.saturating_add(1);
         } else {
+            if self.waiting == 0 {
+                // A wait begins: the stall clock starts from here, not from its last call.
+                self.progress += 1;
+            }
             self.waiting += 1;
+            if call.pinned.is_some() {
+                self.pinned_waiting += 1;
+            }
         }
         if call.pinned.is_none() {
             self.handed += 1;
@@ -259,6 +393,7 @@ impl<L> Worker<L> {
                 call,
                 kind,
                 started,
+                withdrawing: false,
             },
         );
         starts
@@ -279,6 +414,13 @@ impl<L> Worker<L> {
             return false;
         }
         held.started = true;
+        if std::mem::take(&mut held.withdrawing) {
+            self.withdrawing = self.withdrawing.saturating_sub(1);
+        } else if held.call.pinned.is_some() {
+            self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
+        }
+        self.progress += 1;
+        self.stalled = false;
         held.call.attempts = held.call.attempts.saturating_add(1);
         let kind = held.kind;
         self.waiting = self.waiting.saturating_sub(1);
@@ -292,6 +434,8 @@ impl<L> Worker<L> {
     pub(crate) fn take(&mut self, id: u64) -> Option<Call> {
         let held = self.calls.remove(&id)?;
         self.forget(&held);
+        self.progress += 1;
+        self.stalled = false;
         let mut call = held.call;
         if !held.started {
             call.attempts = call.attempts.saturating_add(1);
@@ -302,6 +446,9 @@ impl<L> Worker<L> {
     /// Uncounts a call taken out. The counts match the table by construction; saturating
     /// anyway, so a slip could never panic on the farm's task.
     fn forget(&mut self, held: &Held) {
+        if held.call.runs_alone() {
+            self.alone = false;
+        }
         let held_of_kind = match held.kind {
             Kind::Sync => &mut self.sync_held,
             Kind::Async => &mut self.async_held,
@@ -309,6 +456,11 @@ impl<L> Worker<L> {
         *held_of_kind = held_of_kind.saturating_sub(1);
         if !held.started {
             self.waiting = self.waiting.saturating_sub(1);
+            if held.withdrawing {
+                self.withdrawing = self.withdrawing.saturating_sub(1);
+            } else if held.call.pinned.is_some() {
+                self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
+            }
         } else if held.kind == Kind::Sync {
             self.sync_running = self.sync_running.saturating_sub(1);
         }
@@ -335,7 +487,10 @@ impl<L> Worker<L> {
             self.sync_running,
             self.async_held,
             self.waiting,
-        ) = (0, 0, 0, 0);
+            self.withdrawing,
+            self.pinned_waiting,
+        ) = (0, 0, 0, 0, 0, 0);
+        (self.stalled, self.alone) = (false, false);
         out
     }
 }
@@ -430,19 +585,22 @@ impl<L> Workers<L> {
         self.caps = Some(caps.clone());
     }
 
-    /// The online worker with room for a call of `kind` that holds the fewest calls,
-    /// avoiding `avoid` (where an earlier attempt failed) while another has room. A scan: a
-    /// farm has few workers, and a scan needs no bookkeeping to keep in step.
+    /// The online worker with room for `call` (of `kind`) that holds the fewest calls,
+    /// avoiding the worker where its last attempt failed while another has room; for a call
+    /// that runs alone, only a worker that holds nothing. A scan: a farm has few workers,
+    /// and a scan needs no bookkeeping to keep in step.
     pub(crate) fn pick(
         &self,
+        call: &Call,
         kind: Kind,
-        avoid: Option<WorkerId>,
         per_worker: Option<usize>,
         share: Option<usize>,
     ) -> Option<WorkerId> {
+        let (avoid, alone) = (call.avoid(), call.runs_alone());
         self.list
             .iter()
             .filter(|w| w.state == WorkerState::Online && w.has_room(kind, per_worker))
+            .filter(|w| !alone || w.calls.is_empty())
             .filter(|w| share.map_or(true, |share| w.calls.len() < share))
             .min_by_key(|w| (Some(w.id) == avoid, w.calls.len()))
             .map(|w| w.id)

@@ -1,11 +1,12 @@
 //! The worker's serving loop: the handshake, then read → run → write, on plain blocking
 //! descriptors.
 //!
-//! Sync handlers run on the thread that reads (one at a time, the default) or on a pool of
-//! `threads` threads, never inside a tokio runtime, so a handler may build and block on a
+//! Sync handlers run on a pool of `threads` threads (one by default), never on the thread
+//! that reads, so the farm is heard while a handler runs (it may withdraw a call waiting
+//! behind it), and never inside a tokio runtime, so a handler may build and block on a
 //! runtime of its own. Async handlers run on a runtime started only if the worker has any.
-//! Every reply is written as soon as its handler returns: before the next handler starts,
-//! the replies and `Started` reports gathered so far leave in one `write`.
+//! Every reply is written as soon as its handler returns, together with the `Started` of
+//! the next call when one follows at once.
 
 use super::handler::{error_frame, reply_frame, Failure, Handler, SyncFn};
 use super::{serve_error, ServeError, Worker};
@@ -14,11 +15,11 @@ use crate::protocol::{self, FailureKind, Ready, ToWorker, PROTOCOL_VERSION};
 use crate::serializer::Serializer;
 use crate::sys;
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// The farm's end of the worker's frames: shared by the reading thread, the pool and the
 /// async runtime, each writing whole frames.
@@ -95,6 +96,82 @@ struct Job<S> {
     f: Arc<SyncFn<S>>,
 }
 
+/// Sync calls waiting for a pool thread, in arrival order. Not a channel: the reading
+/// thread must be able to take a queued call back out when the farm withdraws it.
+struct Jobs<S> {
+    state: Mutex<JobsState<S>>,
+    arrived: Condvar,
+}
+
+struct JobsState<S> {
+    queue: VecDeque<Job<S>>,
+    closed: bool,
+}
+
+impl<S> Jobs<S> {
+    fn new() -> Self {
+        Jobs {
+            state: Mutex::new(JobsState {
+                queue: VecDeque::new(),
+                closed: false,
+            }),
+            arrived: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, JobsState<S>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the jobs of one read at once: one lock and one wake-up for the lot.
+    fn push_all(&self, batch: &mut Vec<Job<S>>) {
+        let n = batch.len();
+        if n == 0 {
+            return;
+        }
+        self.lock().queue.extend(batch.drain(..));
+        if n == 1 {
+            self.arrived.notify_one();
+        } else {
+            self.arrived.notify_all();
+        }
+    }
+
+    fn try_pop(&self) -> Option<Job<S>> {
+        self.lock().queue.pop_front()
+    }
+
+    /// The next job; `None` once closed and empty.
+    fn pop(&self) -> Option<Job<S>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = state.queue.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.arrived.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Takes call `id` out if no thread has taken it yet. A thread that took it writes
+    /// Started before running it, so the farm hears exactly one of Started and Withdrawn.
+    fn withdraw(&self, id: u64) -> bool {
+        let mut state = self.lock();
+        match state.queue.iter().position(|job| job.id == id) {
+            Some(i) => state.queue.remove(i).is_some(),
+            None => false,
+        }
+    }
+
+    /// Threads finish the jobs left, then exit.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.arrived.notify_all();
+    }
+}
+
 /// How the farm's input ended.
 enum Ending {
     /// After Stop: answer what is running, then exit.
@@ -111,8 +188,11 @@ struct Server<S: Serializer> {
     max_frame: usize,
     output: Arc<Output>,
     pending: Arc<Pending>,
-    /// Sync calls go here when the worker has more than one thread.
-    pool: Option<mpsc::Sender<Job<S>>>,
+    /// Sync calls go to the pool's `threads` threads (started with the first one), so this
+    /// thread keeps reading while handlers run and can give queued calls back.
+    pool: Option<Arc<Jobs<S>>>,
+    /// Pool jobs read this turn, handed over together at its end.
+    batch: Vec<Job<S>>,
     /// For async handlers; started with the first async call.
     runtime: Option<tokio::runtime::Runtime>,
     /// Replies and Started reports not yet written.
@@ -210,26 +290,31 @@ impl<S: Serializer> Server<S> {
         output: Arc<Output>,
     ) -> Result<Self, ServeError> {
         let pending = Arc::new(Pending::default());
-        let pool = (worker.threads > 1).then(|| {
-            start_pool(
-                worker.threads,
-                serializer.clone(),
-                max_frame,
-                &output,
-                &pending,
-            )
-        });
-        Ok(Server {
+        let server = Server {
             serializer,
             handlers: worker.handlers,
             threads: worker.threads,
             max_frame,
             output,
             pending,
-            pool,
+            pool: None,
+            batch: Vec::new(),
             runtime: None,
             out: Vec::with_capacity(64 * 1024),
-        })
+        };
+        Ok(server)
+    }
+
+    fn start_pool(&mut self) -> Result<(), ServeError> {
+        let jobs = start_pool(
+            self.threads,
+            self.serializer.clone(),
+            self.max_frame,
+            &self.output,
+            &self.pending,
+        )?;
+        self.pool = Some(jobs);
+        Ok(())
     }
 
     /// Serves until end of input; says whether the farm said Stop first.
@@ -245,6 +330,7 @@ impl<S: Serializer> Server<S> {
                         queued,
                     }) => self.call(id, protocol::method_name(&method), args, queued)?,
                     Ok(ToWorker::Stop) => stopped = true,
+                    Ok(ToWorker::Withdraw { id }) => self.withdraw(id),
                     Ok(ToWorker::Hello(_)) => {
                         return Err(serve_error("second handshake from the farm"))
                     }
@@ -252,6 +338,9 @@ impl<S: Serializer> Server<S> {
                         return Err(serve_error(format_args!("bad message from the farm: {e}")))
                     }
                 }
+            }
+            if let Some(jobs) = &self.pool {
+                jobs.push_all(&mut self.batch);
             }
             self.flush()?;
             if !input.fill()? {
@@ -272,33 +361,19 @@ impl<S: Serializer> Server<S> {
                 let failure = Failure::new(FailureKind::UnknownMethod, method);
                 error_frame(id, &failure, max_frame, &mut self.out);
             }
-            Some(Handler::Sync(f)) => match &self.pool {
-                Some(pool) => {
-                    self.pending.begin();
-                    let job = Job {
-                        id,
-                        queued,
-                        args,
-                        f: f.clone(),
-                    };
-                    if pool.send(job).is_err() {
-                        self.pending.end();
-                        return Err(serve_error("the worker's thread pool is gone"));
-                    }
+            Some(Handler::Sync(f)) => {
+                let f = f.clone();
+                if self.pool.is_none() {
+                    self.start_pool()?;
                 }
-                None => {
-                    let f = f.clone();
-                    if queued {
-                        protocol_started(id, max_frame, &mut self.out);
-                    }
-                    // What is ready leaves before a handler that may take a while.
-                    self.flush()?;
-                    let serializer = &self.serializer;
-                    reply_frame(id, max_frame, &mut self.out, |out| {
-                        f(serializer, &args, out)
-                    });
-                }
-            },
+                self.pending.begin();
+                self.batch.push(Job {
+                    id,
+                    queued,
+                    args,
+                    f,
+                });
+            }
             Some(Handler::Async(f)) => match f(&self.serializer, &args, id, max_frame) {
                 Ok(future) => {
                     if queued {
@@ -312,6 +387,25 @@ impl<S: Serializer> Server<S> {
             },
         }
         Ok(())
+    }
+
+    /// The farm wants queued call `id` back: give it back if it has not started.
+    fn withdraw(&mut self, id: u64) {
+        let in_batch = self.batch.iter().position(|job| job.id == id);
+        let taken = match in_batch {
+            Some(i) => {
+                self.batch.remove(i);
+                true
+            }
+            None => self.pool.as_ref().is_some_and(|jobs| jobs.withdraw(id)),
+        };
+        if taken {
+            self.pending.end();
+            let start = frame::begin(&mut self.out);
+            protocol::encode_withdrawn(id, &mut self.out);
+            // Cannot fail: 13 bytes fit any cap the farm accepts.
+            let _ = frame::finish(&mut self.out, start, self.max_frame);
+        }
     }
 
     fn spawn(&mut self, future: super::handler::BoxFuture) -> Result<(), ServeError> {
@@ -352,7 +446,9 @@ impl<S: Serializer> Server<S> {
     /// Answers what is still running, then stops the pool and the runtime.
     fn finish(&mut self) {
         let _ = self.flush();
-        self.pool = None;
+        if let Some(jobs) = self.pool.take() {
+            jobs.close();
+        }
         self.pending.wait_for_zero();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
@@ -374,53 +470,66 @@ fn start_pool<S: Serializer>(
     max_frame: usize,
     output: &Arc<Output>,
     pending: &Arc<Pending>,
-) -> mpsc::Sender<Job<S>> {
-    let (tx, rx) = mpsc::channel::<Job<S>>();
-    let rx = Arc::new(Mutex::new(rx));
+) -> Result<Arc<Jobs<S>>, ServeError> {
+    let jobs = Arc::new(Jobs::new());
     for n in 0..threads {
-        let (rx, s, output, pending) = (
-            rx.clone(),
+        let (jobs, s, output, pending) = (
+            jobs.clone(),
             serializer.clone(),
             output.clone(),
             pending.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("workfarm-sync-{n}"))
-            .spawn(move || run_jobs(&rx, &s, max_frame, &output, &pending));
-        if spawned.is_err() {
+            .spawn(move || run_jobs(&jobs, &s, max_frame, &output, &pending));
+        if let Err(e) = spawned {
             // The handshake promised `threads` handlers at once: fewer would leave calls
             // the farm counts as running waiting here.
-            eprintln!("workfarm worker: could not start handler thread {n} of {threads}");
-            std::process::exit(1);
+            return Err(serve_error(format_args!(
+                "could not start handler thread {n} of {threads}: {e}"
+            )));
         }
     }
-    tx
+    Ok(jobs)
 }
 
 fn run_jobs<S: Serializer>(
-    jobs: &Mutex<mpsc::Receiver<Job<S>>>,
+    jobs: &Jobs<S>,
     serializer: &S,
     max_frame: usize,
     output: &Output,
     pending: &Pending,
 ) {
-    let mut frame = Vec::new();
+    // Replies not yet written; each leaves before the next handler starts, together with
+    // that call's Started when one follows at once (one write per call, not two).
+    let mut out = Vec::new();
+    let mut answered = 0;
+    let write = |out: &mut Vec<u8>, answered: &mut usize| {
+        // A failed write means the farm is gone; the reading thread sees the end of input.
+        let _ = output.write(out);
+        out.clear();
+        for _ in 0..std::mem::take(answered) {
+            pending.end();
+        }
+    };
     loop {
-        let job = jobs.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok(job) = job else {
-            return;
+        let job = match jobs.try_pop() {
+            Some(job) => job,
+            None => {
+                write(&mut out, &mut answered);
+                match jobs.pop() {
+                    Some(job) => job,
+                    None => return,
+                }
+            }
         };
         if job.queued {
-            protocol_started(job.id, max_frame, &mut frame);
-            let _ = output.write(&frame);
-            frame.clear();
+            protocol_started(job.id, max_frame, &mut out);
         }
-        reply_frame(job.id, max_frame, &mut frame, |out| {
-            (job.f)(serializer, &job.args, out)
+        write(&mut out, &mut answered);
+        reply_frame(job.id, max_frame, &mut out, |o| {
+            (job.f)(serializer, &job.args, o)
         });
-        // A failed write means the farm is gone; the reading thread sees the end of input.
-        let _ = output.write(&frame);
-        frame.clear();
-        pending.end();
+        answered += 1;
     }
 }

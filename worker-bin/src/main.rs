@@ -95,6 +95,8 @@ fn main() {
             std::thread::sleep(Duration::from_millis(ms));
             std::process::id()
         })
+        // Appends `tag` as a line to `path` (each run leaves one line); returns it.
+        .try_method("log_run", |(path, tag): (String, u64)| log_run(&path, tag))
         .try_method("fail", |message: String| Err::<(), _>(message))
         .try_method_async("fail_async", |message: String| async move {
             Err::<(), _>(message)
@@ -366,4 +368,16 @@ fn frame_pipe_sizes() -> (usize, usize) {
     };
     let fds = frame_fds();
     (size(fds.input), size(fds.output))
+}
+
+fn log_run(path: &str, tag: u64) -> Result<u64, String> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    // One write of a whole line: appends from several workers never interleave.
+    file.write_all(format!("{tag}\n").as_bytes())
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok(tag)
 }

@@ -24,6 +24,8 @@ pub(crate) enum Timer {
     Respawn,
     /// The next `max_memory` measurement.
     MemoryCheck,
+    /// The next check of workers holding waiting calls (see `policy::pipeline`).
+    StallCheck,
 }
 
 type Key = (Instant, u64);

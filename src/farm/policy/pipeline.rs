@@ -1,0 +1,58 @@
+//! Pipelining: a worker may hold sync calls beyond those it runs, so short calls do not
+//! pay a round trip each; the waiting ones are taken back (withdrawn) whenever waiting
+//! there could cost them, so no call is held up behind another call's hang or long run.
+//!
+//! Two rules take waiting calls back, and both only ever move calls that have not started:
+//! - **Stalled.** A worker that holds waiting calls and neither started nor finished a call
+//!   over a whole [`STALL_CHECK`] period gives all of them back, and takes no more waiting
+//!   calls until it makes progress. So a call waits behind a hang or a long call for at
+//!   most two periods (plus a round trip), and calls longer than a period are not
+//!   pipelined at all (for them a round trip is nothing).
+//! - **Abandoned.** At each check, a waiting call whose caller has gone is asked back and
+//!   dropped, broadcast calls included, so a dropped call that had not started never runs.
+//! - **Idle.** When nothing waits in the farm's queue and a worker has a free thread, the
+//!   newest waiting call of the worker with the most of them is withdrawn for it, one per
+//!   free thread at a time.
+
+use std::time::Duration;
+
+/// Sync calls a default worker holds, running or waiting (at least its thread count).
+pub(crate) const SYNC_CALLS_PER_WORKER: usize = 32;
+
+/// How often workers that hold waiting calls are checked for progress.
+pub(crate) const STALL_CHECK: Duration = Duration::from_millis(5);
+
+/// How many more withdrawals to ask for: one per free thread not already covered by one on
+/// its way, and none while calls wait in the farm's queue (they take the free threads).
+pub(crate) fn withdrawals(free_threads: usize, in_progress: usize, queue_empty: bool) -> usize {
+    if queue_empty {
+        free_threads.saturating_sub(in_progress)
+    } else {
+        0
+    }
+}
+
+/// Whether a worker that holds waiting calls is stalled: no call of it started or finished
+/// since the last check.
+pub(crate) fn is_stalled(progress: u64, at_last_check: u64) -> bool {
+    progress == at_last_check
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn withdraw_one_per_free_thread_only_when_nothing_is_queued() {
+        assert_eq!(withdrawals(2, 0, true), 2);
+        assert_eq!(withdrawals(2, 1, true), 1);
+        assert_eq!(withdrawals(1, 3, true), 0);
+        assert_eq!(withdrawals(4, 0, false), 0);
+    }
+
+    #[test]
+    fn a_worker_is_stalled_only_without_progress() {
+        assert!(is_stalled(7, 7));
+        assert!(!is_stalled(8, 7));
+    }
+}

@@ -9,6 +9,7 @@ mod farm;
 mod options;
 mod protocol;
 pub mod serializer;
+mod shm;
 mod sys;
 pub mod worker;
 

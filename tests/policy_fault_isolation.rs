@@ -273,18 +273,13 @@ async fn culprit_and_victims_are_told_apart() {
     let farm = Farm::create(
         options(1)
             .max_retries(0)
-            .max_concurrent_calls_per_worker(3)
             .stderr(workfarm::StderrMode::Discard),
     )
     .unwrap();
-    all_online(&farm, 1).await;
     // Two poison calls: the second waits behind the first, then takes down the replacement.
-    // A busy call ahead of them makes sure both are sent into the worker first.
-    let busy = farm.run_method::<_, u32>("block", 300u64);
+    // Made while the worker starts, both are handed to it in one write once it is ready.
     let first = farm.run_method::<_, ()>("exit", 3);
     let second = farm.run_method::<_, ()>("exit", 4);
-    wait_status(&farm, SOON, |s| s.in_flight() == 3).await;
-    assert!(busy.await.is_ok());
     let first = timeout(SOON, first).await.expect("settles").unwrap_err();
     assert!(
         matches!(first, CallError::WorkerDied { running: true, .. }),

@@ -117,37 +117,54 @@ async fn a_sync_handler_may_build_and_block_on_its_own_runtime() {
 /// A worker's frame pipes keep the kernel's default size (64 KiB) until a large frame
 /// crosses them, so a big farm does not eat the user's pipe quota; one that carries a
 /// 1 MiB argument grows, and only that one.
+/// Pipes start at the kernel's default. A 1 MiB argument travels through the worker's
+/// shared ring, so no pipe grows; one over half the ring (32 MiB) takes the pipe, and that
+/// worker's input pipe grows for it.
 #[tokio::test]
 async fn pipes_grow_only_for_large_frames() {
     const DEFAULT: usize = 64 * 1024;
-    let farm = Farm::create(options(8).max_concurrent_calls_per_worker(1)).unwrap();
-    let sizes = farm
-        .broadcast_method::<_, (usize, usize)>("pipe_sizes", ())
-        .await;
-    assert_eq!(sizes.successes.len(), 8, "{:?}", sizes.failures);
-    for (worker, (input, output)) in &sizes.successes {
-        assert!(input > &0 && output > &0, "{worker}: found both pipes");
-        assert!(
-            *input <= DEFAULT && *output <= DEFAULT,
-            "{worker}: pipes grown before any large frame: {input} / {output}"
-        );
-    }
-    // A 1 MiB argument to one worker: its input pipe grows.
+    let options = options(8)
+        .max_concurrent_calls_per_worker(1)
+        .serializer(workfarm::serializer::Cbor);
+    let farm = Farm::create(options).unwrap();
+    let input_sizes = || async {
+        let sizes = farm
+            .broadcast_method::<_, (usize, usize)>("pipe_sizes", ())
+            .await;
+        assert_eq!(sizes.successes.len(), 8, "{:?}", sizes.failures);
+        for (worker, (input, output)) in &sizes.successes {
+            assert!(*input > 0 && *output > 0, "{worker}: found both pipes");
+        }
+        sizes
+            .successes
+            .iter()
+            .map(|(_, (input, output))| (*input, *output))
+            .collect::<Vec<_>>()
+    };
+    let at_start = input_sizes().await;
+    assert!(at_start.iter().all(|&(i, o)| i <= DEFAULT && o <= DEFAULT));
+
     let bytes = serde_bytes::ByteBuf::from(vec![7u8; 1 << 20]);
-    let _: serde_bytes::ByteBuf = farm.run_method("bytes", &bytes).await.unwrap();
-    let sizes = farm
-        .broadcast_method::<_, (usize, usize)>("pipe_sizes", ())
-        .await;
-    let grown: Vec<_> = sizes
-        .successes
-        .iter()
-        .filter(|(_, (input, _))| *input > DEFAULT)
-        .collect();
+    let back: serde_bytes::ByteBuf = farm.run_method("bytes", &bytes).await.unwrap();
+    assert_eq!(back, bytes);
+    let shared = cfg!(target_os = "linux");
+    let sizes = input_sizes().await;
+    let grown = sizes.iter().filter(|&&(i, _)| i > DEFAULT).count();
     assert_eq!(
-        grown.len(),
-        1,
-        "exactly one input pipe grew: {:?}",
-        sizes.successes
+        grown,
+        usize::from(!shared),
+        "1 MiB: shared memory, where there is any"
+    );
+
+    let bytes = serde_bytes::ByteBuf::from(vec![9u8; 17 << 20]);
+    let back: serde_bytes::ByteBuf = farm.run_method("bytes", &bytes).await.unwrap();
+    assert_eq!(back, bytes);
+    let sizes = input_sizes().await;
+    let grown = sizes.iter().filter(|&&(i, _)| i > DEFAULT).count();
+    let expected = if shared { 1..=1 } else { 1..=2 };
+    assert!(
+        expected.contains(&grown),
+        "17 MiB takes the pipe: {sizes:?}"
     );
     farm.shutdown().await;
 }

@@ -133,6 +133,9 @@ pub(crate) struct Retry {
     /// been the culprit: from now on it runs alone on its worker, so a culprit cannot take
     /// innocent neighbours down with it again, attempt after attempt.
     pub(crate) alone: bool,
+    /// It was taken back from a worker where it waited: it goes next to a worker where it
+    /// starts at once (else it would bounce back to wait again).
+    pub(crate) withdrawn: bool,
 }
 
 impl Call {
@@ -154,6 +157,11 @@ impl Call {
     /// The worker to avoid, if an earlier attempt failed there.
     pub(crate) fn avoid(&self) -> Option<WorkerId> {
         self.retry.as_ref().and_then(|r| r.avoid)
+    }
+
+    /// Whether it was taken back from a worker and not yet handed again.
+    pub(crate) fn was_withdrawn(&self) -> bool {
+        self.retry.as_ref().is_some_and(|r| r.withdrawn)
     }
 
     /// Whether it must run on a worker that holds nothing else (see [`Retry::alone`]).

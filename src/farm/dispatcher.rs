@@ -450,7 +450,9 @@ impl<T: Transport> Dispatcher<T> {
     /// Hands broadcast calls, then queued calls, to workers while any has room.
     fn pump(&mut self) {
         let per_worker = self.settings.max_concurrent_calls_per_worker;
-        if self.workers.iter().any(|w| !w.pinned.is_empty()) {
+        // A call that runs alone needs a worker to empty: nothing else may fill them first.
+        let alone_first = self.queue.front().is_some_and(Call::runs_alone);
+        if !alone_first && self.workers.iter().any(|w| !w.pinned.is_empty()) {
             for id in self.workers.ids() {
                 while let Some(call) = self.next_pinned(id) {
                     self.hand(id, call);
@@ -471,7 +473,7 @@ impl<T: Transport> Dispatcher<T> {
                         self.hand(id, call);
                     }
                 }
-                None if self.workers.any_async() => {
+                None if self.workers.any_async() && !front.runs_alone() => {
                     self.pump_other_kind(kind, share);
                     break;
                 }
@@ -594,13 +596,15 @@ impl<T: Transport> Dispatcher<T> {
                 continue;
             }
             let mut ids = w.withdraw_abandoned();
-            let stalled =
-                w.withdrawable() > 0 && pipeline::is_stalled(w.progress, w.progress_checked);
+            let progress = w.progress - w.progress_checked;
             w.progress_checked = w.progress;
+            let stalled = w.withdrawable() > 0 && pipeline::is_stalled(progress);
             if stalled {
                 ids.extend(w.stall());
+            } else if w.stalled && pipeline::is_quick(progress, w.threads()) {
+                w.stalled = false;
             }
-            any_waiting |= w.waiting() > 0;
+            any_waiting |= w.waiting() > 0 || w.stalled;
             if !ids.is_empty() {
                 tracing::debug!(
                     worker = id.as_u64(),
@@ -638,7 +642,7 @@ impl<T: Transport> Dispatcher<T> {
     /// Worker `id` gave call `call` back unstarted: it goes back to the queue, uncharged,
     /// in its place by age.
     fn on_withdrawn(&mut self, id: WorkerId, call: u64) {
-        let Some(call) = self.workers.get(id).and_then(|w| w.withdrawn(call)) else {
+        let Some(mut call) = self.workers.get(id).and_then(|w| w.withdrawn(call)) else {
             return;
         };
         tracing::trace!(call = call.id(), worker = id.as_u64(), "call withdrawn");
@@ -651,6 +655,7 @@ impl<T: Transport> Dispatcher<T> {
             call.reply.send(Err(CallError::ShutDown));
             return;
         }
+        call.retry_mut().withdrawn = true;
         let at = self
             .queue
             .iter()
@@ -817,6 +822,9 @@ impl<T: Transport> Dispatcher<T> {
             return;
         }
         let pid = ready.pid;
+        if ready.shared_memory {
+            w.link.use_shared_memory();
+        }
         let caps = Caps::from_ready(ready);
         w.go_online(caps.clone());
         self.workers.learn(&caps);

@@ -345,6 +345,7 @@ impl Harness {
             pid: pid_of(worker),
             threads,
             async_methods: vec![],
+            shared_memory: false,
         };
         self.says(worker, vec![FromWorker::Ready(ready)]);
     }
@@ -491,18 +492,39 @@ async fn a_stalled_worker_gives_its_waiting_calls_back() {
         "a stalled worker takes no calls that would wait"
     );
     h.answer(w(1), a.id);
-    // Progress: B goes back to run at once, C may wait behind it again.
+    // B goes back to run at once; C waits in the farm while the worker is stalled.
     assert_eq!(
         h.sent_to(w(1)),
-        [(a.id, false), (b.id, true), (b.id, false), (c.id, true)]
+        [(a.id, false), (b.id, true), (b.id, false)]
+    );
+    h.answer(w(1), b.id);
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (b.id, true), (b.id, false), (c.id, false)]
+    );
+    // Quick calls again (more than one per check period): it pipelines again.
+    let (mut d, mut e) = (h.call(), h.call());
+    h.says(w(1), vec![ok(c.id)]);
+    h.says(w(1), vec![ok(d.id)]);
+    h.advance(pipeline::STALL_CHECK).await;
+    let (mut f, mut g) = (h.call(), h.call());
+    assert_eq!(
+        h.sent_to(w(1))[4..],
+        [(d.id, false), (e.id, false), (f.id, true), (g.id, true)]
     );
     h.says(
         w(1),
-        vec![ok(b.id), FromWorker::Started { id: c.id }, ok(c.id)],
+        vec![
+            ok(e.id),
+            FromWorker::Started { id: f.id },
+            ok(f.id),
+            FromWorker::Started { id: g.id },
+            ok(g.id),
+        ],
     );
-    assert_eq!(a.body(), body(a.id));
-    assert_eq!(b.body(), body(b.id));
-    assert_eq!(c.body(), body(c.id));
+    for call in [&mut a, &mut b, &mut c, &mut d, &mut e, &mut f, &mut g] {
+        assert_eq!(call.body(), body(call.id));
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -946,4 +968,46 @@ async fn calls_running_together_when_their_worker_died_are_retried_alone() {
     for call in [&mut a, &mut b, &mut c] {
         assert_eq!(call.body(), body(call.id));
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_taken_back_for_an_idle_worker_does_not_bounce_back() {
+    // W2 holds only async calls, so it has a free sync thread; W1 runs a sync call with
+    // one waiting. The waiting one goes to W2 and stays there.
+    let mut h = farm(options().workers(2));
+    let ready = |worker| Ready {
+        version: PROTOCOL_VERSION,
+        pid: pid_of(worker),
+        threads: 1,
+        async_methods: vec!["a".into()],
+        shared_memory: false,
+    };
+    h.says(w(2), vec![FromWorker::Ready(ready(w(2)))]);
+    let mut asyncs = Vec::new();
+    // One (while W1 starts, W2 takes no more than an even share).
+    for _ in 0..1 {
+        let (_, frame) = h.call_frame("a");
+        let (reply, rx) = Reply::new(None);
+        h.calls.send(Call::new(frame, None, reply)).unwrap();
+        asyncs.push(rx);
+        h.turn();
+    }
+    assert_eq!(h.sent_to(w(2)).len(), 1);
+    h.says(w(1), vec![FromWorker::Ready(ready(w(1)))]);
+    let (mut a, mut b) = (h.call(), h.call());
+    assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, true)]);
+    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
+    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
+    h.advance(pipeline::STALL_CHECK).await;
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (b.id, true)],
+        "not back to W1"
+    );
+    assert_eq!(h.withdrawals_from(w(1)), [b.id], "asked back once");
+    assert!(h.sent_to(w(2)).contains(&(b.id, false)));
+    h.answer(w(2), b.id);
+    h.answer(w(1), a.id);
+    assert_eq!(a.body(), body(a.id));
+    assert_eq!(b.body(), body(b.id));
 }

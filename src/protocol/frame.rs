@@ -52,6 +52,11 @@ pub(crate) struct FrameDecoder {
 }
 
 impl FrameDecoder {
+    /// The largest payload it accepts.
+    pub(crate) fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     pub(crate) fn new(max_frame: usize) -> Self {
         FrameDecoder {
             state: DecodeState::Head,

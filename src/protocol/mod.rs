@@ -11,12 +11,14 @@
 //! | `0x03` | to worker | Call, queued | as Call; the worker reports Started when it starts it |
 //! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
 //! | `0x05` | to worker | Withdraw | call id u64: give back this queued call if it has not started |
-//! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len) |
+//! | `0x06` | to worker | Shared  | offset u64, length u32: the real payload is in the shared ring |
+//! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len), flags u8 (bit 0: maps the shared rings) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
 //! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
 //! | `0x84` | to farm   | Fatal   | UTF-8 message: the worker cannot serve and will exit   |
 //! | `0x85` | to farm   | Started | call id u64: a queued call's handler has started       |
 //! | `0x86` | to farm   | Withdrawn | call id u64: a queued call given back unstarted       |
+//! | `0x87` | to farm   | Shared  | offset u64, length u32: the real payload is in the shared ring |
 //!
 //! The farm writes Hello first; the worker answers Ready (or Fatal) before anything else.
 //!
@@ -32,6 +34,11 @@
 //! and will never run there) or Started (too late: it had started); a Withdraw for a call
 //! it no longer holds is ignored.
 //!
+//! **Shared.** A large frame's payload may travel through the sender's shared-memory ring
+//! (see `crate::shm`) while the pipe carries a Shared frame naming its place; the receiver
+//! reads the payload there and handles it as if it had come through the pipe. A worker
+//! says in its Ready whether it mapped the rings; until it does, everything takes the pipe.
+//!
 //! **Stop, or gone.** The farm says Stop before it closes a worker's input; the worker then
 //! answers the calls it has and exits. Input that ends without Stop means the farm died or
 //! dropped the worker: nobody is left to answer, and the worker kills its process group.
@@ -44,6 +51,9 @@ pub(crate) mod launch {
     pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
     /// Environment variable carrying the parent's pid, for the worker's parent-death check.
     pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
+    /// Environment variable naming the inherited descriptors of the worker's two shared
+    /// rings, `to-worker,to-farm` (see `crate::shm`); absent when the farm has none.
+    pub(crate) const RINGS_ENV: &str = "WORKFARM_RINGS";
 }
 
 use bytes::{Buf, Bytes};
@@ -57,12 +67,51 @@ const TAG_CALL: u8 = 0x02;
 const TAG_CALL_QUEUED: u8 = 0x03;
 const TAG_STOP: u8 = 0x04;
 const TAG_WITHDRAW: u8 = 0x05;
+const TAG_SHARED_TO_WORKER: u8 = 0x06;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
 const TAG_FATAL: u8 = 0x84;
 const TAG_STARTED: u8 = 0x85;
 const TAG_WITHDRAWN: u8 = 0x86;
+const TAG_SHARED_TO_FARM: u8 = 0x87;
+
+/// Which way a frame goes (a Shared frame has a tag of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    ToWorker,
+    ToFarm,
+}
+
+/// Encodes a Shared frame's payload: the real payload is at `offset`, `len` bytes, in the
+/// sender's ring.
+pub(crate) fn encode_shared(direction: Direction, offset: u64, len: u32, out: &mut Vec<u8>) {
+    out.push(match direction {
+        Direction::ToWorker => TAG_SHARED_TO_WORKER,
+        Direction::ToFarm => TAG_SHARED_TO_FARM,
+    });
+    out.extend_from_slice(&offset.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
+/// If `payload` is a Shared frame going `direction`: the place it names.
+pub(crate) fn shared_place(
+    direction: Direction,
+    payload: &[u8],
+) -> Option<Result<(u64, u32), ProtocolError>> {
+    let tag = match direction {
+        Direction::ToWorker => TAG_SHARED_TO_WORKER,
+        Direction::ToFarm => TAG_SHARED_TO_FARM,
+    };
+    if payload.first() != Some(&tag) {
+        return None;
+    }
+    let mut p = &payload[1..];
+    if p.len() != 12 {
+        return Some(Err(malformed("shared")));
+    }
+    Some(Ok((p.get_u64_le(), p.get_u32_le())))
+}
 
 /// Why a handler's call failed, as the worker reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +338,8 @@ pub(crate) struct Ready {
     pub(crate) threads: u16,
     /// Its async methods: they start as they arrive, however many are running.
     pub(crate) async_methods: Vec<String>,
+    /// It mapped the shared-memory rings the farm passed it.
+    pub(crate) shared_memory: bool,
 }
 
 /// Encodes a Ready; names that do not fit (over 65535 bytes, or past 65535 names) are left
@@ -309,6 +360,7 @@ pub(crate) fn encode_ready(ready: &Ready, out: &mut Vec<u8>) {
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(name.as_bytes());
     }
+    out.push(u8::from(ready.shared_memory));
 }
 
 fn decode_ready(mut p: Bytes) -> Result<Ready, ProtocolError> {
@@ -324,6 +376,7 @@ fn decode_ready(mut p: Bytes) -> Result<Ready, ProtocolError> {
             pid,
             threads: 1,
             async_methods: Vec::new(),
+            shared_memory: false,
         });
     }
     let threads = p.get_u16_le();
@@ -340,14 +393,16 @@ fn decode_ready(mut p: Bytes) -> Result<Ready, ProtocolError> {
         let name = String::from_utf8(p.split_to(n).to_vec()).map_err(|_| malformed("ready"))?;
         async_methods.push(name);
     }
-    if p.has_remaining() || threads == 0 {
+    if p.remaining() != 1 || threads == 0 {
         return Err(malformed("ready"));
     }
+    let flags = p.get_u8();
     Ok(Ready {
         version,
         pid,
         threads,
         async_methods,
+        shared_memory: flags & 1 != 0,
     })
 }
 
@@ -459,6 +514,7 @@ mod tests {
             pid: 42,
             threads: 3,
             async_methods: vec!["sleep".into(), "".into()],
+            shared_memory: true,
         };
         let mut out = Vec::new();
         encode_ready(&ready, &mut out);
@@ -551,6 +607,14 @@ mod tests {
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());
         }
         assert!(decode_to_worker(Bytes::from_static(b"\x04junk")).is_err());
+        let mut shared = Vec::new();
+        encode_shared(Direction::ToFarm, 7, 9, &mut shared);
+        assert_eq!(shared_place(Direction::ToFarm, &shared), Some(Ok((7, 9))));
+        assert_eq!(shared_place(Direction::ToWorker, &shared), None);
+        assert!(matches!(
+            shared_place(Direction::ToFarm, &shared[..5]),
+            Some(Err(_))
+        ));
         assert_eq!(
             decode_to_worker(Bytes::from_static(b"\x04")).ok(),
             Some(ToWorker::Stop)

@@ -340,3 +340,178 @@ pub(crate) fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     }
     Ok(())
 }
+
+// ===== shared memory for large frames =====
+
+/// A shared memory file mapped into this process, whole: the farm creates one per worker
+/// and direction, the worker maps the same file, and large frames travel through it (see
+/// `crate::shm`). Every access is bounds-checked here, so the safe API cannot reach outside
+/// the mapping whatever offsets a peer sends.
+#[derive(Debug)]
+pub(crate) struct SharedMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain shared memory, valid until `drop`; writers and readers of the
+// same bytes are kept apart by the ring's protocol (a region is written only while free),
+// and the flags they share are atomics.
+unsafe impl Send for SharedMap {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// A new anonymous shared memory file of `len` bytes, close-on-exec and mapped. Uses no
+    /// memory until pages are touched. Linux only (`memfd_create`).
+    #[cfg(target_os = "linux")]
+    pub(crate) fn create(name: &std::ffi::CStr, len: usize) -> io::Result<Self> {
+        // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor just created, owned once.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let size = libc::off_t::try_from(len).map_err(|_| io::Error::other("too large"))?;
+        // SAFETY: ftruncate on a descriptor we own.
+        if unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), size) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Self::map(fd, len)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn create(_name: &std::ffi::CStr, _len: usize) -> io::Result<Self> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Maps the shared memory file `fd` as the farm passed it, its whole length.
+    pub(crate) fn open(fd: OwnedFd) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstat fills a zeroed struct it is given a pointer to.
+        let size = unsafe {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &mut stat) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            stat.st_size
+        };
+        let len = usize::try_from(size).map_err(|_| io::Error::other("bad size"))?;
+        // SAFETY: fcntl with integer arguments on a descriptor we own: a handler's children
+        // must not inherit it.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Self::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Err(io::Error::other("empty shared memory file"));
+        }
+        // SAFETY: a fresh shared mapping of a file we hold open; checked for MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(SharedMap { ptr, len, fd })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
+    /// Copies `bytes` in at `offset`; `false` (and nothing written) if it does not fit.
+    pub(crate) fn write(&self, offset: usize, bytes: &[u8]) -> bool {
+        if offset
+            .checked_add(bytes.len())
+            .map_or(true, |end| end > self.len)
+        {
+            return false;
+        }
+        // SAFETY: in bounds (checked above); the ring writes only regions no reader holds.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().add(offset),
+                bytes.len(),
+            );
+        }
+        true
+    }
+
+    /// The `len` bytes at `offset`, if they lie inside the mapping.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> Option<&[u8]> {
+        if offset.checked_add(len).map_or(true, |end| end > self.len) {
+            return None;
+        }
+        // SAFETY: in bounds; valid for the mapping's life, which the borrow cannot outlast.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset), len) })
+    }
+
+    /// The 4-byte flag word at `offset` (a multiple of 4), if inside the mapping.
+    pub(crate) fn flag(&self, offset: usize) -> Option<&std::sync::atomic::AtomicU32> {
+        if offset % 4 != 0 || offset.checked_add(4).map_or(true, |end| end > self.len) {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (the mapping is page-aligned); an AtomicU32 has the
+        // layout of a u32, and every access to flag words goes through atomics.
+        Some(unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(offset)
+                .cast::<std::sync::atomic::AtomicU32>()
+        })
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`; no borrow of it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Lets the child started by `cmd` inherit descriptors `fds` (close-on-exec here, so no
+/// other child, started by any thread, gets them).
+pub(crate) fn inherit_in_child(cmd: &mut tokio::process::Command, fds: Vec<RawFd>) {
+    // SAFETY: the closure runs in the child between fork and exec and calls only fcntl,
+    // which is async-signal-safe; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the farm, if it is open.
+pub(crate) fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: fcntl(F_GETFD) only queries; the descriptor is then owned once (the caller
+    // takes each inherited descriptor once, from the farm's word in the environment).
+    unsafe {
+        if fd < 3 || libc::fcntl(fd, libc::F_GETFD) < 0 {
+            return None;
+        }
+        Some(OwnedFd::from_raw_fd(fd))
+    }
+}

@@ -11,8 +11,9 @@
 use super::handler::{error_frame, reply_frame, Failure, Handler, SyncFn};
 use super::{serve_error, ServeError, Worker};
 use crate::protocol::frame::{self, FrameDecoder, DEFAULT_MAX_FRAME};
-use crate::protocol::{self, FailureKind, Ready, ToWorker, PROTOCOL_VERSION};
+use crate::protocol::{self, Direction, FailureKind, Ready, ToWorker, PROTOCOL_VERSION};
 use crate::serializer::Serializer;
+use crate::shm::{self, Producer, Ring};
 use crate::sys;
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +26,8 @@ use std::sync::{Arc, Condvar, Mutex};
 /// async runtime, each writing whole frames.
 struct Output {
     file: Mutex<File>,
+    /// The ring large replies go through, if the farm shared one.
+    ring: Option<Mutex<Producer>>,
 }
 
 impl Output {
@@ -35,6 +38,26 @@ impl Output {
         let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         file.write_all(bytes)
     }
+
+    /// Moves the frame that starts at `start` in `out` (the last one) into the shared ring
+    /// when it is large and there is room, leaving in its place a Shared frame naming it.
+    fn share_last_frame(&self, out: &mut Vec<u8>, start: usize, max_frame: usize) {
+        let Some(ring) = &self.ring else { return };
+        if out.len() - start < shm::MIN_FRAME {
+            return;
+        }
+        let place = ring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(&out[start + frame::HEAD_LEN..]);
+        if let Some((offset, len)) = place {
+            out.truncate(start);
+            let at = frame::begin(out);
+            protocol::encode_shared(Direction::ToFarm, offset, len, out);
+            // Cannot fail: 17 bytes fit any cap the farm accepts.
+            let _ = frame::finish(out, at, max_frame);
+        }
+    }
 }
 
 /// Frames from the farm.
@@ -42,14 +65,29 @@ struct Input {
     fd: OwnedFd,
     buf: BytesMut,
     decoder: FrameDecoder,
+    /// The ring large calls come through, if the farm shared one.
+    ring: Option<Ring>,
 }
 
 impl Input {
-    /// The next complete frame already read, if any.
+    /// The next complete frame already read, if any (from the shared ring if it says so).
     fn try_next(&mut self) -> Result<Option<Bytes>, ServeError> {
-        match self.decoder.decode(&mut self.buf) {
-            Ok(frame) => Ok(frame.map(BytesMut::freeze)),
-            Err(e) => Err(serve_error(format_args!("bad frame from the farm: {e}"))),
+        let payload = match self.decoder.decode(&mut self.buf) {
+            Ok(Some(payload)) => payload.freeze(),
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(serve_error(format_args!("bad frame from the farm: {e}"))),
+        };
+        match protocol::shared_place(Direction::ToWorker, &payload) {
+            None => Ok(Some(payload)),
+            Some(place) => {
+                let bad = |e: String| serve_error(format_args!("bad frame from the farm: {e}"));
+                let (offset, len) = place.map_err(|e| bad(e.to_string()))?;
+                let ring = self
+                    .ring
+                    .as_ref()
+                    .ok_or_else(|| bad("no shared ring".into()))?;
+                ring.take(offset, len).map(Some).map_err(bad)
+            }
         }
     }
 
@@ -213,15 +251,20 @@ pub(super) fn serve<S: Serializer>(
     };
     sys::set_blocking(&input).map_err(not_a_pipe)?;
     sys::set_blocking(&output).map_err(not_a_pipe)?;
+    let rings = inherited_rings();
+    let shared_memory = rings.is_some();
+    let (to_worker, to_farm) = rings.unzip();
     let mut input = Input {
         fd: input,
         buf: BytesMut::with_capacity(64 * 1024),
         decoder: FrameDecoder::new(DEFAULT_MAX_FRAME),
+        ring: to_worker,
     };
     let output = Arc::new(Output {
         file: Mutex::new(File::from(output)),
+        ring: to_farm.map(|ring| Mutex::new(Producer::new(ring))),
     });
-    let (serializer, max_frame) = handshake(&worker, &mut input, &output)?;
+    let (serializer, max_frame) = handshake(&worker, &mut input, &output, shared_memory)?;
     input.decoder = FrameDecoder::new(max_frame);
     let mut server = Server::start(worker, serializer, max_frame, output)?;
     let served = server.run(&mut input);
@@ -234,11 +277,24 @@ pub(super) fn serve<S: Serializer>(
     served.map(|_| ())
 }
 
+/// The two shared rings the farm passed (`to worker`, `to farm`), if it passed any and both
+/// map; without them every frame takes the pipe.
+fn inherited_rings() -> Option<(Ring, Ring)> {
+    let named = std::env::var(protocol::launch::RINGS_ENV).ok()?;
+    let (a, b) = named.split_once(',')?;
+    let open = |fd: &str| {
+        let fd = sys::inherited_fd(fd.parse().ok()?)?;
+        Ring::open(fd).ok()
+    };
+    Some((open(a)?, open(b)?))
+}
+
 /// Reads the farm's Hello and answers Ready, or Fatal if this worker cannot serve it.
 fn handshake<S: Serializer>(
     worker: &Worker<S>,
     input: &mut Input,
     output: &Output,
+    shared_memory: bool,
 ) -> Result<(S, usize), ServeError> {
     let payload = loop {
         if let Some(payload) = input.try_next()? {
@@ -264,6 +320,7 @@ fn handshake<S: Serializer>(
             pid: std::process::id(),
             threads: u16::try_from(worker.threads).unwrap_or(u16::MAX),
             async_methods: worker.async_methods(),
+            shared_memory,
         };
         let mut out = Vec::new();
         let start = frame::begin(&mut out);
@@ -423,8 +480,10 @@ impl<S: Serializer> Server<S> {
         };
         let (output, pending) = (self.output.clone(), self.pending.clone());
         pending.begin();
+        let max_frame = self.max_frame;
         runtime.spawn(async move {
-            let frame = future.await;
+            let mut frame = future.await;
+            output.share_last_frame(&mut frame, 0, max_frame);
             let _ = output.write(&frame);
             pending.end();
         });
@@ -447,6 +506,9 @@ impl<S: Serializer> Server<S> {
     fn finish(&mut self) {
         let _ = self.flush();
         if let Some(jobs) = self.pool.take() {
+            // Jobs read in the turn that ended the loop (an error stops it mid-turn) are
+            // counted as pending: they run and are answered like the rest.
+            jobs.push_all(&mut self.batch);
             jobs.close();
         }
         self.pending.wait_for_zero();
@@ -530,6 +592,9 @@ fn run_jobs<S: Serializer>(
         reply_frame(job.id, max_frame, &mut out, |o| {
             (job.f)(serializer, &job.args, o)
         });
+        // The arguments' region of the shared ring is free from here.
+        drop(job);
+        output.share_last_frame(&mut out, 0, max_frame);
         answered += 1;
     }
 }

@@ -2,12 +2,13 @@
 //! pay a round trip each; the waiting ones are taken back (withdrawn) whenever waiting
 //! there could cost them, so no call is held up behind another call's hang or long run.
 //!
-//! Two rules take waiting calls back, and both only ever move calls that have not started:
+//! Three rules take waiting calls back, and they only ever move calls that have not started:
 //! - **Stalled.** A worker that holds waiting calls and neither started nor finished a call
 //!   over a whole [`STALL_CHECK`] period gives all of them back, and takes no more waiting
-//!   calls until it makes progress. So a call waits behind a hang or a long call for at
-//!   most two periods (plus a round trip), and calls longer than a period are not
-//!   pipelined at all (for them a round trip is nothing).
+//!   calls until a check sees it finish more than one call per thread in a period. So a
+//!   call waits behind a hang or a long call for at most two periods (plus a round trip),
+//!   and calls longer than a period are pipelined once at most (for them a round trip is
+//!   nothing). A call taken back goes next where it starts at once.
 //! - **Abandoned.** At each check, a waiting call whose caller has gone is asked back and
 //!   dropped, broadcast calls included, so a dropped call that had not started never runs.
 //! - **Idle.** When nothing waits in the farm's queue and a worker has a free thread, the
@@ -32,10 +33,16 @@ pub(crate) fn withdrawals(free_threads: usize, in_progress: usize, queue_empty: 
     }
 }
 
-/// Whether a worker that holds waiting calls is stalled: no call of it started or finished
-/// since the last check.
-pub(crate) fn is_stalled(progress: u64, at_last_check: u64) -> bool {
-    progress == at_last_check
+/// Whether a worker that holds waiting calls is stalled: `progress` calls of it started or
+/// finished since the last check, and that is none.
+pub(crate) fn is_stalled(progress: u64) -> bool {
+    progress == 0
+}
+
+/// Whether a stalled worker may take waiting calls again: over the last check period it
+/// finished (and started) more than one call per thread, so its calls are short again.
+pub(crate) fn is_quick(progress: u64, threads: usize) -> bool {
+    progress > 2 * threads as u64
 }
 
 #[cfg(test)]
@@ -52,7 +59,16 @@ mod tests {
 
     #[test]
     fn a_worker_is_stalled_only_without_progress() {
-        assert!(is_stalled(7, 7));
-        assert!(!is_stalled(8, 7));
+        assert!(is_stalled(0));
+        assert!(!is_stalled(1));
+    }
+
+    #[test]
+    fn a_stalled_worker_is_quick_again_past_one_call_per_thread_per_check() {
+        // A start and an end per call: two per call.
+        assert!(!is_quick(2, 1));
+        assert!(is_quick(3, 1));
+        assert!(!is_quick(8, 4));
+        assert!(is_quick(9, 4));
     }
 }

@@ -46,6 +46,8 @@ pub(crate) trait Link: Send + 'static {
     fn close_input(&mut self);
     /// Asks the worker to stop now (`SIGTERM`).
     fn terminate(&mut self);
+    /// The worker mapped the shared rings: large frames may go through them from now on.
+    fn use_shared_memory(&mut self) {}
     /// Ends it (`SIGKILL`).
     fn kill(&mut self);
     /// Its resident memory in bytes, where that can be measured.

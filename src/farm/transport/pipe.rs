@@ -15,8 +15,9 @@ use super::{Inbound, Link, Transport};
 use crate::error::ExitInfo;
 use crate::event::WorkerId;
 use crate::options::Settings;
-use crate::protocol::frame::FrameDecoder;
-use crate::protocol::{decode_from_worker, launch, FromWorker};
+use crate::protocol::frame::{self, FrameDecoder};
+use crate::protocol::{decode_from_worker, launch, Direction, FromWorker};
+use crate::shm::{self, Producer, Ring};
 use crate::sys::{kill_group_remnants, signal_group, Signal};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -78,6 +79,10 @@ pub(crate) struct WorkerLink {
     pending: Vec<u8>,
     /// The worker's stdin, grown when a large frame is sent.
     stdin_buffer: PipeBuffer,
+    /// The ring large frames go through, once the worker said it mapped it.
+    ring: Option<Producer>,
+    /// That ring, until then.
+    offered_ring: Option<Ring>,
     control: mpsc::UnboundedSender<Signal>,
     pid: u32,
 }
@@ -93,6 +98,19 @@ impl Link for WorkerLink {
         let Some(outbox) = &self.outbox else {
             return;
         };
+        if frame.len() >= shm::MIN_FRAME {
+            if let Some((offset, len)) = self
+                .ring
+                .as_mut()
+                .and_then(|ring| ring.put(&frame[frame::HEAD_LEN..]))
+            {
+                let at = frame::begin(&mut self.pending);
+                crate::protocol::encode_shared(Direction::ToWorker, offset, len, &mut self.pending);
+                // Cannot fail: 17 bytes fit any cap.
+                let _ = frame::finish(&mut self.pending, at, usize::MAX);
+                return;
+            }
+        }
         if frame.len() >= DIRECT_WRITE {
             self.stdin_buffer.fit(frame.len());
             if !self.pending.is_empty() {
@@ -134,6 +152,12 @@ impl Link for WorkerLink {
 
     fn terminate(&mut self) {
         let _ = self.control.send(Signal::Terminate);
+    }
+
+    fn use_shared_memory(&mut self) {
+        if let Some(ring) = self.offered_ring.take() {
+            self.ring = Some(Producer::new(ring));
+        }
     }
 
     fn kill(&mut self) {
@@ -251,7 +275,15 @@ fn spawn(
 ) -> std::io::Result<WorkerLink> {
     let (stdin_read, stdin_write) = crate::sys::pipe()?;
     let identity = crate::sys::file_identity(stdin_read.as_raw_fd()).unwrap_or_default();
-    let mut child = spawn_from_long_lived_thread(command(spec, stdin_read, &identity))?;
+    let rings = shared_rings();
+    let mut cmd = command(spec, stdin_read, &identity);
+    if let Some((to_worker, to_farm)) = &rings {
+        let fds = vec![to_worker.raw_fd(), to_farm.raw_fd()];
+        cmd.env(launch::RINGS_ENV, format!("{},{}", fds[0], fds[1]));
+        crate::sys::inherit_in_child(&mut cmd, fds);
+    }
+    let mut child = spawn_from_long_lived_thread(cmd)?;
+    let (offered_ring, from_worker_ring) = rings.unzip();
     let pid = child.id().unwrap_or(0);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("child stdio was not piped"));
@@ -283,15 +315,32 @@ fn spawn(
         input_broke: outbox.broke.clone(),
         inbound,
         max_frame: spec.max_frame,
+        ring: from_worker_ring,
     }));
     Ok(WorkerLink {
         outbox: Some(outbox),
         writer,
         pending: Vec::new(),
         stdin_buffer,
+        ring: None,
+        offered_ring,
         control: control_tx,
         pid,
     })
+}
+
+/// A worker's two shared rings (to it, from it), or none where shared memory is not to be
+/// had (every frame then takes the pipe).
+fn shared_rings() -> Option<(Ring, Ring)> {
+    let rings = Ring::create(c"workfarm-to-worker")
+        .and_then(|to_worker| Ok((to_worker, Ring::create(c"workfarm-to-farm")?)));
+    match rings {
+        Ok(rings) => Some(rings),
+        Err(e) => {
+            tracing::debug!(error = %e, "no shared memory; large frames take the pipe");
+            None
+        }
+    }
 }
 
 /// The worker's command line: its stdin the pipe made for it, named by `identity` in its
@@ -372,6 +421,8 @@ struct Supervised {
     input_broke: Arc<Notify>,
     inbound: mpsc::UnboundedSender<Inbound>,
     max_frame: usize,
+    /// The ring the worker's large frames come through.
+    ring: Option<Ring>,
 }
 
 /// Reads and decodes the worker's frames, delivers signals, and reaps the process. Reports
@@ -387,6 +438,7 @@ async fn supervise(s: Supervised) {
         input_broke: broke,
         inbound,
         max_frame,
+        ring,
     } = s;
     let mut guard = GroupGuard {
         pid,
@@ -443,7 +495,7 @@ async fn supervise(s: Supervised) {
                     // The read emptied a full pipe: the worker may have been waiting on it.
                     stdout_buffer.fit(MAX_PIPE);
                 }
-                reading = deliver(read, worker, &mut decoder, &mut buf, &inbound);
+                reading = deliver(read, worker, &mut decoder, &mut buf, ring.as_ref(), &inbound);
                 if !reading && status.is_none() {
                     // The frame stream ended but the process lives on: it can answer
                     // nothing more.
@@ -461,6 +513,23 @@ async fn supervise(s: Supervised) {
     });
 }
 
+/// A frame's real payload: read from the worker's ring if the frame is a Shared one.
+fn from_ring(payload: Bytes, ring: Option<&Ring>, max_frame: usize) -> Result<Bytes, String> {
+    match crate::protocol::shared_place(Direction::ToFarm, &payload) {
+        None => Ok(payload),
+        Some(place) => {
+            let (offset, len) = place.map_err(|e| e.to_string())?;
+            if len as usize > max_frame {
+                return Err(format!(
+                    "frame of {len} bytes in shared memory exceeds max_frame"
+                ));
+            }
+            ring.ok_or("a shared-memory frame, but no ring was shared")?
+                .take(offset, len)
+        }
+    }
+}
+
 async fn wait(child: &mut Option<Child>) -> std::io::Result<std::process::ExitStatus> {
     match child {
         Some(child) => child.wait().await,
@@ -475,12 +544,13 @@ fn deliver(
     worker: WorkerId,
     decoder: &mut FrameDecoder,
     buf: &mut BytesMut,
+    ring: Option<&Ring>,
     inbound: &mpsc::UnboundedSender<Inbound>,
 ) -> bool {
     if !matches!(read, Ok(n) if n > 0) {
         return false;
     }
-    let (messages, fault) = decode_all(decoder, buf);
+    let (messages, fault) = decode_all(decoder, buf, ring);
     if !messages.is_empty() {
         let _ = inbound.send(Inbound::Messages { worker, messages });
     }
@@ -545,13 +615,19 @@ async fn read_some(stdout: &mut ChildStdout, buf: &mut BytesMut) -> std::io::Res
     stdout.read_buf(buf).await
 }
 
-fn decode_all(decoder: &mut FrameDecoder, buf: &mut BytesMut) -> (Vec<FromWorker>, Option<String>) {
+fn decode_all(
+    decoder: &mut FrameDecoder,
+    buf: &mut BytesMut,
+    ring: Option<&Ring>,
+) -> (Vec<FromWorker>, Option<String>) {
     let mut messages = Vec::new();
     loop {
         match decoder.decode(buf) {
-            Ok(Some(payload)) => match decode_from_worker(payload.freeze()) {
+            Ok(Some(payload)) => match from_ring(payload.freeze(), ring, decoder.max_frame())
+                .and_then(|payload| decode_from_worker(payload).map_err(|e| e.to_string()))
+            {
                 Ok(message) => messages.push(message),
-                Err(e) => return (messages, Some(e.to_string())),
+                Err(e) => return (messages, Some(e)),
             },
             Ok(None) => return (messages, None),
             Err(e) => return (messages, Some(e.to_string())),

@@ -33,6 +33,10 @@ pub(crate) const MIN_FRAME: usize = 64 * 1024;
 pub(crate) const RING_SIZE: usize = 32 * 1024 * 1024;
 /// A region's header: its flag word, alone on a cache line.
 const HEADER: usize = 64;
+/// Once past this point, the writer goes back to the start of the ring as soon as the
+/// start is free: the part in use stays small and its pages stay warm (every page touched
+/// for the first time costs a fault), while a burst may still use the whole ring.
+const WARM: u64 = 8 * 1024 * 1024;
 
 const FREE: u32 = 0;
 const IN_USE: u32 = 1;
@@ -136,9 +140,16 @@ impl Producer {
         let tail = self.regions.front().map_or(self.head, |&(start, _)| start);
         let mut free = size - (self.head - tail);
         let mut at = self.head % size;
-        if at + need > size {
-            // It would straddle the end: skip to the start, leaving the rest as padding
-            // (a region nobody reads, already free).
+        // Back to the start when what is in use lies in one piece before `at` and the
+        // start has room for as much again: the writer then cannot catch up with the
+        // regions still held before they are freed.
+        let tail_at = tail % size;
+        let in_use = self.head - tail;
+        let back_to_warm =
+            at >= WARM && tail_at <= at && in_use == at - tail_at && tail_at >= in_use + need;
+        if at + need > size || back_to_warm {
+            // Skip to the start, leaving the rest as padding (a region nobody reads,
+            // already free).
             let pad = size - at;
             if free < pad + need {
                 return None;
@@ -230,6 +241,21 @@ mod tests {
             producer.put(&vec![0; RING_SIZE]).is_none(),
             "over half the ring"
         );
+    }
+
+    #[test]
+    fn a_ring_in_steady_use_stays_near_its_start() {
+        let (mut producer, reader) = ring();
+        let payload = vec![3u8; 1 << 20];
+        let mut held = VecDeque::new();
+        for _ in 0..100 {
+            let (offset, len) = producer.put(&payload).unwrap();
+            assert!(offset < WARM + (2 << 20), "at {offset}");
+            held.push_back(reader.take(offset, len).unwrap());
+            if held.len() > 2 {
+                held.pop_front();
+            }
+        }
     }
 
     #[test]

@@ -537,7 +537,11 @@ async fn garbage_frames_drop_the_worker_and_fail_only_that_call() {
     let mut events = farm.events();
     collect_events(&mut events, 2, SOON, |e| matches!(e, Event::Online { .. })).await;
 
-    for (kind, expect) in [("oversize", "exceeds"), ("tag", "unknown message tag")] {
+    for (kind, expect) in [
+        ("oversize", "exceeds"),
+        ("tag", "unknown message tag"),
+        ("shared", "shared-memory"),
+    ] {
         let before = online_pids(&farm.status().await);
         let normal: Vec<_> = (0..40i64)
             .map(|i| tokio::spawn(farm.run_method::<_, i64>("add", (i, 7))))

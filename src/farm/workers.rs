@@ -2,7 +2,7 @@
 //! which only wait, how much room it has, and the one way to empty it.
 
 use super::call::Call;
-use super::policy::pipeline::SYNC_CALLS_PER_WORKER;
+use super::policy::pipeline::{SYNC_CALLS_PER_WORKER, WAITING_BYTES_PER_WORKER};
 use crate::event::WorkerId;
 use crate::options::ASYNC_CALLS_PER_WORKER;
 use crate::protocol::{self, Ready};
@@ -108,6 +108,8 @@ pub(crate) struct Worker<L> {
     waiting: usize,
     /// Waiting calls the farm asked back.
     withdrawing: usize,
+    /// Frame bytes of the calls waiting in it.
+    waiting_bytes: usize,
     /// Waiting broadcast calls not asked back: they belong to this worker, and are asked
     /// back only once their caller has gone.
     pinned_waiting: usize,
@@ -151,6 +153,7 @@ impl<L> Worker<L> {
             async_held: 0,
             waiting: 0,
             withdrawing: 0,
+            waiting_bytes: 0,
             pinned_waiting: 0,
             progress: 0,
             progress_checked: 0,
@@ -381,6 +384,7 @@ impl<L> Worker<L> {
                 self.progress += 1;
             }
             self.waiting += 1;
+            self.waiting_bytes += call.frame.len();
             if call.pinned.is_some() {
                 self.pinned_waiting += 1;
             }
@@ -417,6 +421,7 @@ impl<L> Worker<L> {
             return false;
         }
         held.started = true;
+        self.waiting_bytes = self.waiting_bytes.saturating_sub(held.call.frame.len());
         if std::mem::take(&mut held.withdrawing) {
             self.withdrawing = self.withdrawing.saturating_sub(1);
         } else if held.call.pinned.is_some() {
@@ -457,6 +462,7 @@ impl<L> Worker<L> {
         *held_of_kind = held_of_kind.saturating_sub(1);
         if !held.started {
             self.waiting = self.waiting.saturating_sub(1);
+            self.waiting_bytes = self.waiting_bytes.saturating_sub(held.call.frame.len());
             if held.withdrawing {
                 self.withdrawing = self.withdrawing.saturating_sub(1);
             } else if held.call.pinned.is_some() {
@@ -491,6 +497,7 @@ impl<L> Worker<L> {
             self.withdrawing,
             self.pinned_waiting,
         ) = (0, 0, 0, 0, 0, 0);
+        self.waiting_bytes = 0;
         (self.stalled, self.alone) = (false, false);
         out
     }
@@ -604,6 +611,11 @@ impl<L> Workers<L> {
             .filter(|w| !alone || w.calls.is_empty())
             // Taken back to start sooner: it goes where it starts at once, never to wait again.
             .filter(|w| !withdrawn || w.starts_on_arrival(kind))
+            // Large calls wait a few at a time: more would gain nothing and fill memory.
+            .filter(|w| {
+                w.starts_on_arrival(kind)
+                    || w.waiting_bytes + call.frame.len() <= WAITING_BYTES_PER_WORKER
+            })
             .filter(|w| share.map_or(true, |share| w.calls.len() < share))
             .min_by_key(|w| (Some(w.id) == avoid, w.calls.len()))
             .map(|w| w.id)

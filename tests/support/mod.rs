@@ -116,8 +116,8 @@ pub async fn wait_gone(pid: u32, within: Duration) {
 }
 
 /// Polls the farm's status until `pred` holds, failing the test after `within`.
-pub async fn wait_status(
-    farm: &Farm,
+pub async fn wait_status<S: workfarm::serializer::Serializer>(
+    farm: &Farm<S>,
     within: Duration,
     mut pred: impl FnMut(&Status) -> bool,
 ) -> Status {
@@ -172,7 +172,7 @@ pub fn spawned_pids(events: &[Event]) -> Vec<u32> {
 }
 
 /// Waits until the farm has exactly `n` workers, all online; fails the test after [`SOON`].
-pub async fn all_online(farm: &Farm, n: usize) -> Status {
+pub async fn all_online<S: workfarm::serializer::Serializer>(farm: &Farm<S>, n: usize) -> Status {
     wait_status(farm, SOON, |s| {
         s.workers.len() == n && s.workers.iter().all(|w| w.state == WorkerState::Online)
     })

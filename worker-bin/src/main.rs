@@ -240,10 +240,18 @@ fn pi_kernel(n: u64, seed: u32) -> u64 {
 
 /// Writes junk to the frame descriptor (see [`frame_fds`]).
 fn garbage(kind: &str) -> u32 {
-    let junk: &[u8] = if kind == "oversize" {
-        &[0xff, 0xff, 0xff, 0x7f, b'j', b'u', b'n', b'k']
-    } else {
-        &[1, 0, 0, 0, 0xee]
+    // A Shared frame (tag 0x87) naming a place far outside any ring.
+    let shared: Vec<u8> = [
+        13u32.to_le_bytes().as_slice(),
+        &[0x87],
+        &u64::MAX.to_le_bytes(),
+        &[1, 0, 0, 0],
+    ]
+    .concat();
+    let junk: &[u8] = match kind {
+        "oversize" => &[0xff, 0xff, 0xff, 0x7f, b'j', b'u', b'n', b'k'],
+        "shared" => &shared,
+        _ => &[1, 0, 0, 0, 0xee],
     };
     let Some(fd) = frame_fds().output else {
         panic!("garbage: no frame descriptor found")

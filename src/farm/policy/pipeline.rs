@@ -20,6 +20,10 @@ use std::time::Duration;
 /// Sync calls a default worker holds, running or waiting (at least its thread count).
 pub(crate) const SYNC_CALLS_PER_WORKER: usize = 32;
 
+/// Frame bytes of the calls waiting in one worker, at most (a call that would start at once
+/// is always sent): for large calls a few waiting already hide the round trip.
+pub(crate) const WAITING_BYTES_PER_WORKER: usize = 4 * 1024 * 1024;
+
 /// How often workers that hold waiting calls are checked for progress.
 pub(crate) const STALL_CHECK: Duration = Duration::from_millis(5);
 

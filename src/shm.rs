@@ -4,15 +4,16 @@
 //! its page allocations and the many small reads a large frame takes.
 //!
 //! Each worker has two rings, one per direction, each a shared memory file of [`RING_SIZE`]
-//! bytes created by the farm (memory is used only as pages are touched, at most the ring's
-//! size, and given back when the worker goes). One side writes a ring, the other reads it:
+//! bytes created by the farm and sealed at that size (memory is used only as pages are
+//! touched, at most the ring's size; it stays until the worker goes). One side writes a ring, the other reads it:
 //!
 //! - The writer ([`Producer`]) copies a frame into a free region, in ring order, and sends
 //!   its place. What it has handed out it tracks on its own side, so nothing the reader
 //!   writes can steer it; the ring full, or the frame too big, the frame takes the pipe.
 //! - The reader ([`Ring::take`]) turns a place into [`Bytes`] that point into the ring (no
-//!   copy) and mark the region free when the last of them is dropped: for arguments, when
-//!   the handler is done with them; for results, when the caller has decoded them.
+//!   copy) and mark the region free when the last of them is dropped. The worker decodes
+//!   its arguments in place (it trusts the farm); the farm copies a result out at once (it
+//!   does not trust a worker not to write to a region it already handed over).
 //!
 //! Each region starts with a flag word (in use / free) in a header of its own cache line;
 //! regions are reclaimed by the writer in order, so one held for long holds back the space
@@ -196,6 +197,117 @@ impl Producer {
     }
 }
 
+/// Places for calls that wait inside a worker, one flag word each, shared with the worker,
+/// so the farm can take a waiting call back at once and for sure, without a round trip
+/// and while the worker is busy in a handler: whoever moves a word from *waiting* first
+/// wins, the farm to *withdrawn* or the worker to *started*. Each use of a place has a new
+/// generation, so a late look at a place reused since sees a stranger and backs off.
+#[derive(Debug, Clone)]
+pub(crate) struct Slots {
+    map: Arc<SharedMap>,
+}
+
+/// How many calls of one worker may wait with a place at once.
+pub(crate) const SLOTS: usize = 1024;
+
+const WAITING: u32 = 1;
+const STARTED: u32 = 2;
+const WITHDRAWN: u32 = 3;
+
+fn word(generation: u32, state: u32) -> u32 {
+    (generation << 2) | state
+}
+
+impl Slots {
+    pub(crate) fn create(name: &std::ffi::CStr) -> std::io::Result<Self> {
+        Ok(Slots {
+            map: Arc::new(SharedMap::create(name, SLOTS * 4)?),
+        })
+    }
+
+    pub(crate) fn open(fd: OwnedFd) -> std::io::Result<Self> {
+        let map = SharedMap::open(fd)?;
+        if map.len() < SLOTS * 4 {
+            return Err(std::io::Error::other("slot table too small"));
+        }
+        Ok(Slots { map: Arc::new(map) })
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.map.raw_fd()
+    }
+
+    fn flag(&self, slot: u16) -> Option<&std::sync::atomic::AtomicU32> {
+        self.map.flag(usize::from(slot) * 4)
+    }
+
+    /// The farm: place `slot`, generation `generation`, now holds a waiting call.
+    pub(crate) fn arm(&self, slot: u16, generation: u32) {
+        if let Some(flag) = self.flag(slot) {
+            flag.store(word(generation, WAITING), Ordering::Release);
+        }
+    }
+
+    fn claim(&self, slot: u16, generation: u32, to: u32) -> bool {
+        self.flag(slot).is_some_and(|flag| {
+            flag.compare_exchange(
+                word(generation, WAITING),
+                word(generation, to),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        })
+    }
+
+    /// The farm takes the call back; `false` if the worker has started it.
+    pub(crate) fn withdraw(&self, slot: u16, generation: u32) -> bool {
+        self.claim(slot, generation, WITHDRAWN)
+    }
+
+    /// The worker starts the call; `false` if the farm took it back.
+    pub(crate) fn start(&self, slot: u16, generation: u32) -> bool {
+        self.claim(slot, generation, STARTED)
+    }
+}
+
+/// The farm's side of one worker's [`Slots`]: which places are free, and the generation
+/// each is at.
+#[derive(Debug)]
+pub(crate) struct SlotAlloc {
+    slots: Slots,
+    free: Vec<u16>,
+    generations: Vec<u32>,
+}
+
+impl SlotAlloc {
+    pub(crate) fn new(slots: Slots) -> Self {
+        SlotAlloc {
+            slots,
+            free: (0..SLOTS as u16).rev().collect(),
+            generations: vec![0; SLOTS],
+        }
+    }
+
+    /// A free place, armed for a new waiting call: `(slot, generation)`.
+    pub(crate) fn take(&mut self) -> Option<(u16, u32)> {
+        let slot = self.free.pop()?;
+        let generation = self.generations.get_mut(usize::from(slot))?;
+        *generation = (*generation + 1) & (u32::MAX >> 2);
+        self.slots.arm(slot, *generation);
+        Some((slot, *generation))
+    }
+
+    /// Gives back a place whose call started, left, or was withdrawn.
+    pub(crate) fn give_back(&mut self, slot: u16) {
+        self.free.push(slot);
+    }
+
+    pub(crate) fn withdraw(&self, slot: u16, generation: u32) -> bool {
+        self.slots.withdraw(slot, generation)
+    }
+}
+
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
@@ -256,6 +368,31 @@ mod tests {
                 held.pop_front();
             }
         }
+    }
+
+    #[test]
+    fn a_waiting_call_is_either_started_or_withdrawn_never_both() {
+        let slots = Slots::create(c"workfarm-test-slots").unwrap();
+        let worker = Slots {
+            map: slots.map.clone(),
+        };
+        let mut alloc = SlotAlloc::new(slots);
+        let (a, ga) = alloc.take().unwrap();
+        assert!(worker.start(a, ga));
+        assert!(!alloc.withdraw(a, ga), "too late: it started");
+        alloc.give_back(a);
+        let (b, gb) = alloc.take().unwrap();
+        assert_eq!(b, a, "the place is reused");
+        assert!(alloc.withdraw(b, gb));
+        assert!(!worker.start(b, gb), "withdrawn first");
+        alloc.give_back(b);
+        // The place is reused while the worker has yet to look at its old call: the old
+        // generation no longer matches, so the old call is not started.
+        let (c, gc) = alloc.take().unwrap();
+        assert_eq!(c, b);
+        assert!(!worker.start(b, gb));
+        assert!(worker.start(c, gc));
+        assert!(!worker.start(SLOTS as u16, 1), "out of range");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The shared rings leave nothing behind: a worker's rings go with it (killed or stopped),
+//! Shared memory leaves nothing behind: a worker's rings and slot table go with it,
 //! and after shutdown the farm's process holds no ring, open or mapped. Alone in its test
 //! binary, since it counts what the whole process holds.
 
@@ -47,7 +47,7 @@ async fn rings_go_with_their_workers_and_their_farm() {
     assert_eq!(rings_held(), (0, 0));
     let farm = Farm::create(options(2).serializer(Cbor)).unwrap();
     let status = all_online(&farm, 2).await;
-    assert_eq!(rings_held(), (4, 4), "two rings per worker");
+    assert_eq!(rings_held(), (6, 6), "two rings and a slot table per worker");
 
     // A worker killed while it holds large calls: its calls run again elsewhere, intact.
     let big = ByteBuf::from(vec![5u8; 1 << 20]);
@@ -62,7 +62,7 @@ async fn rings_go_with_their_workers_and_their_farm() {
         assert!(tokio::time::timeout(SOON, call).await.unwrap().unwrap() == big);
     }
     all_online(&farm, 2).await;
-    wait_rings((4, 4)).await;
+    wait_rings((6, 6)).await;
 
     farm.shutdown().await;
     wait_rings((0, 0)).await;

@@ -17,7 +17,7 @@ use super::workers::{Caps, Emptied, Kind, Worker, Workers};
 use crate::error::{CallError, ExitInfo};
 use crate::event::{Event, WorkerId};
 use crate::options::Settings;
-use crate::protocol::{self, frame, FailureKind, FromWorker, Ready, PROTOCOL_VERSION};
+use crate::protocol::{FailureKind, FromWorker, Ready, PROTOCOL_VERSION};
 use crate::{Status, WorkerState, WorkerStatus};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -250,7 +250,9 @@ impl<T: Transport> Dispatcher<T> {
             self.fire_timers();
         }
         self.pump();
-        self.withdraw_for_free_threads();
+        if self.withdraw_for_free_threads() {
+            self.pump();
+        }
         // Only the links written to this turn have anything to flush.
         for id in std::mem::take(&mut self.written) {
             if let Some(w) = self.workers.get(id) {
@@ -555,28 +557,25 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Nothing waits in the queue and a worker has a free thread: ask for waiting calls
     /// back from the worker that holds the most (see `policy::pipeline`).
-    fn withdraw_for_free_threads(&mut self) {
+    fn withdraw_for_free_threads(&mut self) -> bool {
         if self.mode != Mode::Running || !self.queue.is_empty() || !self.calls.is_empty() {
-            return;
+            return false;
         }
-        let (mut free, mut in_progress) = (0, 0);
-        for w in self.workers.iter() {
-            free += w.free_threads();
-            in_progress += w.withdrawing();
-        }
-        for _ in 0..pipeline::withdrawals(free, in_progress, true) {
+        let free: usize = self.workers.iter().map(|w| w.free_threads()).sum();
+        for _ in 0..pipeline::withdrawals(free, 0, true) {
             let most = self
                 .workers
                 .iter()
                 .filter(|w| w.withdrawable() > 0)
                 .max_by_key(|w| w.withdrawable())
                 .map(|w| w.id);
-            let Some(id) = most else { return };
+            let Some(id) = most else { break };
             let Some(call) = self.workers.get(id).and_then(|w| w.withdraw_newest()) else {
-                return;
+                continue;
             };
-            self.send_withdraw(id, call);
+            self.requeue_withdrawn(id, call);
         }
+        !self.queue.is_empty()
     }
 
     /// Checks the workers holding waiting calls: calls whose callers have gone are asked
@@ -595,26 +594,26 @@ impl<T: Transport> Dispatcher<T> {
             if w.state == WorkerState::Stopping {
                 continue;
             }
-            let mut ids = w.withdraw_abandoned();
+            let mut calls = w.withdraw_abandoned();
             let progress = w.progress - w.progress_checked;
             w.progress_checked = w.progress;
             let stalled = w.withdrawable() > 0 && pipeline::is_stalled(progress);
             if stalled {
-                ids.extend(w.stall());
+                calls.extend(w.stall());
             } else if w.stalled && pipeline::is_quick(progress, w.threads()) {
                 w.stalled = false;
             }
             any_waiting |= w.waiting() > 0 || w.stalled;
-            if !ids.is_empty() {
+            if !calls.is_empty() {
                 tracing::debug!(
                     worker = id.as_u64(),
-                    calls = ids.len(),
+                    calls = calls.len(),
                     stalled,
-                    "withdrawing waiting calls"
+                    "took back waiting calls"
                 );
             }
-            for call in ids {
-                self.send_withdraw(id, call);
+            for call in calls {
+                self.requeue_withdrawn(id, call);
             }
         }
         if any_waiting {
@@ -623,36 +622,11 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
-    fn send_withdraw(&mut self, id: WorkerId, call: u64) {
-        let Some(w) = self.workers.get(id) else {
-            return;
-        };
-        tracing::trace!(call, worker = id.as_u64(), "withdrawing call");
-        let mut out = Vec::with_capacity(16);
-        let start = frame::begin(&mut out);
-        protocol::encode_withdraw(call, &mut out);
-        // Cannot fail: 13 bytes fit any cap.
-        let _ = frame::finish(&mut out, start, self.settings.max_frame);
-        w.link.send(&out);
-        if self.written.last() != Some(&id) {
-            self.written.push(id);
-        }
-    }
-
-    /// Worker `id` gave call `call` back unstarted: it goes back to the queue, uncharged,
-    /// in its place by age.
-    fn on_withdrawn(&mut self, id: WorkerId, call: u64) {
-        let Some(mut call) = self.workers.get(id).and_then(|w| w.withdrawn(call)) else {
-            return;
-        };
-        tracing::trace!(call = call.id(), worker = id.as_u64(), "call withdrawn");
+    /// A call taken back from worker `id` before it started goes back to the queue,
+    /// uncharged, in its place by age (or is dropped, if its caller has gone).
+    fn requeue_withdrawn(&mut self, id: WorkerId, mut call: Call) {
+        tracing::trace!(call = call.id(), worker = id.as_u64(), "call taken back");
         if call.reply.is_closed() {
-            // Asked back because its caller had gone: it never runs.
-            return;
-        }
-        if self.mode != Mode::Running {
-            // Asked back just before the farm began to stop: it fails as queued calls did.
-            call.reply.send(Err(CallError::ShutDown));
             return;
         }
         call.retry_mut().withdrawn = true;
@@ -767,7 +741,6 @@ impl<T: Transport> Dispatcher<T> {
                     self.arm_call_timeout(id, call);
                 }
             }
-            FromWorker::Withdrawn { id: call } => self.on_withdrawn(id, call),
             FromWorker::Ready(ready) => self.on_ready(id, ready),
             FromWorker::Fatal { message } => self.on_fatal(id, message),
         }
@@ -823,7 +796,9 @@ impl<T: Transport> Dispatcher<T> {
         }
         let pid = ready.pid;
         if ready.shared_memory {
-            w.link.use_shared_memory();
+            if let Some(slots) = w.link.use_shared_memory() {
+                w.share_slots(slots);
+            }
         }
         let caps = Caps::from_ready(ready);
         w.go_online(caps.clone());

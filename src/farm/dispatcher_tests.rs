@@ -32,6 +32,10 @@ struct FakeState {
     terminated: Vec<WorkerId>,
     killed: Vec<WorkerId>,
     memory: HashMap<WorkerId, u64>,
+    /// Whether workers share memory (a slot table) with the farm, and each one's table as
+    /// the worker sees it.
+    shared: bool,
+    slots: HashMap<WorkerId, crate::shm::Slots>,
 }
 
 type Shared = Arc<Mutex<FakeState>>;
@@ -115,6 +119,16 @@ impl Link for FakeLink {
 
     fn memory(&self) -> Option<u64> {
         self.state.lock().unwrap().memory.get(&self.worker).copied()
+    }
+
+    fn use_shared_memory(&mut self) -> Option<crate::shm::Slots> {
+        let mut state = self.state.lock().unwrap();
+        if !state.shared {
+            return None;
+        }
+        let slots = crate::shm::Slots::create(c"workfarm-test-slots").unwrap();
+        state.slots.insert(self.worker, slots.clone());
+        Some(slots)
     }
 }
 
@@ -206,6 +220,13 @@ struct Harness {
 
 /// A farm of one worker unless `options` say otherwise, started.
 fn farm(options: FarmOptions) -> Harness {
+    let mut h = farm_unstarted(options);
+    h.d.start().unwrap();
+    h.turn();
+    h
+}
+
+fn farm_unstarted(options: FarmOptions) -> Harness {
     let settings = options.settings;
     let mut hello = Vec::new();
     let start = frame::begin(&mut hello);
@@ -227,26 +248,32 @@ fn farm(options: FarmOptions) -> Harness {
     };
     let state = Shared::default();
     let transport = FakeTransport(state.clone());
-    let mut d = Dispatcher::new(
+    let d = Dispatcher::new(
         Arc::new(settings),
         hello.into_boxed_slice(),
         transport,
         inputs,
     );
-    d.start().unwrap();
-    let mut h = Harness {
+    Harness {
         d,
         state,
         calls,
         _commands: commands,
         next_call: 1,
-    };
-    h.turn();
-    h
+    }
 }
 
 fn options() -> FarmOptions {
     FarmOptions::new("/bin/sh").workers(1)
+}
+
+/// As `farm`, with workers that share a slot table (so calls may wait in them).
+fn shared_farm(options: FarmOptions) -> Harness {
+    let mut h = farm_unstarted(options);
+    h.state.lock().unwrap().shared = true;
+    h.d.start().unwrap();
+    h.turn();
+    h
 }
 
 impl Harness {
@@ -345,7 +372,7 @@ impl Harness {
             pid: pid_of(worker),
             threads,
             async_methods: vec![],
-            shared_memory: false,
+            shared_memory: self.state.lock().unwrap().shared,
         };
         self.says(worker, vec![FromWorker::Ready(ready)]);
     }
@@ -392,23 +419,38 @@ impl Harness {
             .filter(|(to, _)| *to == worker)
             .filter_map(|(_, message)| match message {
                 ToWorker::Call { id, queued, .. } => Some((*id, *queued)),
-                ToWorker::Hello(_) | ToWorker::Stop | ToWorker::Withdraw { .. } => None,
+                ToWorker::Hello(_) | ToWorker::Stop | ToWorker::Slot { .. } => None,
             })
             .collect()
     }
 
-    /// The calls worker `worker` was asked to give back, in order.
-    fn withdrawals_from(&self, worker: WorkerId) -> Vec<u64> {
-        let state = self.state.lock().unwrap();
-        state
-            .sent
-            .iter()
-            .filter(|(to, _)| *to == worker)
-            .filter_map(|(_, message)| match message {
-                ToWorker::Withdraw { id } => Some(*id),
-                _ => None,
-            })
-            .collect()
+    /// As the worker would on reaching queued call `id`: claims its place in the slot
+    /// table and, if the farm had not taken it back, reports it Started. Whether it started.
+    fn reaches(&mut self, worker: WorkerId, id: u64) -> bool {
+        let slot = {
+            let state = self.state.lock().unwrap();
+            let mut last_slot = None;
+            let mut found = None;
+            for (to, message) in state.sent.iter().filter(|(to, _)| *to == worker) {
+                let _ = to;
+                match message {
+                    ToWorker::Slot { slot, generation } => last_slot = Some((*slot, *generation)),
+                    ToWorker::Call {
+                        id: call,
+                        queued: true,
+                        ..
+                    } if *call == id => found = last_slot.take(),
+                    ToWorker::Call { .. } => last_slot = None,
+                    _ => {}
+                }
+            }
+            found.map(|(slot, generation)| state.slots[&worker].start(slot, generation))
+        };
+        if slot == Some(false) {
+            return false;
+        }
+        self.started(worker, id);
+        true
     }
 
     fn spawned(&self) -> Vec<WorkerId> {
@@ -461,7 +503,7 @@ async fn with_one_call_per_worker_a_second_call_waits_in_the_farm() {
 
 #[tokio::test(start_paused = true)]
 async fn by_default_sync_calls_are_pipelined_queued() {
-    let mut h = farm(options());
+    let mut h = shared_farm(options());
     h.ready(w(1));
     let calls: Vec<Pending> = (0..40).map(|_| h.call()).collect();
     let sent = h.sent_to(w(1));
@@ -472,18 +514,29 @@ async fn by_default_sync_calls_are_pipelined_queued() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_stalled_worker_gives_its_waiting_calls_back() {
+async fn without_shared_memory_calls_wait_in_the_farm() {
     let mut h = farm(options());
+    h.ready(w(1));
+    let (a, b) = (h.call(), h.call());
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false)],
+        "nothing could take {} back",
+        b.id
+    );
+    assert_eq!(h.d.status().queued, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_worker_gives_its_waiting_calls_back() {
+    let mut h = shared_farm(options());
     h.ready(w(1));
     let (mut a, mut b) = (h.call(), h.call());
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, true)]);
     // The first check sees the wait begin; the second sees no progress since.
     h.advance(pipeline::STALL_CHECK).await;
-    assert!(h.withdrawals_from(w(1)).is_empty());
+    assert_eq!(h.d.status().queued, 0);
     h.advance(pipeline::STALL_CHECK).await;
-    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
-
-    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
     assert_eq!(h.d.status().queued, 1, "B is back in the farm's queue");
     let mut c = h.call();
     assert_eq!(
@@ -492,6 +545,10 @@ async fn a_stalled_worker_gives_its_waiting_calls_back() {
         "a stalled worker takes no calls that would wait"
     );
     h.answer(w(1), a.id);
+    assert!(
+        !h.reaches(w(1), b.id),
+        "the worker skips the B it was first sent"
+    );
     // B goes back to run at once; C waits in the farm while the worker is stalled.
     assert_eq!(
         h.sent_to(w(1)),
@@ -512,72 +569,68 @@ async fn a_stalled_worker_gives_its_waiting_calls_back() {
         h.sent_to(w(1))[4..],
         [(d.id, false), (e.id, false), (f.id, true), (g.id, true)]
     );
-    h.says(
-        w(1),
-        vec![
-            ok(e.id),
-            FromWorker::Started { id: f.id },
-            ok(f.id),
-            FromWorker::Started { id: g.id },
-            ok(g.id),
-        ],
-    );
+    h.answer(w(1), e.id);
+    assert!(h.reaches(w(1), f.id));
+    h.answer(w(1), f.id);
+    assert!(h.reaches(w(1), g.id));
+    h.answer(w(1), g.id);
     for call in [&mut a, &mut b, &mut c, &mut d, &mut e, &mut f, &mut g] {
         assert_eq!(call.body(), body(call.id));
     }
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_withdrawal_that_comes_too_late_settles_the_call_once() {
-    let mut h = farm(options().timeout(Duration::from_secs(1)));
+async fn a_call_its_worker_started_is_not_taken_back() {
+    let mut h = shared_farm(options().timeout(Duration::from_secs(1)));
     h.ready(w(1));
     let (mut a, mut b) = (h.call(), h.call());
+    // The worker reaches B (its Started not yet read) before the stall check.
+    let slot_started = {
+        h.answer(w(1), a.id);
+        h.reaches(w(1), b.id)
+    };
+    assert!(slot_started);
     h.advance(pipeline::STALL_CHECK).await;
     h.advance(pipeline::STALL_CHECK).await;
-    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
-    // The worker had already started B: it says Started, never Withdrawn.
-    h.says(w(1), vec![ok(a.id), FromWorker::Started { id: b.id }]);
-    assert!(b.is_pending());
-    assert_eq!(h.d.status().queued, 0);
+    assert_eq!(
+        h.d.status().queued,
+        0,
+        "B stays with the worker that runs it"
+    );
     h.answer(w(1), b.id);
     assert_eq!(b.body(), body(b.id));
     assert_eq!(a.body(), body(a.id));
-    // A late Withdrawn for a call that ran is ignored.
-    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
-    assert_eq!(h.d.status().queued, 0);
-    assert_eq!(h.sent_to(w(1)).len(), 2);
+    assert_eq!(h.sent_to(w(1)).len(), 2, "each sent once");
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_worker_takes_a_waiting_call_from_a_busy_one() {
-    let mut h = farm(options().workers(2));
+    let mut h = shared_farm(options().workers(2));
     h.ready(w(1));
     h.ready(w(2));
     let (mut a, mut b, mut c, mut d) = (h.call(), h.call(), h.call(), h.call());
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (c.id, true)]);
     assert_eq!(h.sent_to(w(2)), [(b.id, false), (d.id, true)]);
 
-    h.says(
-        w(2),
-        vec![ok(b.id), FromWorker::Started { id: d.id }, ok(d.id)],
-    );
-    assert_eq!(
-        h.withdrawals_from(w(1)),
-        [c.id],
-        "W2 is idle, C waits on W1"
-    );
-    h.says(w(1), vec![FromWorker::Withdrawn { id: c.id }]);
+    h.answer(w(2), b.id);
+    assert!(h.reaches(w(2), d.id));
+    h.answer(w(2), d.id);
+    // W2 is idle, C waits on W1: it moves, at once.
     assert_eq!(
         h.sent_to(w(2)),
         [(b.id, false), (d.id, true), (c.id, false)]
     );
+    assert!(!h.reaches(w(1), c.id), "W1 skips it");
     h.answer(w(2), c.id);
     h.answer(w(1), a.id);
     for call in [&mut a, &mut b, &mut c, &mut d] {
         assert_eq!(call.body(), body(call.id));
     }
-    assert_eq!(h.withdrawals_from(w(1)), [c.id], "nothing more to move");
-    assert!(h.withdrawals_from(w(2)).is_empty());
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (c.id, true)],
+        "nothing more moved"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -972,40 +1025,35 @@ async fn calls_running_together_when_their_worker_died_are_retried_alone() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_taken_back_for_an_idle_worker_does_not_bounce_back() {
-    // W2 holds only async calls, so it has a free sync thread; W1 runs a sync call with
-    // one waiting. The waiting one goes to W2 and stays there.
-    let mut h = farm(options().workers(2));
+    // W2 holds only an async call, so its sync thread is free; W1 runs a sync call with
+    // one waiting. The waiting one moves to W2 and stays there.
+    let mut h = shared_farm(options().workers(2));
     let ready = |worker| Ready {
         version: PROTOCOL_VERSION,
         pid: pid_of(worker),
         threads: 1,
         async_methods: vec!["a".into()],
-        shared_memory: false,
+        shared_memory: true,
     };
     h.says(w(2), vec![FromWorker::Ready(ready(w(2)))]);
-    let mut asyncs = Vec::new();
-    // One (while W1 starts, W2 takes no more than an even share).
-    for _ in 0..1 {
-        let (_, frame) = h.call_frame("a");
-        let (reply, rx) = Reply::new(None);
-        h.calls.send(Call::new(frame, None, reply)).unwrap();
-        asyncs.push(rx);
-        h.turn();
-    }
+    let (_, frame) = h.call_frame("a");
+    let (reply, _async_rx) = Reply::new(None);
+    h.calls.send(Call::new(frame, None, reply)).unwrap();
+    h.turn();
     assert_eq!(h.sent_to(w(2)).len(), 1);
     h.says(w(1), vec![FromWorker::Ready(ready(w(1)))]);
     let (mut a, mut b) = (h.call(), h.call());
     assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, true)]);
-    assert_eq!(h.withdrawals_from(w(1)), [b.id]);
-    h.says(w(1), vec![FromWorker::Withdrawn { id: b.id }]);
-    h.advance(pipeline::STALL_CHECK).await;
     assert_eq!(
-        h.sent_to(w(1)),
-        [(a.id, false), (b.id, true)],
-        "not back to W1"
+        h.sent_to(w(2))[1..],
+        [(b.id, false)],
+        "B moved to the free thread"
     );
-    assert_eq!(h.withdrawals_from(w(1)), [b.id], "asked back once");
-    assert!(h.sent_to(w(2)).contains(&(b.id, false)));
+    assert!(!h.reaches(w(1), b.id));
+    h.advance(pipeline::STALL_CHECK).await;
+    h.advance(pipeline::STALL_CHECK).await;
+    assert_eq!(h.sent_to(w(1)).len(), 2, "not sent back to W1");
+    assert_eq!(h.sent_to(w(2)).len(), 2);
     h.answer(w(2), b.id);
     h.answer(w(1), a.id);
     assert_eq!(a.body(), body(a.id));

@@ -6,6 +6,7 @@ use super::policy::pipeline::{SYNC_CALLS_PER_WORKER, WAITING_BYTES_PER_WORKER};
 use crate::event::WorkerId;
 use crate::options::ASYNC_CALLS_PER_WORKER;
 use crate::protocol::{self, Ready};
+use crate::shm::{SlotAlloc, Slots};
 use crate::WorkerState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -77,8 +78,15 @@ struct Held {
     kind: Kind,
     /// Its handler has started (so a crash or a hang may be its doing).
     started: bool,
-    /// The farm asked for it back and has not heard whether it started.
-    withdrawing: bool,
+    /// Its place in the worker's slot table while it waits: the farm may take it back.
+    slot: Option<(u16, u32)>,
+}
+
+impl Held {
+    /// Waiting, with a place, not a broadcast: it may be taken back to run elsewhere.
+    fn movable(&self) -> bool {
+        !self.started && self.slot.is_some() && self.call.pinned.is_none()
+    }
 }
 
 /// What a worker held when it was emptied.
@@ -106,13 +114,15 @@ pub(crate) struct Worker<L> {
     async_held: usize,
     /// Calls held that have not started, of either kind.
     waiting: usize,
-    /// Waiting calls the farm asked back.
-    withdrawing: usize,
+    /// Waiting calls that may be taken back (see [`Held::movable`]).
+    movable: usize,
     /// Frame bytes of the calls waiting in it.
     waiting_bytes: usize,
-    /// Waiting broadcast calls not asked back: they belong to this worker, and are asked
-    /// back only once their caller has gone.
+    /// Waiting broadcast calls: they belong to this worker.
     pinned_waiting: usize,
+    /// Places for waiting calls, shared with it; without them (no shared memory) nothing
+    /// waits in it by default, since nothing could be taken back.
+    slots: Option<SlotAlloc>,
     /// Counts calls started or finished (and the start of a wait): a stall check that sees
     /// the same count twice finds the worker stuck.
     pub(crate) progress: u64,
@@ -152,9 +162,10 @@ impl<L> Worker<L> {
             sync_running: 0,
             async_held: 0,
             waiting: 0,
-            withdrawing: 0,
+            movable: 0,
             waiting_bytes: 0,
             pinned_waiting: 0,
+            slots: None,
             progress: 0,
             progress_checked: 0,
             stalled: false,
@@ -209,6 +220,11 @@ impl<L> Worker<L> {
         self.caps.as_ref().map_or(1, |c| c.threads)
     }
 
+    /// It shares a slot table: calls may wait in it and be taken back.
+    pub(crate) fn share_slots(&mut self, slots: Slots) {
+        self.slots = Some(SlotAlloc::new(slots));
+    }
+
     /// Whether it can take one more call of `kind` under `per_worker` (`None`: what it
     /// can run at once, see [`FarmOptions::max_concurrent_calls_per_worker`]).
     ///
@@ -224,9 +240,10 @@ impl<L> Worker<L> {
         }
     }
 
-    /// Sync calls it may hold by default: its threads, plus waiting ones unless stalled.
+    /// Sync calls it may hold by default: its threads, plus waiting ones if they can be
+    /// taken back and it is not stalled.
     fn sync_limit(&self) -> usize {
-        if self.stalled {
+        if self.stalled || self.slots.is_none() {
             self.threads()
         } else {
             self.threads().max(SYNC_CALLS_PER_WORKER)
@@ -241,10 +258,9 @@ impl<L> Worker<L> {
         self.threads().saturating_sub(self.sync_held)
     }
 
-    /// Waiting sync calls not yet asked back (broadcast calls stay).
+    /// Waiting calls that may be taken back.
     pub(crate) fn withdrawable(&self) -> usize {
-        self.waiting_sync()
-            .saturating_sub(self.withdrawing + self.pinned_waiting)
+        self.movable
     }
 
     /// Broadcast calls waiting for it, in the farm or inside it.
@@ -252,63 +268,24 @@ impl<L> Worker<L> {
         self.pinned.len() + self.pinned_waiting
     }
 
-    /// Withdrawals asked of it and not yet answered.
-    pub(crate) fn withdrawing(&self) -> usize {
-        self.withdrawing
-    }
-
-    /// Marks its newest waiting sync call as asked back; its id.
-    pub(crate) fn withdraw_newest(&mut self) -> Option<u64> {
-        let held = self
-            .calls
-            .values_mut()
-            .filter(|h| !h.started && !h.withdrawing && h.kind == Kind::Sync)
-            .filter(|h| h.call.pinned.is_none())
-            .max_by_key(|h| h.call.id())?;
-        held.withdrawing = true;
-        self.withdrawing += 1;
-        Some(held.call.id())
-    }
-
-    /// Asks back the waiting calls whose callers have gone (so they never run); their ids.
-    pub(crate) fn withdraw_abandoned(&mut self) -> Vec<u64> {
-        let mut ids = Vec::new();
-        for held in self.calls.values_mut() {
-            if held.started || held.withdrawing || held.kind != Kind::Sync {
-                continue;
+    /// Takes back waiting call `id` if the worker has not started it; else marks it as
+    /// started-to-be (its Started is on the way) and leaves it.
+    fn withdraw(&mut self, id: u64) -> Option<Call> {
+        let held = self.calls.get_mut(&id)?;
+        let (slot, generation) = held.slot?;
+        let taken = self
+            .slots
+            .as_ref()
+            .is_some_and(|slots| slots.withdraw(slot, generation));
+        if !taken {
+            // Too late: it started; its Started is on the way.
+            if held.movable() {
+                self.movable = self.movable.saturating_sub(1);
             }
-            if held.call.reply.is_closed() {
-                held.withdrawing = true;
-                self.withdrawing += 1;
-                if held.call.pinned.is_some() {
-                    self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
-                }
-                ids.push(held.call.id());
+            held.slot = None;
+            if let Some(slots) = &mut self.slots {
+                slots.give_back(slot);
             }
-        }
-        ids.sort_unstable();
-        ids
-    }
-
-    /// It made no progress over a stall check: marks it stalled and asks all its waiting
-    /// sync calls back; their ids.
-    pub(crate) fn stall(&mut self) -> Vec<u64> {
-        self.stalled = true;
-        let mut ids = Vec::new();
-        while let Some(id) = self.withdraw_newest() {
-            ids.push(id);
-        }
-        ids.reverse();
-        ids
-    }
-
-    /// The worker gave call `id` back unstarted: takes it out, attempts unchanged.
-    pub(crate) fn withdrawn(&mut self, id: u64) -> Option<Call> {
-        if !self
-            .calls
-            .get(&id)
-            .is_some_and(|h| h.withdrawing && !h.started)
-        {
             return None;
         }
         let held = self.calls.remove(&id)?;
@@ -318,6 +295,45 @@ impl<L> Worker<L> {
             self.handed = self.handed.saturating_sub(1);
         }
         Some(held.call)
+    }
+
+    /// Takes back its newest waiting call that may be taken back.
+    pub(crate) fn withdraw_newest(&mut self) -> Option<Call> {
+        loop {
+            let id = self
+                .calls
+                .values()
+                .filter(|h| h.movable())
+                .map(|h| h.call.id())
+                .max()?;
+            if let Some(call) = self.withdraw(id) {
+                return Some(call);
+            }
+        }
+    }
+
+    /// Takes back the waiting calls whose callers have gone, broadcasts included, so they
+    /// never run.
+    pub(crate) fn withdraw_abandoned(&mut self) -> Vec<Call> {
+        let ids: Vec<u64> = self
+            .calls
+            .values()
+            .filter(|h| !h.started && h.slot.is_some() && h.call.reply.is_closed())
+            .map(|h| h.call.id())
+            .collect();
+        ids.into_iter().filter_map(|id| self.withdraw(id)).collect()
+    }
+
+    /// It made no progress over a stall check: marks it stalled and takes back every
+    /// waiting call it can, oldest first.
+    pub(crate) fn stall(&mut self) -> Vec<Call> {
+        self.stalled = true;
+        let mut calls = Vec::new();
+        while let Some(call) = self.withdraw_newest() {
+            calls.push(call);
+        }
+        calls.reverse();
+        calls
     }
 
     /// Calls it could take now, of any kind (how many to take from the queue for it).
@@ -343,13 +359,15 @@ impl<L> Worker<L> {
         }
     }
 
-    /// Whether a call of `kind` sent now starts on arrival: a sync call when a thread is
-    /// free and no call waits ahead of it; an async call always (the worker's reading
-    /// thread never runs handlers, so it starts async calls as they arrive).
+    /// Whether a call of `kind` sent now starts on arrival. A worker with one thread runs
+    /// its sync handlers on the thread that reads, so while one runs (or sync calls wait
+    /// ahead in its input) nothing it is sent starts, async calls included; with more
+    /// threads it reads all the time, and async calls start as they arrive.
     pub(crate) fn starts_on_arrival(&self, kind: Kind) -> bool {
+        let threads = self.threads();
         match kind {
-            Kind::Sync => self.sync_running < self.threads() && self.waiting_sync() == 0,
-            Kind::Async => true,
+            Kind::Sync => self.sync_running < threads && self.waiting_sync() == 0,
+            Kind::Async => threads > 1 || self.sync_held == 0,
         }
     }
 
@@ -370,6 +388,14 @@ impl<L> Worker<L> {
             retry.withdrawn = false;
         }
         protocol::set_call_queued(&mut call.frame, !starts);
+        let slot = if starts {
+            None
+        } else {
+            self.slots.as_mut().and_then(SlotAlloc::take)
+        };
+        if let Some((slot, generation)) = slot {
+            self.link.send(&slot_frame(slot, generation));
+        }
         self.link.send(&call.frame);
         match kind {
             Kind::Sync => self.sync_held += 1,
@@ -387,6 +413,8 @@ impl<L> Worker<L> {
             self.waiting_bytes += call.frame.len();
             if call.pinned.is_some() {
                 self.pinned_waiting += 1;
+            } else if slot.is_some() {
+                self.movable += 1;
             }
         }
         if call.pinned.is_none() {
@@ -400,7 +428,7 @@ impl<L> Worker<L> {
                 call,
                 kind,
                 started,
-                withdrawing: false,
+                slot,
             },
         );
         starts
@@ -420,12 +448,17 @@ impl<L> Worker<L> {
         if held.started {
             return false;
         }
+        if held.movable() {
+            self.movable = self.movable.saturating_sub(1);
+        }
         held.started = true;
         self.waiting_bytes = self.waiting_bytes.saturating_sub(held.call.frame.len());
-        if std::mem::take(&mut held.withdrawing) {
-            self.withdrawing = self.withdrawing.saturating_sub(1);
-        } else if held.call.pinned.is_some() {
+        if held.call.pinned.is_some() {
             self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
+        }
+        // The worker looks at a place once, to start the call: it is free again.
+        if let (Some((slot, _)), Some(slots)) = (held.slot.take(), &mut self.slots) {
+            slots.give_back(slot);
         }
         self.progress += 1;
         held.call.attempts = held.call.attempts.saturating_add(1);
@@ -460,12 +493,17 @@ impl<L> Worker<L> {
             Kind::Async => &mut self.async_held,
         };
         *held_of_kind = held_of_kind.saturating_sub(1);
+        if let (Some((slot, _)), Some(slots)) = (held.slot, &mut self.slots) {
+            // A new generation marks its next use: a late look at this one backs off.
+            slots.give_back(slot);
+        }
         if !held.started {
+            if held.movable() {
+                self.movable = self.movable.saturating_sub(1);
+            }
             self.waiting = self.waiting.saturating_sub(1);
             self.waiting_bytes = self.waiting_bytes.saturating_sub(held.call.frame.len());
-            if held.withdrawing {
-                self.withdrawing = self.withdrawing.saturating_sub(1);
-            } else if held.call.pinned.is_some() {
+            if held.call.pinned.is_some() {
                 self.pinned_waiting = self.pinned_waiting.saturating_sub(1);
             }
         } else if held.kind == Kind::Sync {
@@ -494,13 +532,23 @@ impl<L> Worker<L> {
             self.sync_running,
             self.async_held,
             self.waiting,
-            self.withdrawing,
+            self.movable,
             self.pinned_waiting,
         ) = (0, 0, 0, 0, 0, 0);
         self.waiting_bytes = 0;
         (self.stalled, self.alone) = (false, false);
         out
     }
+}
+
+/// A framed Slot message: the next queued call waits in this place.
+fn slot_frame(slot: u16, generation: u32) -> [u8; 11] {
+    let mut out = Vec::with_capacity(11);
+    let start = crate::protocol::frame::begin(&mut out);
+    protocol::encode_slot(slot, generation, &mut out);
+    // Cannot fail: 7 bytes fit any cap.
+    let _ = crate::protocol::frame::finish(&mut out, start, usize::MAX);
+    out.try_into().unwrap_or([0; 11])
 }
 
 /// Every worker of a farm, found by id.

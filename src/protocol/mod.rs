@@ -10,14 +10,13 @@
 //! | `0x02` | to worker | Call    | call id u64, method (u16 len), encoded arguments       |
 //! | `0x03` | to worker | Call, queued | as Call; the worker reports Started when it starts it |
 //! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
-//! | `0x05` | to worker | Withdraw | call id u64: give back this queued call if it has not started |
+//! | `0x05` | to worker | Slot    | slot u16, generation u32: the next "Call, queued" waits in this place of the shared slot table |
 //! | `0x06` | to worker | Shared  | offset u64, length u32: the real payload is in the shared ring |
 //! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len), flags u8 (bit 0: maps the shared rings) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
 //! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
 //! | `0x84` | to farm   | Fatal   | UTF-8 message: the worker cannot serve and will exit   |
 //! | `0x85` | to farm   | Started | call id u64: a queued call's handler has started       |
-//! | `0x86` | to farm   | Withdrawn | call id u64: a queued call given back unstarted       |
 //! | `0x87` | to farm   | Shared  | offset u64, length u32: the real payload is in the shared ring |
 //!
 //! The farm writes Hello first; the worker answers Ready (or Fatal) before anything else.
@@ -29,10 +28,11 @@
 //! worker will start it on arrival; any other call goes as "Call, queued", and the worker
 //! writes Started for it, before its handler runs, when it gets to it.
 //!
-//! **Withdraw.** The farm may ask for a queued call back (its worker is stuck, or another
-//! worker is idle). The worker answers exactly one of Withdrawn (the call left its queue
-//! and will never run there) or Started (too late: it had started); a Withdraw for a call
-//! it no longer holds is ignored.
+//! **Withdrawn.** A queued call may come with a place in the slot table the farm shares
+//! with the worker (see `crate::shm::Slots`). The farm may take the call back (its worker is
+//! stuck, or another is idle) by moving the place from waiting to withdrawn; the worker, on
+//! reaching the call, moves it from waiting to started, or finds it withdrawn and skips the
+//! call without a word. One atomic word decides, so no call both runs and moves.
 //!
 //! **Shared.** A large frame's payload may travel through the sender's shared-memory ring
 //! (see `crate::shm`) while the pipe carries a Shared frame naming its place; the receiver
@@ -51,8 +51,9 @@ pub(crate) mod launch {
     pub(crate) const WORKER_ENV: &str = "WORKFARM_WORKER";
     /// Environment variable carrying the parent's pid, for the worker's parent-death check.
     pub(crate) const PARENT_PID_ENV: &str = "WORKFARM_PARENT_PID";
-    /// Environment variable naming the inherited descriptors of the worker's two shared
-    /// rings, `to-worker,to-farm` (see `crate::shm`); absent when the farm has none.
+    /// Environment variable naming the inherited descriptors of the worker's shared
+    /// memory, `to-worker ring,to-farm ring,slot table` (see `crate::shm`); absent when the
+    /// farm has none.
     pub(crate) const RINGS_ENV: &str = "WORKFARM_RINGS";
 }
 
@@ -60,20 +61,19 @@ use bytes::{Buf, Bytes};
 use std::fmt;
 
 /// Version of the wire protocol; the handshake refuses a worker that speaks another.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 const TAG_HELLO: u8 = 0x01;
 const TAG_CALL: u8 = 0x02;
 const TAG_CALL_QUEUED: u8 = 0x03;
 const TAG_STOP: u8 = 0x04;
-const TAG_WITHDRAW: u8 = 0x05;
+const TAG_SLOT: u8 = 0x05;
 const TAG_SHARED_TO_WORKER: u8 = 0x06;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
 const TAG_FATAL: u8 = 0x84;
 const TAG_STARTED: u8 = 0x85;
-const TAG_WITHDRAWN: u8 = 0x86;
 const TAG_SHARED_TO_FARM: u8 = 0x87;
 
 /// Which way a frame goes (a Shared frame has a tag of each).
@@ -182,9 +182,10 @@ pub(crate) enum ToWorker {
     /// The polite stop: no more calls follow; answer the ones you have, then exit. A worker
     /// whose input ends without it knows the farm is gone (or dropped it).
     Stop,
-    /// Give back queued call `id` if it has not started.
-    Withdraw {
-        id: u64,
+    /// The next queued Call waits in place `slot` of the slot table, at `generation`.
+    Slot {
+        slot: u16,
+        generation: u32,
     },
 }
 
@@ -193,9 +194,10 @@ pub(crate) fn encode_stop(out: &mut Vec<u8>) {
     out.push(TAG_STOP);
 }
 
-pub(crate) fn encode_withdraw(id: u64, out: &mut Vec<u8>) {
-    out.push(TAG_WITHDRAW);
-    out.extend_from_slice(&id.to_le_bytes());
+pub(crate) fn encode_slot(slot: u16, generation: u32, out: &mut Vec<u8>) {
+    out.push(TAG_SLOT);
+    out.extend_from_slice(&slot.to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
 }
 
 pub(crate) fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
@@ -296,8 +298,11 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
         }
         TAG_STOP if p.is_empty() => Ok(ToWorker::Stop),
         TAG_STOP => Err(malformed("stop")),
-        TAG_WITHDRAW if p.remaining() == 8 => Ok(ToWorker::Withdraw { id: p.get_u64_le() }),
-        TAG_WITHDRAW => Err(malformed("withdraw")),
+        TAG_SLOT if p.remaining() == 6 => Ok(ToWorker::Slot {
+            slot: p.get_u16_le(),
+            generation: p.get_u32_le(),
+        }),
+        TAG_SLOT => Err(malformed("slot")),
         tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
     }
 }
@@ -309,10 +314,6 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
 pub(crate) enum FromWorker {
     Ready(Ready),
     Started {
-        id: u64,
-    },
-    /// A queued call given back unstarted, after a Withdraw.
-    Withdrawn {
         id: u64,
     },
     Ok {
@@ -411,11 +412,6 @@ pub(crate) fn encode_started(id: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&id.to_le_bytes());
 }
 
-pub(crate) fn encode_withdrawn(id: u64, out: &mut Vec<u8>) {
-    out.push(TAG_WITHDRAWN);
-    out.extend_from_slice(&id.to_le_bytes());
-}
-
 /// Writes an Ok's header; the caller appends the encoded result right after it.
 pub(crate) fn encode_ok_head(id: u64, out: &mut Vec<u8>) {
     out.push(TAG_OK);
@@ -445,12 +441,6 @@ pub(crate) fn decode_from_worker(mut p: Bytes) -> Result<FromWorker, ProtocolErr
                 return Err(malformed("started"));
             }
             Ok(FromWorker::Started { id: p.get_u64_le() })
-        }
-        TAG_WITHDRAWN => {
-            if p.remaining() != 8 {
-                return Err(malformed("withdrawn"));
-            }
-            Ok(FromWorker::Withdrawn { id: p.get_u64_le() })
         }
         TAG_OK => {
             if p.remaining() < 8 {
@@ -531,17 +521,13 @@ mod tests {
         );
 
         let mut out = Vec::new();
-        encode_withdrawn(12, &mut out);
-        assert_eq!(
-            decode_from_worker(out.into()).unwrap(),
-            FromWorker::Withdrawn { id: 12 }
-        );
-
-        let mut out = Vec::new();
-        encode_withdraw(13, &mut out);
+        encode_slot(13, 77, &mut out);
         assert_eq!(
             decode_to_worker(out.into()).unwrap(),
-            ToWorker::Withdraw { id: 13 }
+            ToWorker::Slot {
+                slot: 13,
+                generation: 77
+            }
         );
 
         let mut out = Vec::new();
@@ -599,9 +585,8 @@ mod tests {
             b"\x83\0\0\0\0\0\0\0\0\x09",
             b"\x02\0",
             b"\x85\0\0",
-            b"\x86\0\0",
             b"\x05\0",
-            b"\x81\x04\0\0\0\0\0\x01\0\x05\0",
+            b"\x81\x05\0\0\0\0\0\x01\0\x05\0",
         ] {
             assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());

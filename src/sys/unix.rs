@@ -50,11 +50,15 @@ pub(crate) fn kill_group_remnants(pid: u32) {
 /// Resident set size of a process, from `/proc/<pid>/statm` (Linux); `None` elsewhere or
 /// if the process is gone.
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page).ok()?)
+    // Resident memory but shared memory (`RssShmem`): the rings a worker shares with the
+    // farm are the farm's, not the worker's growth.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    let kib = field("VmRSS:")?.saturating_sub(field("RssShmem:").unwrap_or(0));
+    Some(kib * 1024)
 }
 
 /// Moves the worker's stdout out of reach of user code: returns a private, close-on-exec
@@ -367,7 +371,9 @@ impl SharedMap {
     #[cfg(target_os = "linux")]
     pub(crate) fn create(name: &std::ffi::CStr, len: usize) -> io::Result<Self> {
         // SAFETY: memfd_create takes a NUL-terminated name and returns a new descriptor.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -378,6 +384,19 @@ impl SharedMap {
         if unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), size) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // Sealed at its size: nobody holding the descriptor (a worker, or anything it
+        // started) can shrink it under a mapping, which would fault (SIGBUS) on access.
+        // SAFETY: fcntl with integer arguments on a descriptor we own.
+        if unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                libc::F_ADD_SEALS,
+                SEALS,
+            )
+        } != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
         Self::map(fd, len)
     }
 
@@ -386,7 +405,8 @@ impl SharedMap {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
-    /// Maps the shared memory file `fd` as the farm passed it, its whole length.
+    /// Maps the shared memory file `fd` as the farm passed it, its whole length (see
+    /// [`inherited_shared_fd`] for how the worker gets it).
     pub(crate) fn open(fd: OwnedFd) -> io::Result<Self> {
         use std::os::fd::AsRawFd;
         // SAFETY: fstat fills a zeroed struct it is given a pointer to.
@@ -504,14 +524,26 @@ pub(crate) fn inherit_in_child(cmd: &mut tokio::process::Command, fds: Vec<RawFd
     }
 }
 
-/// Takes ownership of descriptor `fd`, inherited from the farm, if it is open.
-pub(crate) fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: fcntl(F_GETFD) only queries; the descriptor is then owned once (the caller
-    // takes each inherited descriptor once, from the farm's word in the environment).
+/// Seals on the farm's shared memory files: fixed size, seals fixed.
+#[cfg(target_os = "linux")]
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// Takes ownership of descriptor `fd`, inherited from the farm, if it is one of the farm's
+/// shared memory files (a memfd with exactly its seals); anything else is left alone, never
+/// closed, since it belongs to someone else.
+#[cfg(target_os = "linux")]
+pub(crate) fn inherited_shared_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: fcntl(F_GET_SEALS) only queries (and fails on anything but a memfd); the
+    // descriptor is then owned once (the worker takes each inherited descriptor once).
     unsafe {
-        if fd < 3 || libc::fcntl(fd, libc::F_GETFD) < 0 {
+        if fd < 3 || libc::fcntl(fd, libc::F_GET_SEALS) != SEALS {
             return None;
         }
         Some(OwnedFd::from_raw_fd(fd))
     }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn inherited_shared_fd(_fd: RawFd) -> Option<OwnedFd> {
+    None
 }

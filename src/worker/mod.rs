@@ -287,14 +287,15 @@ impl<S: Serializer> Worker<S> {
     pub fn serve(self) -> Result<(), ServeError> {
         // Read, never removed: children a handler starts inherit the markers but fail the
         // stdin check, and the environment is not touched once threads may exist.
-        let farm = started_by_farm()
+        let by_farm = started_by_farm();
+        let farm = by_farm
             .then(|| std::env::var(PARENT_PID_ENV).ok()?.parse().ok())
             .flatten();
         SERVING.store(true, std::sync::atomic::Ordering::Relaxed);
         sys::follow_farm(farm);
         let output = sys::take_stdout_for_frames().map_err(serve_error)?;
         let input = sys::take_stdin().map_err(serve_error)?;
-        let run = move || serve::serve(self, input, output);
+        let run = move || serve::serve(self, input, output, by_farm);
         if tokio::runtime::Handle::try_current().is_ok() {
             // Called from inside a runtime (say `#[tokio::main]`): serve on a thread of our
             // own, so sync handlers run outside any runtime.

@@ -13,7 +13,7 @@ use super::{serve_error, ServeError, Worker};
 use crate::protocol::frame::{self, FrameDecoder, DEFAULT_MAX_FRAME};
 use crate::protocol::{self, Direction, FailureKind, Ready, ToWorker, PROTOCOL_VERSION};
 use crate::serializer::Serializer;
-use crate::shm::{self, Producer, Ring};
+use crate::shm::{self, Producer, Ring, Slots};
 use crate::sys;
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
@@ -101,26 +101,29 @@ impl Input {
 /// Calls started but not yet answered off the reading thread (pool and async).
 #[derive(Default)]
 struct Pending {
-    count: Mutex<usize>,
+    /// The count, and whether anyone waits for it to reach zero (only then is there
+    /// anyone to wake: no system call per call otherwise).
+    count: Mutex<(usize, bool)>,
     zero: Condvar,
 }
 
 impl Pending {
     fn begin(&self) {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.count.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
     }
 
     fn end(&self) {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *count = count.saturating_sub(1);
-        if *count == 0 {
+        count.0 = count.0.saturating_sub(1);
+        if count.0 == 0 && count.1 {
             self.zero.notify_all();
         }
     }
 
     fn wait_for_zero(&self) {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        while *count > 0 {
+        count.1 = true;
+        while count.0 > 0 {
             count = self.zero.wait(count).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -130,12 +133,13 @@ impl Pending {
 struct Job<S> {
     id: u64,
     queued: bool,
+    /// Its place in the slot table, if it waits in one (see `Slots`).
+    slot: Option<(u16, u32)>,
     args: Bytes,
     f: Arc<SyncFn<S>>,
 }
 
-/// Sync calls waiting for a pool thread, in arrival order. Not a channel: the reading
-/// thread must be able to take a queued call back out when the farm withdraws it.
+/// Sync calls waiting for a pool thread, in arrival order.
 struct Jobs<S> {
     state: Mutex<JobsState<S>>,
     arrived: Condvar,
@@ -193,16 +197,6 @@ impl<S> Jobs<S> {
         }
     }
 
-    /// Takes call `id` out if no thread has taken it yet. A thread that took it writes
-    /// Started before running it, so the farm hears exactly one of Started and Withdrawn.
-    fn withdraw(&self, id: u64) -> bool {
-        let mut state = self.lock();
-        match state.queue.iter().position(|job| job.id == id) {
-            Some(i) => state.queue.remove(i).is_some(),
-            None => false,
-        }
-    }
-
     /// Threads finish the jobs left, then exit.
     fn close(&self) {
         self.lock().closed = true;
@@ -226,9 +220,13 @@ struct Server<S: Serializer> {
     max_frame: usize,
     output: Arc<Output>,
     pending: Arc<Pending>,
-    /// Sync calls go to the pool's `threads` threads (started with the first one), so this
-    /// thread keeps reading while handlers run and can give queued calls back.
+    /// With more than one thread, sync calls go to the pool's `threads` threads; with one,
+    /// they run here, as they are read (no hand-off between threads).
     pool: Option<Arc<Jobs<S>>>,
+    /// Places of calls that wait, shared with the farm, which may take them back.
+    slots: Option<Slots>,
+    /// The place the next queued call waits in, as the farm's Slot message said.
+    next_slot: Option<(u16, u32)>,
     /// Pool jobs read this turn, handed over together at its end.
     batch: Vec<Job<S>>,
     /// For async handlers; started with the first async call.
@@ -243,6 +241,7 @@ pub(super) fn serve<S: Serializer>(
     worker: Worker<S>,
     input: OwnedFd,
     output: OwnedFd,
+    started_by_farm: bool,
 ) -> Result<(), ServeError> {
     let not_a_pipe = |e| {
         serve_error(format_args!(
@@ -251,9 +250,13 @@ pub(super) fn serve<S: Serializer>(
     };
     sys::set_blocking(&input).map_err(not_a_pipe)?;
     sys::set_blocking(&output).map_err(not_a_pipe)?;
-    let rings = inherited_rings();
-    let shared_memory = rings.is_some();
-    let (to_worker, to_farm) = rings.unzip();
+    // Only a process the farm started (its stdin checked) looks for the farm's descriptors.
+    let shared = started_by_farm.then(inherited_shared_memory).flatten();
+    let shared_memory = shared.is_some();
+    let (to_worker, to_farm, slots) = match shared {
+        Some((a, b, c)) => (Some(a), Some(b), Some(c)),
+        None => (None, None, None),
+    };
     let mut input = Input {
         fd: input,
         buf: BytesMut::with_capacity(64 * 1024),
@@ -266,7 +269,7 @@ pub(super) fn serve<S: Serializer>(
     });
     let (serializer, max_frame) = handshake(&worker, &mut input, &output, shared_memory)?;
     input.decoder = FrameDecoder::new(max_frame);
-    let mut server = Server::start(worker, serializer, max_frame, output)?;
+    let mut server = Server::start(worker, serializer, max_frame, output, slots)?;
     let served = server.run(&mut input);
     if matches!(served, Ok(Ending::Abandoned)) {
         // The input ended without Stop: the farm died or dropped us. Nobody is left to
@@ -277,16 +280,20 @@ pub(super) fn serve<S: Serializer>(
     served.map(|_| ())
 }
 
-/// The two shared rings the farm passed (`to worker`, `to farm`), if it passed any and both
-/// map; without them every frame takes the pipe.
-fn inherited_rings() -> Option<(Ring, Ring)> {
+/// The shared memory the farm passed (rings to the worker and to the farm, slot table), if
+/// it passed any and all of it maps; without it every frame takes the pipe, and queued
+/// calls cannot be taken back.
+fn inherited_shared_memory() -> Option<(Ring, Ring, Slots)> {
     let named = std::env::var(protocol::launch::RINGS_ENV).ok()?;
-    let (a, b) = named.split_once(',')?;
-    let open = |fd: &str| {
-        let fd = sys::inherited_fd(fd.parse().ok()?)?;
-        Ring::open(fd).ok()
-    };
-    Some((open(a)?, open(b)?))
+    let mut fds = named
+        .split(',')
+        .map(|fd| fd.parse().ok().and_then(sys::inherited_shared_fd));
+    let (a, b, c) = (fds.next()??, fds.next()??, fds.next()??);
+    Some((
+        Ring::open(a).ok()?,
+        Ring::open(b).ok()?,
+        Slots::open(c).ok()?,
+    ))
 }
 
 /// Reads the farm's Hello and answers Ready, or Fatal if this worker cannot serve it.
@@ -345,9 +352,10 @@ impl<S: Serializer> Server<S> {
         serializer: S,
         max_frame: usize,
         output: Arc<Output>,
+        slots: Option<Slots>,
     ) -> Result<Self, ServeError> {
         let pending = Arc::new(Pending::default());
-        let server = Server {
+        let mut server = Server {
             serializer,
             handlers: worker.handlers,
             threads: worker.threads,
@@ -355,10 +363,15 @@ impl<S: Serializer> Server<S> {
             output,
             pending,
             pool: None,
+            slots,
+            next_slot: None,
             batch: Vec::new(),
             runtime: None,
             out: Vec::with_capacity(64 * 1024),
         };
+        if server.threads > 1 {
+            server.start_pool()?;
+        }
         Ok(server)
     }
 
@@ -369,6 +382,7 @@ impl<S: Serializer> Server<S> {
             self.max_frame,
             &self.output,
             &self.pending,
+            self.slots.clone(),
         )?;
         self.pool = Some(jobs);
         Ok(())
@@ -387,7 +401,9 @@ impl<S: Serializer> Server<S> {
                         queued,
                     }) => self.call(id, protocol::method_name(&method), args, queued)?,
                     Ok(ToWorker::Stop) => stopped = true,
-                    Ok(ToWorker::Withdraw { id }) => self.withdraw(id),
+                    Ok(ToWorker::Slot { slot, generation }) => {
+                        self.next_slot = Some((slot, generation));
+                    }
                     Ok(ToWorker::Hello(_)) => {
                         return Err(serve_error("second handshake from the farm"))
                     }
@@ -410,27 +426,52 @@ impl<S: Serializer> Server<S> {
         }
     }
 
+    /// Whether a call may start: one that waited in a place is started there, unless the
+    /// farm took it back first (then it is skipped without a word).
+    fn may_start(slots: Option<&Slots>, slot: Option<(u16, u32)>) -> bool {
+        match (slots, slot) {
+            (Some(slots), Some((slot, generation))) => slots.start(slot, generation),
+            _ => true,
+        }
+    }
+
     /// Starts one call (or answers it at once if it cannot start).
     fn call(&mut self, id: u64, method: &str, args: Bytes, queued: bool) -> Result<(), ServeError> {
         let max_frame = self.max_frame;
+        let slot = if queued { self.next_slot.take() } else { None };
         match self.handlers.get(method) {
             None => {
                 let failure = Failure::new(FailureKind::UnknownMethod, method);
                 error_frame(id, &failure, max_frame, &mut self.out);
             }
-            Some(Handler::Sync(f)) => {
+            Some(Handler::Sync(f)) if self.pool.is_some() => {
                 let f = f.clone();
-                if self.pool.is_none() {
-                    self.start_pool()?;
-                }
                 self.pending.begin();
                 self.batch.push(Job {
                     id,
                     queued,
+                    slot,
                     args,
                     f,
                 });
             }
+            Some(Handler::Sync(f)) => {
+                let f = f.clone();
+                if queued {
+                    if !Self::may_start(self.slots.as_ref(), slot) {
+                        return Ok(());
+                    }
+                    protocol_started(id, max_frame, &mut self.out);
+                }
+                // What is ready leaves before a handler that may take a while.
+                self.flush()?;
+                let serializer = &self.serializer;
+                reply_frame(id, max_frame, &mut self.out, |out| {
+                    f(serializer, &args, out)
+                });
+                self.output.share_last_frame(&mut self.out, 0, max_frame);
+            }
+            Some(Handler::Async(_)) if queued && !Self::may_start(self.slots.as_ref(), slot) => {}
             Some(Handler::Async(f)) => match f(&self.serializer, &args, id, max_frame) {
                 Ok(future) => {
                     if queued {
@@ -444,25 +485,6 @@ impl<S: Serializer> Server<S> {
             },
         }
         Ok(())
-    }
-
-    /// The farm wants queued call `id` back: give it back if it has not started.
-    fn withdraw(&mut self, id: u64) {
-        let in_batch = self.batch.iter().position(|job| job.id == id);
-        let taken = match in_batch {
-            Some(i) => {
-                self.batch.remove(i);
-                true
-            }
-            None => self.pool.as_ref().is_some_and(|jobs| jobs.withdraw(id)),
-        };
-        if taken {
-            self.pending.end();
-            let start = frame::begin(&mut self.out);
-            protocol::encode_withdrawn(id, &mut self.out);
-            // Cannot fail: 13 bytes fit any cap the farm accepts.
-            let _ = frame::finish(&mut self.out, start, self.max_frame);
-        }
     }
 
     fn spawn(&mut self, future: super::handler::BoxFuture) -> Result<(), ServeError> {
@@ -532,18 +554,20 @@ fn start_pool<S: Serializer>(
     max_frame: usize,
     output: &Arc<Output>,
     pending: &Arc<Pending>,
+    slots: Option<Slots>,
 ) -> Result<Arc<Jobs<S>>, ServeError> {
     let jobs = Arc::new(Jobs::new());
     for n in 0..threads {
-        let (jobs, s, output, pending) = (
+        let (jobs, s, output, pending, slots) = (
             jobs.clone(),
             serializer.clone(),
             output.clone(),
             pending.clone(),
+            slots.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("workfarm-sync-{n}"))
-            .spawn(move || run_jobs(&jobs, &s, max_frame, &output, &pending));
+            .spawn(move || run_jobs(&jobs, &s, max_frame, &output, &pending, slots.as_ref()));
         if let Err(e) = spawned {
             // The handshake promised `threads` handlers at once: fewer would leave calls
             // the farm counts as running waiting here.
@@ -561,6 +585,7 @@ fn run_jobs<S: Serializer>(
     max_frame: usize,
     output: &Output,
     pending: &Pending,
+    slots: Option<&Slots>,
 ) {
     // Replies not yet written; each leaves before the next handler starts, together with
     // that call's Started when one follows at once (one write per call, not two).
@@ -586,6 +611,11 @@ fn run_jobs<S: Serializer>(
             }
         };
         if job.queued {
+            if !Server::<S>::may_start(slots, job.slot) {
+                // Taken back by the farm: never started, never answered.
+                pending.end();
+                continue;
+            }
             protocol_started(job.id, max_frame, &mut out);
         }
         write(&mut out, &mut answered);

@@ -46,8 +46,11 @@ pub(crate) trait Link: Send + 'static {
     fn close_input(&mut self);
     /// Asks the worker to stop now (`SIGTERM`).
     fn terminate(&mut self);
-    /// The worker mapped the shared rings: large frames may go through them from now on.
-    fn use_shared_memory(&mut self) {}
+    /// The worker mapped the shared memory: large frames may go through its rings from now
+    /// on; returns the slot table for calls that wait in it.
+    fn use_shared_memory(&mut self) -> Option<crate::shm::Slots> {
+        None
+    }
     /// Ends it (`SIGKILL`).
     fn kill(&mut self);
     /// Its resident memory in bytes, where that can be measured.

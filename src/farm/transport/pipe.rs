@@ -17,7 +17,7 @@ use crate::event::WorkerId;
 use crate::options::Settings;
 use crate::protocol::frame::{self, FrameDecoder};
 use crate::protocol::{decode_from_worker, launch, Direction, FromWorker};
-use crate::shm::{self, Producer, Ring};
+use crate::shm::{self, Producer, Ring, Slots};
 use crate::sys::{kill_group_remnants, signal_group, Signal};
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -81,8 +81,8 @@ pub(crate) struct WorkerLink {
     stdin_buffer: PipeBuffer,
     /// The ring large frames go through, once the worker said it mapped it.
     ring: Option<Producer>,
-    /// That ring, until then.
-    offered_ring: Option<Ring>,
+    /// That ring and the slot table, until then.
+    offered: Option<(Ring, Slots)>,
     control: mpsc::UnboundedSender<Signal>,
     pid: u32,
 }
@@ -154,10 +154,10 @@ impl Link for WorkerLink {
         let _ = self.control.send(Signal::Terminate);
     }
 
-    fn use_shared_memory(&mut self) {
-        if let Some(ring) = self.offered_ring.take() {
-            self.ring = Some(Producer::new(ring));
-        }
+    fn use_shared_memory(&mut self) -> Option<Slots> {
+        let (ring, slots) = self.offered.take()?;
+        self.ring = Some(Producer::new(ring));
+        Some(slots)
     }
 
     fn kill(&mut self) {
@@ -275,15 +275,24 @@ fn spawn(
 ) -> std::io::Result<WorkerLink> {
     let (stdin_read, stdin_write) = crate::sys::pipe()?;
     let identity = crate::sys::file_identity(stdin_read.as_raw_fd()).unwrap_or_default();
-    let rings = shared_rings();
+    let shared = shared_memory();
     let mut cmd = command(spec, stdin_read, &identity);
-    if let Some((to_worker, to_farm)) = &rings {
-        let fds = vec![to_worker.raw_fd(), to_farm.raw_fd()];
-        cmd.env(launch::RINGS_ENV, format!("{},{}", fds[0], fds[1]));
+    if let Some((to_worker, to_farm, slots)) = &shared {
+        let fds = vec![to_worker.raw_fd(), to_farm.raw_fd(), slots.raw_fd()];
+        cmd.env(
+            launch::RINGS_ENV,
+            format!("{},{},{}", fds[0], fds[1], fds[2]),
+        );
         crate::sys::inherit_in_child(&mut cmd, fds);
+    } else {
+        // Not a stale value from an enclosing farm: those descriptors are not ours to give.
+        cmd.env_remove(launch::RINGS_ENV);
     }
     let mut child = spawn_from_long_lived_thread(cmd)?;
-    let (offered_ring, from_worker_ring) = rings.unzip();
+    let (offered, from_worker_ring) = match shared {
+        Some((to_worker, to_farm, slots)) => (Some((to_worker, slots)), Some(to_farm)),
+        None => (None, None),
+    };
     let pid = child.id().unwrap_or(0);
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(std::io::Error::other("child stdio was not piped"));
@@ -323,21 +332,27 @@ fn spawn(
         pending: Vec::new(),
         stdin_buffer,
         ring: None,
-        offered_ring,
+        offered,
         control: control_tx,
         pid,
     })
 }
 
-/// A worker's two shared rings (to it, from it), or none where shared memory is not to be
-/// had (every frame then takes the pipe).
-fn shared_rings() -> Option<(Ring, Ring)> {
-    let rings = Ring::create(c"workfarm-to-worker")
-        .and_then(|to_worker| Ok((to_worker, Ring::create(c"workfarm-to-farm")?)));
-    match rings {
-        Ok(rings) => Some(rings),
+/// A worker's shared memory: its two rings (to it, from it) and its slot table; none where
+/// shared memory is not to be had (every frame then takes the pipe, and calls do not wait
+/// inside workers by default).
+fn shared_memory() -> Option<(Ring, Ring, Slots)> {
+    let made = (|| {
+        Ok::<_, std::io::Error>((
+            Ring::create(c"workfarm-to-worker")?,
+            Ring::create(c"workfarm-to-farm")?,
+            Slots::create(c"workfarm-slots")?,
+        ))
+    })();
+    match made {
+        Ok(shared) => Some(shared),
         Err(e) => {
-            tracing::debug!(error = %e, "no shared memory; large frames take the pipe");
+            tracing::debug!(error = %e, "no shared memory: large frames take the pipe");
             None
         }
     }
@@ -524,8 +539,14 @@ fn from_ring(payload: Bytes, ring: Option<&Ring>, max_frame: usize) -> Result<By
                     "frame of {len} bytes in shared memory exceeds max_frame"
                 ));
             }
-            ring.ok_or("a shared-memory frame, but no ring was shared")?
-                .take(offset, len)
+            // Copied out at once: the worker could still write to the region, and what the
+            // caller decodes must not change under its feet (a string checked as UTF-8,
+            // then changed, would be undefined behaviour). The worker trusts the farm's
+            // regions as they are.
+            let region = ring
+                .ok_or("a shared-memory frame, but no ring was shared")?
+                .take(offset, len)?;
+            Ok(Bytes::copy_from_slice(&region))
         }
     }
 }

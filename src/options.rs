@@ -168,18 +168,20 @@ impl<S: Serializer> FarmOptions<S> {
     ///
     /// Default: up to 32 sync calls (or the worker's thread count, if larger), of which the
     /// worker runs as many as it has threads (1 for a default worker, `n` with
-    /// `Worker::threads(n)`) and the rest wait inside it, and up to 10 async calls. Sending
-    /// calls ahead saves a round trip per call: many times the throughput for short calls.
+    /// `Worker::threads(n)`) and the rest wait inside it (at most 4 MiB of them), and up to
+    /// 10 async calls. Sending calls ahead saves a round trip per call: many times the
+    /// throughput for short calls.
     ///
-    /// Waiting inside a worker never costs a call more than a few milliseconds, and never
-    /// a retry: a worker that neither starts nor finishes a call for a 5 ms check period
-    /// gives its waiting calls back (they run elsewhere, or there once it is free), a worker
-    /// that is idle while nothing waits in the farm's queue takes waiting calls from the
-    /// busiest one, and calls whose caller has gone are taken back unrun. A waiting call is
-    /// never charged for its worker's death or another call's timeout (it is re-queued
-    /// free), and its `timeout` clock starts only when its handler starts.
+    /// A waiting call is taken back at once (through a table the farm shares with the
+    /// worker) whenever waiting could cost it: from a worker that neither starts nor
+    /// finishes a call for a whole 5 ms check period, for a worker that is idle while
+    /// nothing waits in the farm's queue, and when its caller has gone. It is never charged
+    /// for its worker's death or another call's timeout (it is re-queued free), and its
+    /// `timeout` clock starts only when its handler starts. Where there is no shared memory
+    /// (not Linux), nothing could be taken back, so by default nothing waits.
     ///
-    /// `1` keeps every call in the farm's queue until a worker can start it.
+    /// `1` (or `n` for `Worker::threads(n)`) keeps every call in the farm's queue until a
+    /// worker can start it; a larger value than the default pipelines deeper.
     pub fn max_concurrent_calls_per_worker(mut self, n: usize) -> Self {
         self.settings.max_concurrent_calls_per_worker = Some(n);
         self

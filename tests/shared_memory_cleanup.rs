@@ -47,7 +47,11 @@ async fn rings_go_with_their_workers_and_their_farm() {
     assert_eq!(rings_held(), (0, 0));
     let farm = Farm::create(options(2).serializer(Cbor)).unwrap();
     let status = all_online(&farm, 2).await;
-    assert_eq!(rings_held(), (6, 6), "two rings and a slot table per worker");
+    assert_eq!(
+        rings_held(),
+        (6, 6),
+        "two rings and a slot table per worker"
+    );
 
     // A worker killed while it holds large calls: its calls run again elsewhere, intact.
     let big = ByteBuf::from(vec![5u8; 1 << 20]);

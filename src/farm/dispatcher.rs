@@ -562,7 +562,7 @@ impl<T: Transport> Dispatcher<T> {
             return false;
         }
         let free: usize = self.workers.iter().map(|w| w.free_threads()).sum();
-        for _ in 0..pipeline::withdrawals(free, 0, true) {
+        for _ in 0..pipeline::withdrawals(free, true) {
             let most = self
                 .workers
                 .iter()

@@ -1,12 +1,13 @@
 //! The worker's serving loop: the handshake, then read → run → write, on plain blocking
 //! descriptors.
 //!
-//! Sync handlers run on a pool of `threads` threads (one by default), never on the thread
-//! that reads, so the farm is heard while a handler runs (it may withdraw a call waiting
-//! behind it), and never inside a tokio runtime, so a handler may build and block on a
+//! Sync handlers run on the thread that reads (one at a time, the default) or on a pool of
+//! `threads` threads, never inside a tokio runtime, so a handler may build and block on a
 //! runtime of its own. Async handlers run on a runtime started only if the worker has any.
-//! Every reply is written as soon as its handler returns, together with the `Started` of
-//! the next call when one follows at once.
+//! Every reply is written as soon as its handler returns. A queued call that waited in a
+//! place of the slot table is started by claiming that place, or skipped if the farm took
+//! it back first (see `crate::shm::Slots`): the farm needs no word from this thread, which
+//! may be deep in a handler.
 
 use super::handler::{error_frame, reply_frame, Failure, Handler, SyncFn};
 use super::{serve_error, ServeError, Worker};

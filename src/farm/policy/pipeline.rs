@@ -2,6 +2,10 @@
 //! pay a round trip each; the waiting ones are taken back (withdrawn) whenever waiting
 //! there could cost them, so no call is held up behind another call's hang or long run.
 //!
+//! A call waits in a worker only with a place in the slot table the two share
+//! (`crate::shm::Slots`): taking it back is one compare-and-swap there, decided at once,
+//! even while the worker is deep in a handler. No shared memory, no waiting calls.
+//!
 //! Three rules take waiting calls back, and they only ever move calls that have not started:
 //! - **Stalled.** A worker that holds waiting calls and neither started nor finished a call
 //!   over a whole [`STALL_CHECK`] period gives all of them back, and takes no more waiting
@@ -27,11 +31,11 @@ pub(crate) const WAITING_BYTES_PER_WORKER: usize = 4 * 1024 * 1024;
 /// How often workers that hold waiting calls are checked for progress.
 pub(crate) const STALL_CHECK: Duration = Duration::from_millis(5);
 
-/// How many more withdrawals to ask for: one per free thread not already covered by one on
-/// its way, and none while calls wait in the farm's queue (they take the free threads).
-pub(crate) fn withdrawals(free_threads: usize, in_progress: usize, queue_empty: bool) -> usize {
+/// How many waiting calls to take back for idle workers: one per free thread, and none
+/// while calls wait in the farm's queue (they take the free threads).
+pub(crate) fn withdrawals(free_threads: usize, queue_empty: bool) -> usize {
     if queue_empty {
-        free_threads.saturating_sub(in_progress)
+        free_threads
     } else {
         0
     }
@@ -55,10 +59,9 @@ mod tests {
 
     #[test]
     fn withdraw_one_per_free_thread_only_when_nothing_is_queued() {
-        assert_eq!(withdrawals(2, 0, true), 2);
-        assert_eq!(withdrawals(2, 1, true), 1);
-        assert_eq!(withdrawals(1, 3, true), 0);
-        assert_eq!(withdrawals(4, 0, false), 0);
+        assert_eq!(withdrawals(2, true), 2);
+        assert_eq!(withdrawals(0, true), 0);
+        assert_eq!(withdrawals(4, false), 0);
     }
 
     #[test]

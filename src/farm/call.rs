@@ -129,10 +129,6 @@ pub(crate) struct Retry {
     pub(crate) failures: Vec<CallError>,
     /// Times it lost its worker before it started (re-queued free).
     pub(crate) displaced: u32,
-    /// It was running beside other calls when its worker died, so any of them may have
-    /// been the culprit: from now on it runs alone on its worker, so a culprit cannot take
-    /// innocent neighbours down with it again, attempt after attempt.
-    pub(crate) alone: bool,
     /// It was taken back from a worker where it waited: it goes next to a worker where it
     /// starts at once (else it would bounce back to wait again).
     pub(crate) withdrawn: bool,
@@ -162,11 +158,6 @@ impl Call {
     /// Whether it was taken back from a worker and not yet handed again.
     pub(crate) fn was_withdrawn(&self) -> bool {
         self.retry.as_ref().is_some_and(|r| r.withdrawn)
-    }
-
-    /// Whether it must run on a worker that holds nothing else (see [`Retry::alone`]).
-    pub(crate) fn runs_alone(&self) -> bool {
-        self.retry.as_ref().is_some_and(|r| r.alone)
     }
 
     /// The method called (empty for the default method).

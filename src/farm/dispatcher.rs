@@ -452,9 +452,7 @@ impl<T: Transport> Dispatcher<T> {
     /// Hands broadcast calls, then queued calls, to workers while any has room.
     fn pump(&mut self) {
         let per_worker = self.settings.max_concurrent_calls_per_worker;
-        // A call that runs alone needs a worker to empty: nothing else may fill them first.
-        let alone_first = self.queue.front().is_some_and(Call::runs_alone);
-        if !alone_first && self.workers.iter().any(|w| !w.pinned.is_empty()) {
+        if self.workers.iter().any(|w| !w.pinned.is_empty()) {
             for id in self.workers.ids() {
                 while let Some(call) = self.next_pinned(id) {
                     self.hand(id, call);
@@ -475,7 +473,7 @@ impl<T: Transport> Dispatcher<T> {
                         self.hand(id, call);
                     }
                 }
-                None if self.workers.any_async() && !front.runs_alone() => {
+                None if self.workers.any_async() => {
                     self.pump_other_kind(kind, share);
                     break;
                 }
@@ -1019,19 +1017,13 @@ impl<T: Transport> Dispatcher<T> {
             .chain(waiting.into_iter().map(|c| (c, false)))
             .collect();
         all.sort_by_key(|(c, _)| std::cmp::Reverse(c.id()));
-        let suspects = all.iter().filter(|(_, was_running)| *was_running).count();
         for (mut call, was_running) in all {
             self.timers.cancel(Timer::CallTimeout {
                 worker: id,
                 call: call.id(),
             });
             match (&charge, was_running) {
-                (Charge::Running(error), true) => {
-                    if suspects > 1 {
-                        call.retry_mut().alone = true;
-                    }
-                    self.fail_running(call, error.clone(), id);
-                }
+                (Charge::Running(error), true) => self.fail_running(call, error.clone(), id),
                 _ => {
                     if was_running {
                         // Innocent (another call timed out): this run is not an attempt.

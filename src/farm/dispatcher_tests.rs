@@ -913,9 +913,7 @@ async fn timers_of_dead_workers_and_their_calls_go_too() {
         assert_eq!(h.d.timers.len(), at_start, "after {n} workers");
     }
     h.ready(w(51));
-    // Both were running each time: each now runs alone.
-    h.answer(w(51), a.id);
-    h.answer(w(51), b.id);
+    h.says(w(51), vec![ok(a.id), ok(b.id)]);
     assert_eq!((a.body(), b.body()), (body(a.id), body(b.id)));
 }
 
@@ -991,36 +989,6 @@ async fn a_worker_over_max_memory_is_retired() {
     assert_eq!(h.closed_input(), [w(1)]);
     assert!(h.terminated().is_empty(), "a polite stop");
     assert_eq!(h.spawned(), [w(1), w(2)]);
-}
-
-#[tokio::test(start_paused = true)]
-async fn calls_running_together_when_their_worker_died_are_retried_alone() {
-    let mut h = farm(options().max_retries(1));
-    h.ready_with(w(1), 2);
-    let (mut a, mut b) = (h.call(), h.call());
-    assert_eq!(h.sent_to(w(1)), [(a.id, false), (b.id, false)]);
-    h.exits(w(1), CRASH);
-    h.advance(ms(10)).await; // young crash: paced
-    h.ready_with(w(2), 2);
-    // Either could be the culprit: each runs alone, though W2 has two threads.
-    assert_eq!(h.sent_to(w(2)), [(a.id, false)]);
-    let mut c = h.call();
-    assert_eq!(
-        h.sent_to(w(2)),
-        [(a.id, false)],
-        "nothing joins a call that runs alone"
-    );
-    h.answer(w(2), a.id);
-    assert_eq!(h.sent_to(w(2)), [(a.id, false), (b.id, false)]);
-    h.answer(w(2), b.id);
-    assert_eq!(
-        h.sent_to(w(2)),
-        [(a.id, false), (b.id, false), (c.id, false)]
-    );
-    h.answer(w(2), c.id);
-    for call in [&mut a, &mut b, &mut c] {
-        assert_eq!(call.body(), body(call.id));
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -131,8 +131,6 @@ pub(crate) struct Worker<L> {
     /// Gave its waiting calls back for lack of progress: takes only calls that start on
     /// arrival until a stall check sees it finish calls faster than one per thread per check.
     pub(crate) stalled: bool,
-    /// Holds a call that runs alone (see `Retry::alone`): takes nothing else meanwhile.
-    alone: bool,
     /// Broadcast calls waiting to be sent to it.
     pub(crate) pinned: VecDeque<Call>,
     /// Calls handed to it so far (what `ttl` counts; broadcasts excluded).
@@ -169,7 +167,6 @@ impl<L> Worker<L> {
             progress: 0,
             progress_checked: 0,
             stalled: false,
-            alone: false,
             pinned: VecDeque::new(),
             handed: 0,
             given: false,
@@ -230,7 +227,7 @@ impl<L> Worker<L> {
     ///
     /// [`FarmOptions::max_concurrent_calls_per_worker`]: crate::FarmOptions::max_concurrent_calls_per_worker
     pub(crate) fn has_room(&self, kind: Kind, per_worker: Option<usize>) -> bool {
-        if self.closed || self.alone || (self.stalled && !self.starts_on_arrival(kind)) {
+        if self.closed || (self.stalled && !self.starts_on_arrival(kind)) {
             return false;
         }
         match (per_worker, kind) {
@@ -252,7 +249,7 @@ impl<L> Worker<L> {
 
     /// Threads with no sync call running or waiting for them.
     pub(crate) fn free_threads(&self) -> usize {
-        if self.state != WorkerState::Online || self.closed || self.alone {
+        if self.state != WorkerState::Online || self.closed {
             return 0;
         }
         self.threads().saturating_sub(self.sync_held)
@@ -338,7 +335,7 @@ impl<L> Worker<L> {
 
     /// Calls it could take now, of any kind (how many to take from the queue for it).
     pub(crate) fn free_slots(&self, per_worker: Option<usize>) -> usize {
-        if self.state != WorkerState::Online || self.closed || self.alone {
+        if self.state != WorkerState::Online || self.closed {
             return 0;
         }
         match per_worker {
@@ -383,7 +380,6 @@ impl<L> Worker<L> {
         L: super::transport::Link,
     {
         let starts = self.starts_on_arrival(kind);
-        self.alone |= call.runs_alone();
         if let Some(retry) = &mut call.retry {
             retry.withdrawn = false;
         }
@@ -485,9 +481,6 @@ impl<L> Worker<L> {
     /// Uncounts a call taken out. The counts match the table by construction; saturating
     /// anyway, so a slip could never panic on the farm's task.
     fn forget(&mut self, held: &Held) {
-        if held.call.runs_alone() {
-            self.alone = false;
-        }
         let held_of_kind = match held.kind {
             Kind::Sync => &mut self.sync_held,
             Kind::Async => &mut self.async_held,
@@ -536,7 +529,7 @@ impl<L> Worker<L> {
             self.pinned_waiting,
         ) = (0, 0, 0, 0, 0, 0);
         self.waiting_bytes = 0;
-        (self.stalled, self.alone) = (false, false);
+        self.stalled = false;
         out
     }
 }
@@ -642,9 +635,8 @@ impl<L> Workers<L> {
     }
 
     /// The online worker with room for `call` (of `kind`) that holds the fewest calls,
-    /// avoiding the worker where its last attempt failed while another has room; for a call
-    /// that runs alone, only a worker that holds nothing. A scan: a farm has few workers,
-    /// and a scan needs no bookkeeping to keep in step.
+    /// avoiding the worker where its last attempt failed while another has room. A scan: a
+    /// farm has few workers, and a scan needs no bookkeeping to keep in step.
     pub(crate) fn pick(
         &self,
         call: &Call,
@@ -652,11 +644,10 @@ impl<L> Workers<L> {
         per_worker: Option<usize>,
         share: Option<usize>,
     ) -> Option<WorkerId> {
-        let (avoid, alone, withdrawn) = (call.avoid(), call.runs_alone(), call.was_withdrawn());
+        let (avoid, withdrawn) = (call.avoid(), call.was_withdrawn());
         self.list
             .iter()
             .filter(|w| w.state == WorkerState::Online && w.has_room(kind, per_worker))
-            .filter(|w| !alone || w.calls.is_empty())
             // Taken back to start sooner: it goes where it starts at once, never to wait again.
             .filter(|w| !withdrawn || w.starts_on_arrival(kind))
             // Large calls wait a few at a time: more would gain nothing and fill memory.

@@ -598,7 +598,8 @@ impl<T: Transport> Dispatcher<T> {
             let stalled = w.withdrawable() > 0 && pipeline::is_stalled(progress);
             if stalled {
                 calls.extend(w.stall());
-            } else if w.stalled && pipeline::is_quick(progress, w.threads()) {
+            } else if w.stalled && (w.held() == 0 || pipeline::is_quick(progress, w.threads())) {
+                // Quick again, or idle: nothing to hold back, and no reason to keep checking.
                 w.stalled = false;
             }
             any_waiting |= w.waiting() > 0 || w.stalled;

@@ -1027,3 +1027,21 @@ async fn a_call_taken_back_for_an_idle_worker_does_not_bounce_back() {
     assert_eq!(a.body(), body(a.id));
     assert_eq!(b.body(), body(b.id));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_farm_stops_checking_for_stalls() {
+    let mut h = shared_farm(options());
+    h.ready(w(1));
+    let (mut a, mut b) = (h.call(), h.call());
+    h.advance(pipeline::STALL_CHECK).await;
+    h.advance(pipeline::STALL_CHECK).await; // stalled: B taken back
+    h.answer(w(1), a.id);
+    h.answer(w(1), b.id);
+    assert_eq!((a.body(), b.body()), (body(a.id), body(b.id)));
+    h.advance(pipeline::STALL_CHECK).await;
+    h.advance(pipeline::STALL_CHECK).await;
+    assert!(
+        !h.d.timers.is_set(Timer::StallCheck),
+        "an idle farm wakes for nothing"
+    );
+}

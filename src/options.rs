@@ -118,6 +118,36 @@ impl FarmOptions<Json> {
         crate::worker::refuse_to_recurse();
         Self::new(std::env::current_exe().unwrap_or_default())
     }
+
+    /// Options for a farm of the binary `name` that sits next to the current executable:
+    /// a worker binary built in the same Cargo package (`src/bin/<name>.rs`, or a
+    /// `[[bin]]`), which Cargo puts in the same `target/<profile>/` directory. From a test,
+    /// example or benchmark, which Cargo puts one directory deeper (`deps/`, `examples/`),
+    /// it looks in the directory above.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // target/release/my-worker, next to target/release/my-app
+    /// let farm = workfarm::Farm::create(workfarm::FarmOptions::sibling("my-worker"))?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A missing binary is a [`CreateError`](crate::CreateError) from `Farm::create` naming
+    /// the path it tried. In an integration test of the package, `env!("CARGO_BIN_EXE_<name>")`
+    /// names the binary too, and makes Cargo build it first.
+    pub fn sibling(name: impl AsRef<Path>) -> Self {
+        let name = name.as_ref();
+        let beside = std::env::current_exe().ok().and_then(|exe| {
+            let dir = exe.parent()?;
+            let nested = ["deps", "examples"].map(std::ffi::OsStr::new);
+            let dir = match dir.file_name() {
+                Some(leaf) if nested.contains(&leaf) => dir.parent()?,
+                _ => dir,
+            };
+            Some(dir.join(name))
+        });
+        Self::new(beside.unwrap_or_else(|| name.to_path_buf()))
+    }
 }
 
 impl<S: Serializer> FarmOptions<S> {

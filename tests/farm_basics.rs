@@ -71,3 +71,24 @@ async fn handler_errors_and_panics_reach_the_caller() {
     assert_eq!(ok, 2);
     farm.shutdown().await;
 }
+
+/// `FarmOptions::sibling` finds a binary of the package next to the running one; from this
+/// test (in `target/<profile>/deps/`) that is the reference worker in `target/<profile>/`.
+#[tokio::test]
+async fn a_sibling_binary_is_found_next_to_the_current_executable() {
+    if std::env::var_os("WORKFARM_WORKER_BIN").is_some() {
+        eprintln!("skipped: WORKFARM_WORKER_BIN names a worker elsewhere");
+        return;
+    }
+    // Builds the reference worker into this test's target/<profile>/, as every test does.
+    let _ = worker_bin();
+    let options = workfarm::FarmOptions::sibling("workfarm-worker").workers(1);
+    let farm = Farm::create(options).expect("the reference worker is built beside the tests");
+    assert_eq!(farm.run_method::<_, i64>("add", (20, 22)).await, Ok(42));
+    farm.shutdown().await;
+    let missing = Farm::create(workfarm::FarmOptions::sibling("no-such-worker")).unwrap_err();
+    assert!(
+        missing.to_string().contains("no-such-worker"),
+        "names the path it tried: {missing}"
+    );
+}

@@ -560,7 +560,8 @@ impl<T: Transport> Dispatcher<T> {
             return false;
         }
         let free: usize = self.workers.iter().map(|w| w.free_threads()).sum();
-        for _ in 0..pipeline::withdrawals(free, true) {
+        // One per free thread (the caller checked that nothing waits in the queue).
+        for _ in 0..free {
             let most = self
                 .workers
                 .iter()

@@ -31,16 +31,6 @@ pub(crate) const WAITING_BYTES_PER_WORKER: usize = 4 * 1024 * 1024;
 /// How often workers that hold waiting calls are checked for progress.
 pub(crate) const STALL_CHECK: Duration = Duration::from_millis(5);
 
-/// How many waiting calls to take back for idle workers: one per free thread, and none
-/// while calls wait in the farm's queue (they take the free threads).
-pub(crate) fn withdrawals(free_threads: usize, queue_empty: bool) -> usize {
-    if queue_empty {
-        free_threads
-    } else {
-        0
-    }
-}
-
 /// Whether a worker that holds waiting calls is stalled: `progress` calls of it started or
 /// finished since the last check, and that is none.
 pub(crate) fn is_stalled(progress: u64) -> bool {
@@ -56,13 +46,6 @@ pub(crate) fn is_quick(progress: u64, threads: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn withdraw_one_per_free_thread_only_when_nothing_is_queued() {
-        assert_eq!(withdrawals(2, true), 2);
-        assert_eq!(withdrawals(0, true), 0);
-        assert_eq!(withdrawals(4, false), 0);
-    }
 
     #[test]
     fn a_worker_is_stalled_only_without_progress() {

@@ -90,10 +90,11 @@ async fn large_arguments_and_results_come_back_intact() {
     farm.shutdown().await;
 }
 
-/// Results nobody has decoded yet hold their regions of the worker's ring: 48 results of
-/// 1 MiB fill it (32 MiB), and the rest take the pipe. All arrive intact.
+/// Results are copied out of the worker's ring as they arrive, so 48 results of 1 MiB
+/// (more than the ring's 32 MiB) all arrive intact though none is decoded before the last
+/// is in. (A full ring handing over to the pipe is tested in `shm`'s unit tests.)
 #[tokio::test(flavor = "multi_thread")]
-async fn results_take_the_pipe_when_the_ring_is_full() {
+async fn results_decoded_late_arrive_intact() {
     let farm = Farm::create(options(1).serializer(Postcard)).unwrap();
     all_online(&farm, 1).await;
     let sent: Vec<ByteBuf> = (0..48).map(|i| payload(100 + i, 1 << 20)).collect();
@@ -114,5 +115,59 @@ async fn results_take_the_pipe_when_the_ring_is_full() {
     let again = payload(7, 1 << 20);
     let back: ByteBuf = farm.run_method("bytes", &again).await.unwrap();
     assert!(back == again);
+    farm.shutdown().await;
+}
+
+/// The shared files are sealed at their size: a worker that tries to shrink them (which
+/// would make the farm fault with SIGBUS on its next large frame) cannot, and the farm goes
+/// on moving large frames.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_cannot_shrink_the_shared_memory() {
+    let farm = Farm::create(options(1).serializer(Cbor)).unwrap();
+    all_online(&farm, 1).await;
+    let big = payload(1, 1 << 20);
+    assert!(farm.run_method::<_, ByteBuf>("bytes", &big).await.unwrap() == big);
+    let (open, shrunk): (usize, usize) = farm.run_method("shrink_rings", ()).await.unwrap();
+    assert_eq!(open, 3, "the worker holds its two rings and its slot table");
+    assert_eq!(shrunk, 0, "a shared memory file could be shrunk");
+    for _ in 0..40 {
+        assert!(farm.run_method::<_, ByteBuf>("bytes", &big).await.unwrap() == big);
+    }
+    farm.shutdown().await;
+}
+
+/// `max_memory` counts a worker's own memory, not the rings it shares with the farm: a worker
+/// whose rings have 16 MiB touched stays under a 12 MiB limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_rings_do_not_count_against_max_memory() {
+    let farm = Farm::create(options(1).serializer(Postcard).max_memory(12 << 20)).unwrap();
+    let mut events = farm.events();
+    let pid = all_online(&farm, 1).await.workers[0].pid;
+    let sent: Vec<ByteBuf> = (0..30).map(|i| payload(200 + i, 1 << 20)).collect();
+    let calls: Vec<_> = sent
+        .iter()
+        .map(|p| farm.run_method::<_, ByteBuf>("bytes", p))
+        .collect();
+    wait_status(&farm, SOON, |s| s.in_flight() == 0 && s.queued == 0).await;
+    let shared = ring_rss(pid, "to-farm") + ring_rss(pid, "to-worker");
+    assert!(
+        shared > 12 << 20,
+        "the rings hold {shared} bytes, over the limit"
+    );
+    // Memory is measured every 500 ms: three checks pass while the results stay held.
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let recycled = drain(&mut events)
+        .into_iter()
+        .any(|e| matches!(e, workfarm::Event::MemoryLimitReached { .. }));
+    assert!(
+        !recycled,
+        "a worker was recycled for memory it shares with the farm"
+    );
+    for (i, call) in calls.into_iter().enumerate() {
+        assert!(
+            timeout(SOON, call).await.unwrap().unwrap() == sent[i],
+            "call {i}"
+        );
+    }
     farm.shutdown().await;
 }

@@ -199,6 +199,9 @@ fn main() {
         .method("close_input", |()| close_input())
         // The buffer sizes of the worker's two frame pipes: (input, output).
         .method("pipe_sizes", |()| frame_pipe_sizes())
+        // Tries to shrink the shared memory files the farm passed: (how many are open, how
+        // many it could shrink).
+        .method("shrink_rings", |()| shrink_rings())
         .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed));
 
     // `WORKER_THREADS=n`: run up to n sync handlers at once.
@@ -388,4 +391,20 @@ fn log_run(path: &str, tag: u64) -> Result<u64, String> {
     file.write_all(format!("{tag}\n").as_bytes())
         .map_err(|e| format!("{path}: {e}"))?;
     Ok(tag)
+}
+
+fn shrink_rings() -> (usize, usize) {
+    let named = std::env::var("WORKFARM_RINGS").unwrap_or_default();
+    let fds: Vec<i32> = named
+        .split(',')
+        .filter_map(|fd| fd.parse().ok())
+        // SAFETY: fcntl(F_GETFD) only queries.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        .collect();
+    // SAFETY: ftruncate with integer arguments on descriptors this process holds.
+    let shrunk = fds
+        .iter()
+        .filter(|&&fd| unsafe { libc::ftruncate(fd, 0) } == 0)
+        .count();
+    (fds.len(), shrunk)
 }

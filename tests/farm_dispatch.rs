@@ -129,8 +129,10 @@ async fn one_call_per_worker_runs_async_calls_one_after_another() {
 async fn least_loaded_dispatch_fills_each_worker_to_its_limit() {
     let farm = Farm::create(options(2).max_concurrent_calls_per_worker(2)).unwrap();
     all_online(&farm, 2).await;
+    // Async calls, which run at once: sync ones waiting behind a long call would be handed
+    // back by the stalled worker within ~10 ms (see Pipelining).
     let calls: Vec<_> = (0..6)
-        .map(|_| farm.run_method::<_, u32>("block", 1500u64))
+        .map(|_| farm.run_method::<_, u32>("sleep", 1500u64))
         .collect();
     let status = wait_status(&farm, SOON, |s| s.in_flight() == 4).await;
     assert_eq!(status.queued, 2, "{status:?}");
@@ -314,9 +316,10 @@ async fn blocking_calls_on_one_worker_run_one_at_a_time() {
     let calls: Vec<_> = (0..4)
         .map(|_| farm.run_method::<_, u32>("block", 200u64))
         .collect();
-    // All four are handed to the worker at once...
-    let status = wait_status(&farm, SOON, |s| s.in_flight() == 4).await;
-    assert_eq!(status.queued, 0);
+    // All four are handed to the worker at once (and, as it makes no progress for 10 ms,
+    // the three waiting may be handed back to the farm)...
+    let status = wait_status(&farm, SOON, |s| s.in_flight() >= 1).await;
+    assert_eq!(status.in_flight() + status.queued, 4);
     let mut pids = HashSet::new();
     for call in calls {
         pids.insert(call.await.unwrap());

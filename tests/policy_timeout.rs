@@ -164,9 +164,12 @@ async fn calls_sharing_a_timed_out_worker_are_requeued_uncharged() {
     let others: Vec<_> = (0..4i64)
         .map(|i| farm.run_method::<_, i64>("add", (i, 10)))
         .collect();
-    // All five calls share the one worker; four of them wait behind `spin`.
+    // All five calls go to the one worker; four of them wait behind `spin`, and within
+    // about 10 ms the stalled worker gives them back to the farm's queue (see Pipelining).
+    // Either way they must run on the replacement. (Waiting for "4 waiting inside" raced
+    // with that take-back.)
     wait_status(&farm, SOON, |s| {
-        s.in_flight() == 5 && s.workers[0].waiting == 4
+        s.in_flight() >= 1 && s.in_flight() + s.queued == 5
     })
     .await;
 

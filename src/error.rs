@@ -96,6 +96,16 @@ pub enum CallError {
         /// The timeout that elapsed.
         after: Duration,
     },
+    /// The call's [`deadline`](crate::CallBuilder::deadline) passed. `ran: false`: it
+    /// never started (it was not sent, or was taken back before it started); `ran: true`:
+    /// it started, ran past the deadline and its worker was stopped. Never retried.
+    Deadline {
+        /// Whether any attempt of it started.
+        ran: bool,
+    },
+    /// The call was cancelled ([`CallHandle::cancel`](crate::CallHandle::cancel), or its
+    /// handle dropped with `cancel_on_drop`). Never retried.
+    Cancelled,
     /// The worker holding the call died.
     WorkerDied {
         /// The worker.
@@ -160,9 +170,13 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// Whether the call ran out of time (directly, or on its last attempt).
+    /// Whether the call ran out of time (its timeout, or its deadline; directly, or on its
+    /// last attempt).
     pub fn is_timeout(&self) -> bool {
-        matches!(self.root(), CallError::Timeout { .. })
+        matches!(
+            self.root(),
+            CallError::Timeout { .. } | CallError::Deadline { .. }
+        )
     }
 
     /// Whether the handler itself failed (returned an error or panicked).
@@ -206,6 +220,13 @@ impl fmt::Display for CallError {
                 write!(f, "bad arguments for {}: {message}", MethodName(method))
             }
             CallError::Timeout { after } => write!(f, "call timed out after {after:?}"),
+            CallError::Deadline { ran: false } => {
+                f.write_str("call's deadline passed before it started; it never ran")
+            }
+            CallError::Deadline { ran: true } => {
+                f.write_str("call's deadline passed while it ran; its worker was stopped")
+            }
+            CallError::Cancelled => f.write_str("call cancelled"),
             CallError::WorkerDied {
                 worker,
                 pid,
@@ -255,6 +276,8 @@ impl std::error::Error for CallError {
             | CallError::UnknownMethod { .. }
             | CallError::BadArguments { .. }
             | CallError::Timeout { .. }
+            | CallError::Deadline { .. }
+            | CallError::Cancelled
             | CallError::WorkerDied { .. }
             | CallError::Protocol { .. }
             | CallError::QueueFull { .. }

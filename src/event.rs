@@ -83,6 +83,16 @@ pub enum Event {
         /// Lines dropped since the last such event.
         lines: u64,
     },
+    /// A call made with [`Farm::tell`](crate::Farm::tell) failed; nobody waits for it, so
+    /// this is where its failure goes.
+    TellFailed {
+        /// The call's id.
+        call: u64,
+        /// The method called (empty for the default method).
+        method: String,
+        /// Why it failed.
+        error: CallError,
+    },
     /// Something went wrong with a worker: it broke the protocol, failed to start, or could
     /// not be spawned.
     Error {
@@ -106,6 +116,7 @@ impl Event {
             | Event::CallDone { worker, .. }
             | Event::StderrDropped { worker, .. } => Some(*worker),
             Event::Error { worker, .. } => *worker,
+            Event::TellFailed { .. } => None,
         }
     }
 }

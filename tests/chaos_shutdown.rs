@@ -323,18 +323,19 @@ fn fifty_farms_created_and_dropped_leak_nothing() {
             match i % 3 {
                 // Dropped at once, workers still starting.
                 0 => {}
-                // Dropped with a call in flight.
+                // Dropped with a call in flight: the call keeps the farm alive until it
+                // settles, then the farm goes.
                 1 => {
-                    let call = farm.run_method::<_, u32>("sleep", 5_000u64);
+                    let call = farm.run_method::<_, u32>("sleep", 200u64);
                     wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
                     let pending = tokio::spawn(call);
                     pids.extend(spawned_pids(&drain(&mut events)));
                     drop(farm);
                     let settled = timeout(SOON, pending)
                         .await
-                        .expect("the call settles on drop")
+                        .expect("the call settles")
                         .unwrap();
-                    assert_eq!(settled, Err(CallError::ShutDown));
+                    assert!(settled.is_ok(), "{settled:?}");
                     continue;
                 }
                 // Used, then dropped.

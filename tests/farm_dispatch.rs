@@ -174,7 +174,7 @@ async fn least_loaded_dispatch_sends_new_calls_to_the_idle_worker() {
 }
 
 #[tokio::test]
-async fn max_concurrent_calls_refuses_at_once_then_accepts_again() {
+async fn try_run_over_max_concurrent_calls_refuses_at_once_then_accepts_again() {
     let farm = Farm::create(
         options(1)
             .max_concurrent_calls(2)
@@ -185,7 +185,7 @@ async fn max_concurrent_calls_refuses_at_once_then_accepts_again() {
     let a = farm.run_method::<_, u32>("block", 400u64);
     let b = farm.run_method::<_, u32>("block", 400u64);
     for _ in 0..2 {
-        let mut over = Box::pin(farm.run_method::<_, u32>("pid", ()));
+        let mut over = Box::pin(farm.try_run_method::<_, u32>("pid", ()));
         match poll_once(&mut over).await {
             Poll::Ready(r) => assert_eq!(r, Err(CallError::QueueFull { limit: 2 })),
             Poll::Pending => panic!("a call over the limit must be refused without waiting"),
@@ -214,7 +214,7 @@ async fn max_concurrent_calls_counts_queued_calls_too() {
     all_online(&farm, 1).await;
     let a = farm.run_method::<_, u32>("block", 400u64);
     let b = farm.run_method::<_, u32>("block", 400u64);
-    let over = farm.run_method::<_, u32>("pid", ()).await;
+    let over = farm.try_run_method::<_, u32>("pid", ()).await;
     assert_eq!(over, Err(CallError::QueueFull { limit: 2 }));
     let status = wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
     assert_eq!(status.queued, 1, "{status:?}");
@@ -238,7 +238,7 @@ async fn max_concurrent_calls_with_two_workers_and_short_calls() {
         .map(|_| farm.run_method::<_, u32>("sleep", 50u64))
         .collect();
     for _ in 0..2 {
-        let r = farm.run_method::<_, u32>("sleep", 50u64).await;
+        let r = farm.try_run_method::<_, u32>("sleep", 50u64).await;
         assert_eq!(r, Err(CallError::QueueFull { limit: 4 }));
     }
     for call in accepted {
@@ -247,10 +247,46 @@ async fn max_concurrent_calls_with_two_workers_and_short_calls() {
     let again: Vec<_> = (0..4)
         .map(|_| farm.run_method::<_, u32>("sleep", 50u64))
         .collect();
-    let refused = farm.run_method::<_, u32>("sleep", 50u64).await;
+    let refused = farm.try_run_method::<_, u32>("sleep", 50u64).await;
     assert_eq!(refused, Err(CallError::QueueFull { limit: 4 }));
     for call in again {
         call.await.unwrap();
+    }
+    farm.shutdown().await;
+}
+
+/// `run` over the limit waits for a place instead of failing: it is not queued meanwhile
+/// (the farm holds only the limit's worth), and callers get places first come, first
+/// served.
+#[tokio::test]
+async fn run_over_max_concurrent_calls_waits_for_a_place() {
+    let farm = Farm::create(
+        options(1)
+            .max_concurrent_calls(2)
+            .max_concurrent_calls_per_worker(1),
+    )
+    .unwrap();
+    all_online(&farm, 1).await;
+    let a = farm.run_method::<_, u32>("block", 300u64);
+    let b = farm.run_method::<_, u32>("block", 300u64);
+    let mut waiting: Vec<_> = (0..3u64)
+        .map(|i| Box::pin(farm.run_method::<_, i64>("noop", i as i64)))
+        .collect();
+    for call in &mut waiting {
+        assert!(poll_once(call).await.is_pending(), "waits for a place");
+    }
+    let status = wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
+    assert_eq!(
+        status.queued, 1,
+        "only the limit's worth is in the farm: {status:?}"
+    );
+    a.await.unwrap();
+    b.await.unwrap();
+    for (i, call) in waiting.into_iter().enumerate() {
+        assert_eq!(
+            tokio::time::timeout(SOON, call).await.unwrap(),
+            Ok(i as i64)
+        );
     }
     farm.shutdown().await;
 }

@@ -5,12 +5,78 @@ use crate::event::WorkerId;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
+use tokio::time::Instant;
 
 /// What a call settles with: the encoded result, or why there is none. Both are boxed so
 /// the reply slot a queued call allocates stays small (80 bytes instead of 112); the box is
 /// only filled when the call completes.
-pub(crate) type Outcome = Result<Box<Bytes>, Box<CallError>>;
+pub(crate) type Outcome = Result<Box<Answer>, Box<CallError>>;
+
+/// A call's encoded result, and where it ran when the caller asked (calls made with
+/// options only; see [`CallOpts`]).
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) body: Bytes,
+    pub(crate) info: Option<CallInfo>,
+}
+
+/// Where and how a call ran: what [`CallHandle::with_info`](crate::CallHandle::with_info)
+/// yields beside the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallInfo {
+    /// The call's id, as in [`Event::CallDone`](crate::Event::CallDone).
+    pub id: u64,
+    /// The worker that answered it.
+    pub worker: WorkerId,
+    /// That worker's process id.
+    pub pid: u32,
+    /// Attempts started, the last one included (1 unless it was retried).
+    pub attempts: u32,
+    /// From the call being made to its last attempt starting: time in the farm's queue
+    /// and waiting inside a worker, and earlier failed attempts.
+    pub queued_for: Duration,
+    /// From its last attempt starting to its answer arriving.
+    pub ran_for: Duration,
+}
+
+/// What a call made with options asks beyond the farm's settings. Boxed in the [`Call`],
+/// so a plain call pays one null pointer for them.
+#[derive(Debug)]
+pub(crate) struct CallOpts {
+    /// Overrides the farm's `timeout`.
+    pub(crate) timeout: Option<Duration>,
+    /// Overrides the farm's `max_retries`.
+    pub(crate) retries: Option<u32>,
+    /// End to end: past it the call is not sent, or is stopped.
+    pub(crate) deadline: Option<Instant>,
+    /// Sticky routing: the hash of the caller's key.
+    pub(crate) key: Option<u64>,
+    /// When the call was made.
+    pub(crate) made: Instant,
+    /// When its last attempt started.
+    pub(crate) started: Option<Instant>,
+}
+
+impl CallOpts {
+    pub(crate) fn new() -> Self {
+        CallOpts {
+            timeout: None,
+            retries: None,
+            deadline: None,
+            key: None,
+            made: Instant::now(),
+            started: None,
+        }
+    }
+
+    /// Whether its deadline has passed.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+}
 
 /// The caller's end of a call. Settles exactly once: by [`Reply::send`], or, if the call is
 /// dropped unanswered (farm killed, dispatcher gone, runtime shut down), by the channel
@@ -26,7 +92,7 @@ pub(crate) struct Reply {
 /// dispatcher last swept them out of its queue.
 #[derive(Debug)]
 pub(crate) struct Limiter {
-    pub(crate) semaphore: Semaphore,
+    pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) limit: usize,
     pub(crate) abandoned: AtomicUsize,
 }
@@ -50,10 +116,26 @@ impl Place {
     /// Takes a permit, or `None` if there is none.
     pub(crate) fn acquire(limiter: &Arc<Limiter>) -> Option<Place> {
         limiter.semaphore.try_acquire().ok()?.forget();
-        Some(Place(Arc::new(PlaceInner {
+        Some(Place::taken(limiter))
+    }
+
+    /// Waits for a permit (first come, first served); `None` only if the semaphore closed.
+    pub(crate) async fn wait(limiter: &Arc<Limiter>) -> Option<Place> {
+        limiter
+            .semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .ok()?
+            .forget();
+        Some(Place::taken(limiter))
+    }
+
+    fn taken(limiter: &Arc<Limiter>) -> Place {
+        Place(Arc::new(PlaceInner {
             limiter: limiter.clone(),
             given_back: AtomicBool::new(false),
-        })))
+        }))
     }
 
     /// The second holder of the same permit.
@@ -90,7 +172,17 @@ impl Reply {
         (Reply { tx, place }, rx)
     }
 
+    /// A reply nobody waits for: stands in for one already settled (a cancelled call that
+    /// still occupies its worker until it answers).
+    pub(crate) fn detached() -> Reply {
+        Reply::new(None).0
+    }
+
     pub(crate) fn send(self, outcome: Result<Bytes, CallError>) {
+        self.send_answer(outcome.map(|body| Answer { body, info: None }));
+    }
+
+    pub(crate) fn send_answer(self, outcome: Result<Answer, CallError>) {
         let Reply { tx, place } = self;
         drop(place);
         let _ = tx.send(outcome.map(Box::new).map_err(Box::new));
@@ -116,6 +208,8 @@ pub(crate) struct Call {
     pub(crate) pinned: Option<WorkerId>,
     /// What earlier attempts left behind (`None` until one fails).
     pub(crate) retry: Option<Box<Retry>>,
+    /// Per-call options (`None` for a plain call).
+    pub(crate) opts: Option<Box<CallOpts>>,
     pub(crate) reply: Reply,
 }
 
@@ -141,8 +235,19 @@ impl Call {
             attempts: 0,
             pinned,
             retry: None,
+            opts: None,
             reply,
         }
+    }
+
+    /// The routing key's hash, for a call made with [`key`](crate::CallBuilder::key).
+    pub(crate) fn key(&self) -> Option<u64> {
+        self.opts.as_ref().and_then(|o| o.key)
+    }
+
+    /// Whether its deadline has passed.
+    pub(crate) fn expired(&self, now: Instant) -> bool {
+        self.opts.as_ref().is_some_and(|o| o.expired(now))
     }
 
     /// The call's id, unique within the farm; workers echo it in their reply.
@@ -188,19 +293,25 @@ mod tests {
     fn reply_settles_once_with_the_value() {
         let (reply, mut rx) = Reply::new(None);
         reply.send(Ok(Bytes::from_static(b"1")));
-        assert_eq!(*rx.try_recv().unwrap().unwrap(), Bytes::from_static(b"1"));
+        assert_eq!(
+            rx.try_recv().unwrap().unwrap().body,
+            Bytes::from_static(b"1")
+        );
     }
 
     #[test]
     fn dropped_reply_closes_the_channel() {
         let (reply, mut rx) = Reply::new(None);
         drop(reply);
-        assert_eq!(rx.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+        assert!(matches!(
+            rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
     }
 
     fn limiter(n: usize) -> Arc<Limiter> {
         Arc::new(Limiter {
-            semaphore: Semaphore::new(n),
+            semaphore: Arc::new(Semaphore::new(n)),
             limit: n,
             abandoned: AtomicUsize::new(0),
         })

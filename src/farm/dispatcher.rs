@@ -6,14 +6,15 @@
 //! means, and applies their verdicts: hand a call to a worker, re-queue it (charged or
 //! free), settle it, stop a worker, spawn one, arm a timer.
 
-use super::call::{Call, Outcome, Reply};
+use super::call::{Answer, Call, CallInfo, Outcome, Reply};
 use super::policy::pipeline;
 use super::policy::recycle::RecyclePolicy;
 use super::policy::retry::{Attempt, RetryPolicy, Verdict};
 use super::policy::startup::{self, Ending, Startup};
 use super::policy::timers::{Timer, Timers};
 use super::transport::{Inbound, Link, Transport};
-use super::workers::{Caps, Emptied, Kind, Worker, Workers};
+use super::workers::{Cancelled, Caps, Emptied, Kind, Worker, Workers};
+use super::Load;
 use crate::error::{CallError, ExitInfo};
 use crate::event::{Event, WorkerId};
 use crate::options::Settings;
@@ -24,7 +25,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 /// How often workers' memory is measured when `max_memory` is set.
@@ -50,6 +51,22 @@ pub(crate) enum Command {
     Kill(oneshot::Sender<()>),
     /// Many calls were abandoned: drop them from the queue now rather than as they come up.
     Sweep,
+    /// The caller cancelled call `call`, or its deadline passed.
+    Cancel {
+        call: u64,
+        why: CancelWhy,
+    },
+    /// Nothing to do but a turn (someone started watching the load).
+    Nudge,
+}
+
+/// Why a caller gives up on a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CancelWhy {
+    /// [`CallHandle::cancel`](crate::CallHandle::cancel), or a drop with `cancel_on_drop`.
+    Cancelled,
+    /// Its deadline passed.
+    Expired,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +91,11 @@ pub(crate) struct Inputs {
     pub(crate) events: broadcast::Sender<Event>,
     /// Whether anyone subscribed to events; per-call events are skipped until then.
     pub(crate) subscribed: Arc<AtomicBool>,
+    /// Where the farm's load is published, once someone watches it.
+    pub(crate) load: watch::Sender<Load>,
+    pub(crate) load_watched: Arc<AtomicBool>,
+    /// Calls the workers can hold at once, for the farm's handles.
+    pub(crate) capacity: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub(crate) struct Dispatcher<T: Transport> {
@@ -91,6 +113,12 @@ pub(crate) struct Dispatcher<T: Transport> {
     /// Calls taken from the channel (or re-queued) and not yet handed to a worker; served
     /// before the channel.
     queue: VecDeque<Call>,
+    /// Keyed calls that reached the front of the queue, by pool slot: each waits for the
+    /// worker in its slot without holding up the calls behind it.
+    keyed: Vec<VecDeque<Call>>,
+    load: watch::Sender<Load>,
+    load_watched: Arc<AtomicBool>,
+    capacity: Arc<std::sync::atomic::AtomicUsize>,
     timers: Timers,
     /// Workers handed a call this turn (their links are flushed at its end).
     written: Vec<WorkerId>,
@@ -112,6 +140,7 @@ impl<T: Transport> Dispatcher<T> {
         inputs: Inputs,
     ) -> Self {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
+        let keyed = (0..settings.workers).map(|_| VecDeque::new()).collect();
         Dispatcher {
             retry: RetryPolicy {
                 max_retries: settings.max_retries,
@@ -132,6 +161,10 @@ impl<T: Transport> Dispatcher<T> {
             subscribed: inputs.subscribed,
             workers: Workers::default(),
             queue: VecDeque::new(),
+            keyed,
+            load: inputs.load,
+            load_watched: inputs.load_watched,
+            capacity: inputs.capacity,
             timers: Timers::default(),
             written: Vec::new(),
             mode: Mode::Running,
@@ -264,9 +297,40 @@ impl<T: Transport> Dispatcher<T> {
         }
         // Calls are waiting: make sure workers exist to run them (replacing idle-reaped or
         // lost ones; a no-op while enough are live, or while backing off).
-        if !(self.queue.is_empty() && self.calls.is_empty()) {
+        if !(self.queue.is_empty() && self.calls.is_empty() && self.keyed_queued() == 0) {
             self.ensure_workers();
         }
+        if self.load_watched.load(Ordering::Relaxed) {
+            self.publish_load();
+        }
+    }
+
+    /// Publishes the load if it changed (watchers are woken only then).
+    fn publish_load(&self) {
+        let per_worker = self.settings.max_concurrent_calls_per_worker;
+        let load = Load {
+            queued: self.queued(),
+            in_flight: self.workers.iter().map(Worker::held).sum(),
+            free: self
+                .workers
+                .iter()
+                .map(|w| w.free_slots(per_worker))
+                .fold(0, usize::saturating_add),
+        };
+        self.load.send_if_modified(|old| {
+            let changed = *old != load;
+            *old = load;
+            changed
+        });
+    }
+
+    /// Calls not yet handed to a worker.
+    fn queued(&self) -> usize {
+        self.queue.len() + self.calls.len() + self.keyed_queued()
+    }
+
+    fn keyed_queued(&self) -> usize {
+        self.keyed.iter().map(VecDeque::len).sum()
     }
 
     // ===== commands =====
@@ -293,7 +357,105 @@ impl<T: Transport> Dispatcher<T> {
                 self.kill();
             }
             Command::Sweep => self.sweep_abandoned(),
+            Command::Cancel { call, why } => self.cancel(call, why),
+            Command::Nudge => {}
         }
+    }
+
+    /// The caller gave up on call `id`: it settles now with `Cancelled` (or `Deadline`)
+    /// wherever it is. A call still queued, or waiting in a worker, never runs; an async
+    /// call that runs is cancelled in its worker; a sync call that runs alone on its worker
+    /// stops the worker, and one that shares its worker runs on with its result discarded.
+    /// A call that already settled keeps its outcome.
+    fn cancel(&mut self, id: u64, why: CancelWhy) {
+        let error = |ran| match why {
+            CancelWhy::Cancelled => CallError::Cancelled,
+            CancelWhy::Expired => CallError::Deadline { ran },
+        };
+        if let Some(call) = self.take_queued(id) {
+            let ran = call.attempts > 0;
+            call.reply.send(Err(error(ran)));
+            return;
+        }
+        let Some(worker) = self
+            .workers
+            .iter()
+            .find(|w| w.call(id).is_some())
+            .map(|w| w.id)
+        else {
+            return;
+        };
+        let Some(w) = self.workers.get(worker) else {
+            return;
+        };
+        if why == CancelWhy::Expired && w.is_started(id) {
+            // Running past its deadline is a timeout whose timer has not fired yet.
+            self.on_call_timeout(worker, id);
+            return;
+        }
+        match w.cancel(id) {
+            None => {}
+            Some(Cancelled::Withdrawn(call)) => {
+                let ran = call.attempts > 0;
+                call.reply.send(Err(error(ran)));
+            }
+            Some(Cancelled::Detached { reply, started, .. }) if why == CancelWhy::Expired => {
+                // Too late to take back: it runs, and its result is discarded.
+                reply.send(Err(error(started)));
+            }
+            Some(Cancelled::Detached {
+                reply,
+                kind,
+                started,
+                alone,
+            }) => {
+                tracing::debug!(
+                    call = id,
+                    worker = worker.as_u64(),
+                    ?kind,
+                    started,
+                    alone,
+                    "call cancelled"
+                );
+                reply.send(Err(CallError::Cancelled));
+                match kind {
+                    Kind::Async => {
+                        w.link.send(&crate::protocol::cancel_frame(id));
+                        if self.written.last() != Some(&worker) {
+                            self.written.push(worker);
+                        }
+                    }
+                    Kind::Sync if started && alone => {
+                        // Nothing else runs there: stop it rather than wait for a result
+                        // nobody wants. Calls waiting in it go back to the queue free.
+                        self.timers.cancel(Timer::CallTimeout { worker, call: id });
+                        let _ = w.take(id);
+                        self.drop_worker(worker, Charge::Nobody);
+                    }
+                    Kind::Sync => {}
+                }
+            }
+        }
+    }
+
+    /// Takes call `id` out of the queue (or the channel, where it may still be: the caller
+    /// sent it before the command that names it).
+    fn take_queued(&mut self, id: u64) -> Option<Call> {
+        if let Some(i) = self.queue.iter().position(|c| c.id() == id) {
+            return self.queue.remove(i);
+        }
+        for keyed in &mut self.keyed {
+            if let Some(i) = keyed.iter().position(|c| c.id() == id) {
+                return keyed.remove(i);
+            }
+        }
+        while let Ok(call) = self.calls.try_recv() {
+            if call.id() == id {
+                return Some(call);
+            }
+            self.on_call(call);
+        }
+        None
     }
 
     fn on_call(&mut self, call: Call) {
@@ -301,6 +463,8 @@ impl<T: Transport> Dispatcher<T> {
             call.reply.send(Err(CallError::ShutDown));
         } else if call.reply.is_closed() {
             // The caller gave up while the call waited.
+        } else if call.opts.is_some() && call.expired(Instant::now()) {
+            call.reply.send(Err(CallError::Deadline { ran: false }));
         } else if let Some(message) = self.startup.failing() {
             let message = message.to_owned();
             call.reply.send(Err(CallError::WorkerStart { message }));
@@ -399,11 +563,23 @@ impl<T: Transport> Dispatcher<T> {
             self.on_call(call);
         }
         self.queue.retain(|call| !call.reply.is_closed());
+        for keyed in &mut self.keyed {
+            keyed.retain(|call| !call.reply.is_closed());
+        }
+    }
+
+    /// Every call in the queue, keyed ones included.
+    fn drain_queue(&mut self) -> Vec<Call> {
+        let mut calls: Vec<Call> = self.queue.drain(..).collect();
+        for keyed in &mut self.keyed {
+            calls.extend(keyed.drain(..));
+        }
+        calls
     }
 
     /// Fails every call not yet handed to a worker, and refuses new ones from now on.
     fn fail_queued(&mut self) {
-        for call in self.queue.drain(..) {
+        for call in self.drain_queue() {
             call.reply.send(Err(CallError::ShutDown));
         }
         self.calls.close();
@@ -443,7 +619,7 @@ impl<T: Transport> Dispatcher<T> {
                     handed: w.handed,
                 })
                 .collect(),
-            queued: self.queue.len() + self.calls.len(),
+            queued: self.queued(),
         }
     }
 
@@ -459,6 +635,9 @@ impl<T: Transport> Dispatcher<T> {
                 }
             }
         }
+        if self.keyed_queued() > 0 {
+            self.pump_keyed();
+        }
         let share = self.workers.startup_share(self.queue.len());
         while let Some(front) = self.queue.front() {
             if front.reply.is_closed() {
@@ -466,6 +645,12 @@ impl<T: Transport> Dispatcher<T> {
                 self.queue.pop_front();
                 continue;
             }
+            if front.opts.is_some() && self.route_with_opts() {
+                continue;
+            }
+            let Some(front) = self.queue.front() else {
+                break;
+            };
             let kind = self.workers.kind_of(front.method());
             match self.workers.pick(front, kind, per_worker, share) {
                 Some(id) => {
@@ -482,6 +667,57 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
+    /// The call at the front of the queue has options: settles it if its deadline passed,
+    /// or moves it to its slot's queue if it is keyed. Whether it did either.
+    fn route_with_opts(&mut self) -> bool {
+        let Some(front) = self.queue.front() else {
+            return false;
+        };
+        if front.expired(Instant::now()) {
+            if let Some(call) = self.queue.pop_front() {
+                let ran = call.attempts > 0;
+                call.reply.send(Err(CallError::Deadline { ran }));
+            }
+            return true;
+        }
+        let Some(key) = front.key() else {
+            return false;
+        };
+        let slot = (key % self.keyed.len().max(1) as u64) as usize;
+        if let (Some(call), Some(keyed)) = (self.queue.pop_front(), self.keyed.get_mut(slot)) {
+            keyed.push_back(call);
+            self.pump_keyed();
+        }
+        true
+    }
+
+    /// Hands keyed calls to the workers of their slots while those have room.
+    fn pump_keyed(&mut self) {
+        let per_worker = self.settings.max_concurrent_calls_per_worker;
+        for slot in 0..self.keyed.len() {
+            while let Some(front) = self.keyed[slot].front() {
+                if front.reply.is_closed() {
+                    self.keyed[slot].pop_front();
+                    continue;
+                }
+                if front.expired(Instant::now()) {
+                    if let Some(call) = self.keyed[slot].pop_front() {
+                        let ran = call.attempts > 0;
+                        call.reply.send(Err(CallError::Deadline { ran }));
+                    }
+                    continue;
+                }
+                let kind = self.workers.kind_of(front.method());
+                let Some(id) = self.workers.pick_keyed(front, kind, per_worker, slot) else {
+                    break;
+                };
+                if let Some(call) = self.keyed[slot].pop_front() {
+                    self.hand(id, call);
+                }
+            }
+        }
+    }
+
     /// The call at the front of the queue is of `blocked` kind and no worker has room for
     /// it: hand out calls of the other kind from just behind it (a bounded look-ahead), so
     /// async calls do not wait behind sync ones, nor the other way round.
@@ -492,7 +728,8 @@ impl<T: Transport> Dispatcher<T> {
         while i < self.queue.len().min(LOOK_AHEAD) {
             let call = &self.queue[i];
             let kind = self.workers.kind_of(call.method());
-            let picked = (kind != blocked && !call.reply.is_closed())
+            // Calls with options wait for their turn: they may be keyed, or expired.
+            let picked = (kind != blocked && !call.reply.is_closed() && call.opts.is_none())
                 .then(|| self.workers.pick(call, kind, per_worker, share))
                 .flatten();
             match picked {
@@ -527,6 +764,7 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     fn hand(&mut self, id: WorkerId, call: Call) {
+        let limit = limit_for(&self.settings, &call);
         let Some(w) = self.workers.get(id) else {
             self.queue.push_front(call);
             return;
@@ -542,7 +780,7 @@ impl<T: Transport> Dispatcher<T> {
             !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);
         self.timers.cancel(Timer::Idle(id));
         if started {
-            self.arm_call_timeout(id, call_id);
+            self.arm_call_timeout(id, call_id, limit);
         } else if !self.stall_check_armed {
             self.stall_check_armed = true;
             self.timers.set(Timer::StallCheck, pipeline::STALL_CHECK);
@@ -638,8 +876,8 @@ impl<T: Transport> Dispatcher<T> {
         self.queue.insert(at, call);
     }
 
-    fn arm_call_timeout(&mut self, worker: WorkerId, call: u64) {
-        if let Some(after) = self.settings.timeout {
+    fn arm_call_timeout(&mut self, worker: WorkerId, call: u64, limit: Option<Duration>) {
+        if let Some(after) = limit {
             self.timers.set(Timer::CallTimeout { worker, call }, after);
         }
     }
@@ -682,7 +920,8 @@ impl<T: Transport> Dispatcher<T> {
         self.emit(Event::Spawned { worker: id, pid });
         self.timers
             .set(Timer::Startup(id), self.settings.startup_timeout);
-        self.workers.add(Worker::new(id, link));
+        let slot = self.workers.free_slot();
+        self.workers.add(Worker::new(id, slot, link));
     }
 
     /// Stops worker `id`: closes its input (it exits after its calls), and with `force`
@@ -737,8 +976,15 @@ impl<T: Transport> Dispatcher<T> {
                 message,
             } => self.on_reply(id, call, Err((kind, message))),
             FromWorker::Started { id: call } => {
-                if self.workers.get(id).is_some_and(|w| w.start(call)) {
-                    self.arm_call_timeout(id, call);
+                let Some(w) = self.workers.get(id) else {
+                    return;
+                };
+                if w.start(call) {
+                    let limit = match w.call(call) {
+                        Some(c) => limit_for(&self.settings, c),
+                        None => self.settings.timeout,
+                    };
+                    self.arm_call_timeout(id, call, limit);
                 }
             }
             FromWorker::Ready(ready) => self.on_ready(id, ready),
@@ -759,8 +1005,24 @@ impl<T: Transport> Dispatcher<T> {
             worker: id,
             call: call.id(),
         });
+        let pid = w.link.pid();
         self.emit_call_done(id, call.id(), outcome.is_ok());
         match outcome {
+            Ok(body) if call.opts.is_some() => {
+                let info = call.opts.as_ref().map(|opts| {
+                    let now = Instant::now();
+                    let started = opts.started.unwrap_or(now);
+                    CallInfo {
+                        id: call.id(),
+                        worker: id,
+                        pid,
+                        attempts: call.attempts,
+                        queued_for: started.saturating_duration_since(opts.made),
+                        ran_for: now.saturating_duration_since(started),
+                    }
+                });
+                call.reply.send_answer(Ok(Answer { body, info }));
+            }
             Ok(body) => call.reply.send(Ok(body)),
             Err((kind, message)) => {
                 let method = call.method().to_owned();
@@ -773,6 +1035,7 @@ impl<T: Transport> Dispatcher<T> {
                         method,
                         message: format!("could not encode the result: {message}"),
                     },
+                    FailureKind::Cancelled => CallError::Cancelled,
                 };
                 self.fail_running(call, error, id);
             }
@@ -802,6 +1065,11 @@ impl<T: Transport> Dispatcher<T> {
         }
         let caps = Caps::from_ready(ready);
         w.go_online(caps.clone());
+        let each = w.capacity(self.settings.max_concurrent_calls_per_worker);
+        self.capacity.store(
+            self.settings.workers.saturating_mul(each),
+            Ordering::Relaxed,
+        );
         self.workers.learn(&caps);
         tracing::debug!(worker = id.as_u64(), pid, "worker online");
         self.timers.cancel(Timer::Startup(id));
@@ -936,7 +1204,7 @@ impl<T: Transport> Dispatcher<T> {
             Charge::Running(error) => error.clone(),
             Charge::Nobody => CallError::Protocol {
                 worker: id,
-                message: "worker stopped after another call timed out".into(),
+                message: "worker stopped for another call (it timed out, or was cancelled)".into(),
             },
         };
         self.stop(id, true);
@@ -1043,6 +1311,9 @@ impl<T: Transport> Dispatcher<T> {
             displaced: call.retry.as_ref().map_or(0, |r| r.displaced),
             pinned: call.pinned.is_some(),
             accepting: self.mode == Mode::Running,
+            max_retries: call.opts.as_ref().and_then(|o| o.retries),
+            unwanted: call.reply.is_closed()
+                || (call.opts.is_some() && call.expired(Instant::now())),
         }
     }
 
@@ -1105,7 +1376,7 @@ impl<T: Transport> Dispatcher<T> {
             }
         }
         if verdict.fail_calls {
-            for call in self.queue.drain(..) {
+            for call in self.drain_queue() {
                 call.reply.send(Err(error.clone()));
             }
             // Calls still in the channel are taken (and failed) by the next turns.
@@ -1171,7 +1442,12 @@ impl<T: Transport> Dispatcher<T> {
             return;
         };
         let Some(culprit) = w.take(call) else { return };
-        let after = self.settings.timeout.unwrap_or_default();
+        let after = culprit
+            .opts
+            .as_ref()
+            .and_then(|o| o.timeout)
+            .or(self.settings.timeout)
+            .unwrap_or_default();
         tracing::debug!(
             worker = id.as_u64(),
             call,
@@ -1179,7 +1455,11 @@ impl<T: Transport> Dispatcher<T> {
             "call timed out; stopping its worker"
         );
         self.drop_worker(id, Charge::Nobody);
-        self.fail_running(culprit, CallError::Timeout { after }, id);
+        if culprit.opts.is_some() && culprit.expired(Instant::now()) {
+            culprit.reply.send(Err(CallError::Deadline { ran: true }));
+        } else {
+            self.fail_running(culprit, CallError::Timeout { after }, id);
+        }
     }
 
     fn check_memory(&mut self) {
@@ -1210,6 +1490,26 @@ impl<T: Transport> Dispatcher<T> {
         if self.subscribed.load(Ordering::Relaxed) {
             self.emit(Event::CallDone { worker, call, ok });
         }
+    }
+}
+
+/// How long an attempt of `call` starting now may run: its own timeout or the farm's, cut
+/// short by its deadline.
+fn limit_for(settings: &Settings, call: &Call) -> Option<Duration> {
+    let Some(opts) = &call.opts else {
+        return settings.timeout;
+    };
+    let timeout = opts.timeout.or(settings.timeout);
+    if call.reply.is_closed() {
+        // Nobody waits for a cancelled call: its deadline no longer matters.
+        return timeout;
+    }
+    let left = opts
+        .deadline
+        .map(|d| d.saturating_duration_since(Instant::now()));
+    match (timeout, left) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
     }
 }
 

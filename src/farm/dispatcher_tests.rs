@@ -183,7 +183,7 @@ impl Pending {
     fn outcome(&mut self) -> Option<Result<Bytes, CallError>> {
         if self.settled.is_none() {
             self.settled = match self.rx.try_recv() {
-                Ok(outcome) => Some(outcome.map(|b| *b).map_err(|e| *e)),
+                Ok(outcome) => Some(outcome.map(|a| a.body).map_err(|e| *e)),
                 Err(TryRecvError::Empty) => None,
                 Err(TryRecvError::Closed) => panic!("call {} dropped unsettled", self.id),
             };
@@ -245,6 +245,9 @@ fn farm_unstarted(options: FarmOptions) -> Harness {
         commands: commands_rx,
         events: broadcast::channel(64).0,
         subscribed: Arc::new(AtomicBool::new(true)),
+        load: tokio::sync::watch::channel(crate::farm::Load::default()).0,
+        load_watched: Arc::new(AtomicBool::new(true)),
+        capacity: Arc::default(),
     };
     let state = Shared::default();
     let transport = FakeTransport(state.clone());
@@ -419,7 +422,10 @@ impl Harness {
             .filter(|(to, _)| *to == worker)
             .filter_map(|(_, message)| match message {
                 ToWorker::Call { id, queued, .. } => Some((*id, *queued)),
-                ToWorker::Hello(_) | ToWorker::Stop | ToWorker::Slot { .. } => None,
+                ToWorker::Hello(_)
+                | ToWorker::Stop
+                | ToWorker::Slot { .. }
+                | ToWorker::Cancel { .. } => None,
             })
             .collect()
     }
@@ -931,7 +937,7 @@ async fn an_abandoned_broadcast_is_not_sent() {
     // Also behind a busy worker: the abandoned one neither waits for room nor is sent.
     h.answer(w(1), kept);
     let (_, mut kept_rx) = receivers.pop().unwrap();
-    assert_eq!(*kept_rx.try_recv().unwrap().unwrap(), body(kept));
+    assert_eq!(kept_rx.try_recv().unwrap().unwrap().body, body(kept));
     let mut call = h.call();
     let (_, receivers) = h.broadcast();
     drop(receivers);

@@ -1,12 +1,17 @@
 //! [`Farm`]: the handle a program uses to run calls on a pool of worker processes.
 
 mod call;
+mod call_builder;
 mod dispatcher;
+mod map;
 mod policy;
 mod registry;
 mod transport;
 mod workers;
 
+pub use call::CallInfo;
+pub use call_builder::{CallBuilder, CallHandle, CancelHandle, WithInfo};
+pub use map::{Map, MapUnordered};
 pub use registry::kill_all;
 
 use crate::error::{CallError, CreateError};
@@ -14,13 +19,15 @@ use crate::event::{Event, WorkerId};
 use crate::options::FarmOptions;
 use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
-use call::{Call, Limiter, Outcome, Place, Reply};
-use dispatcher::{Command, Dispatcher, Inputs};
+use bytes::Bytes;
+use call::Answer;
+use call::{Call, CallOpts, Limiter, Outcome, Place, Reply};
+use dispatcher::{CancelWhy, Command, Dispatcher, Inputs};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tracing::Instrument;
 use transport::pipe::Pipes;
 
@@ -51,10 +58,12 @@ const EVENT_CAPACITY: usize = 4096;
 ///
 /// # Drop behavior
 ///
-/// When the last handle is dropped the farm is killed: queued and in-flight calls fail with
-/// [`CallError::ShutDown`] and every worker is stopped (`SIGTERM`, then `SIGKILL` after
-/// `kill_timeout`). If the runtime itself shuts down first, each worker process is killed
-/// as its supervising task is dropped.
+/// A call's future (or [`CallHandle`], or a [`tell`](Farm::tell)) keeps its farm alive
+/// until the call settles, so a caller may drop every `Farm` handle and await its calls
+/// later. Once the last handle and the last outstanding call are gone, the farm is killed:
+/// every worker is stopped (`SIGTERM`, then `SIGKILL` after `kill_timeout`). If the runtime
+/// itself shuts down first, each worker process is killed as its supervising task is
+/// dropped.
 #[derive(Debug)]
 pub struct Farm<S: Serializer = Json> {
     core: Arc<Core>,
@@ -88,9 +97,113 @@ pub(crate) struct Core {
     /// Size of the last call frame, to size the next one's buffer right the first time.
     frame_hint: AtomicUsize,
     max_frame: usize,
+    /// The farm's runtime, for the tasks of fire-and-forget calls.
+    runtime: tokio::runtime::Handle,
+    load: watch::Receiver<Load>,
+    /// Set by the first `load()`: until then the dispatcher does not compute it.
+    load_watched: Arc<AtomicBool>,
+    /// Calls the workers can hold at once, kept by the dispatcher (the default bound of a map).
+    capacity: Arc<AtomicUsize>,
+}
+
+/// What a call queued with [`Core::queue`] came to.
+enum Submitted {
+    /// In the queue: its outcome arrives here.
+    Queued(oneshot::Receiver<Outcome>, Option<Place>),
+    /// `max_concurrent_calls` are out: it waits for a place (see [`Core::queue_when_room`]).
+    Full(Box<[u8]>, Option<Box<CallOpts>>),
 }
 
 impl Core {
+    fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// Queues a call if there is a place for it; without one, `Full` if the caller will
+    /// wait for one (`wait`), else `QueueFull`.
+    fn queue(
+        &self,
+        frame: Box<[u8]>,
+        opts: Option<Box<CallOpts>>,
+        wait: bool,
+    ) -> Result<Submitted, CallError> {
+        let place = match &self.limiter {
+            None => None,
+            Some(limiter) => {
+                self.sweep_abandoned(limiter);
+                // Given back when dropped: on an early return below, or when the call
+                // settles, or when the caller's future is dropped.
+                match Place::acquire(limiter) {
+                    Some(place) => Some(place),
+                    None if wait => return Ok(Submitted::Full(frame, opts)),
+                    None => {
+                        return Err(CallError::QueueFull {
+                            limit: limiter.limit,
+                        })
+                    }
+                }
+            }
+        };
+        let rx = self.enqueue(frame, opts, place.as_ref())?;
+        Ok(Submitted::Queued(rx, place))
+    }
+
+    /// Waits for a place (first come, first served), then queues the call.
+    async fn queue_when_room(
+        &self,
+        frame: Box<[u8]>,
+        opts: Option<Box<CallOpts>>,
+    ) -> Result<(oneshot::Receiver<Outcome>, Option<Place>), CallError> {
+        let place = match &self.limiter {
+            Some(limiter) => Some(Place::wait(limiter).await.ok_or(CallError::ShutDown)?),
+            None => None,
+        };
+        let rx = self.enqueue(frame, opts, place.as_ref())?;
+        Ok((rx, place))
+    }
+
+    fn enqueue(
+        &self,
+        frame: Box<[u8]>,
+        opts: Option<Box<CallOpts>>,
+        place: Option<&Place>,
+    ) -> Result<oneshot::Receiver<Outcome>, CallError> {
+        let (reply, rx) = Reply::new(place.map(Place::share));
+        let mut call = Call::new(frame, None, reply);
+        call.opts = opts;
+        self.calls.send(call).map_err(|_| CallError::ShutDown)?;
+        Ok(rx)
+    }
+
+    /// Waits for a queued (or full) call's outcome.
+    async fn outcome(&self, submitted: Submitted) -> Result<Answer, CallError> {
+        let (rx, place) = match submitted {
+            Submitted::Queued(rx, place) => (rx, place),
+            Submitted::Full(frame, opts) => self.queue_when_room(frame, opts).await?,
+        };
+        // Held until the call settles or this future is dropped, whichever comes first.
+        let _place = place.map(Abandon);
+        match rx.await {
+            Ok(Ok(answer)) => Ok(*answer),
+            Ok(Err(error)) => Err(*error),
+            Err(_) => Err(CallError::ShutDown),
+        }
+    }
+
+    /// Abandoned calls give their place back at once but stay in the queue until the
+    /// dispatcher reaches them; once `max_concurrent_calls` of them pile up, it sweeps them
+    /// out, so the queue stays bounded however many calls are made and dropped.
+    fn sweep_abandoned(&self, limiter: &Limiter) {
+        if limiter.abandoned.load(Ordering::Relaxed) >= limiter.limit {
+            limiter.abandoned.store(0, Ordering::Relaxed);
+            let _ = self.commands.send(Command::Sweep);
+        }
+    }
+
+    fn cancel(&self, call: u64, why: CancelWhy) {
+        let _ = self.commands.send(Command::Cancel { call, why });
+    }
+
     async fn request<R>(&self, make: impl FnOnce(oneshot::Sender<R>) -> Command) -> Option<R> {
         let (tx, rx) = oneshot::channel();
         self.commands.send(make(tx)).ok()?;
@@ -100,6 +213,19 @@ impl Core {
     pub(crate) async fn kill(&self) {
         self.request(Command::Kill).await;
     }
+}
+
+/// How busy a farm is, from [`Farm::load`]: a cheap signal for a program that feeds the
+/// farm from elsewhere (a network queue, say) and takes work only while there is room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Load {
+    /// Calls waiting for a worker.
+    pub queued: usize,
+    /// Calls handed to workers: running, or waiting inside them to start.
+    pub in_flight: usize,
+    /// Calls the online workers could take now without any waiting in the farm's queue.
+    pub free: usize,
 }
 
 /// The result of a broadcast: one entry per worker that was live when it was sent.
@@ -212,11 +338,17 @@ impl<S: Serializer> Farm<S> {
         let (calls, calls_rx) = mpsc::unbounded_channel();
         let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
         let subscribed = Arc::new(AtomicBool::new(false));
+        let (load_tx, load) = watch::channel(Load::default());
+        let load_watched = Arc::new(AtomicBool::new(false));
+        let capacity = Arc::new(AtomicUsize::new(settings.workers));
         let inputs = Inputs {
             calls: calls_rx,
             commands: commands_rx,
             events: events.clone(),
             subscribed: subscribed.clone(),
+            load: load_tx,
+            load_watched: load_watched.clone(),
+            capacity: capacity.clone(),
         };
         let transport = Pipes::new(settings.clone());
         let mut dispatcher = Dispatcher::new(settings.clone(), hello, transport, inputs);
@@ -234,7 +366,7 @@ impl<S: Serializer> Farm<S> {
             subscribed,
             limiter: settings.max_concurrent_calls.map(|limit| {
                 Arc::new(Limiter {
-                    semaphore: Semaphore::new(limit),
+                    semaphore: Arc::new(Semaphore::new(limit)),
                     limit,
                     abandoned: AtomicUsize::new(0),
                 })
@@ -242,6 +374,10 @@ impl<S: Serializer> Farm<S> {
             next_call: AtomicU64::new(1),
             frame_hint: AtomicUsize::new(64),
             max_frame: settings.max_frame,
+            runtime: tokio::runtime::Handle::current(),
+            load,
+            load_watched,
+            capacity,
         });
         registry::register(&core);
         Ok(Farm { core, serializer })
@@ -250,17 +386,22 @@ impl<S: Serializer> Farm<S> {
     /// Runs the worker's default method with `args` (a tuple for several).
     ///
     /// The call is queued when `run` is called, not when the future is first polled, so a
-    /// loop of `run` calls submits them all at once.
+    /// loop of `run` calls submits them all at once. With
+    /// [`max_concurrent_calls`](FarmOptions::max_concurrent_calls) reached, it is queued
+    /// when a place frees instead (first come, first served), while the future is polled;
+    /// [`try_run`](Self::try_run) fails at once instead.
     ///
     /// # Errors
     ///
-    /// Any [`CallError`]; `QueueFull`, `ShutDown` and `Serialize` come without waiting.
+    /// Any [`CallError`]; `ShutDown` and `Serialize` come without waiting.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes abandons the call: if it is still queued it
     /// never runs; if a worker is already running it, it runs to the end and the result is
-    /// discarded.
+    /// discarded. (To stop a running call, use [`call`](Self::call) and
+    /// [`CallHandle::cancel`], or `cancel_on_drop`.) The future keeps the farm alive until
+    /// it settles or is dropped.
     pub fn run<A, T>(&self, args: A) -> impl Future<Output = Result<T, CallError>> + Send + 'static
     where
         A: Serialize,
@@ -279,22 +420,188 @@ impl<S: Serializer> Farm<S> {
         A: Serialize,
         T: DeserializeOwned,
     {
+        self.run_decoded(method, &args, true)
+    }
+
+    /// Like [`run`](Self::run), but with `max_concurrent_calls` reached it fails at once
+    /// with [`CallError::QueueFull`] rather than wait for a place.
+    pub fn try_run<A, T>(
+        &self,
+        args: A,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        self.try_run_method("", args)
+    }
+
+    /// Like [`run_method`](Self::run_method), but with `max_concurrent_calls` reached it
+    /// fails at once with [`CallError::QueueFull`] rather than wait for a place.
+    pub fn try_run_method<A, T>(
+        &self,
+        method: &str,
+        args: A,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        self.run_decoded(method, &args, false)
+    }
+
+    fn run_decoded<A, T>(
+        &self,
+        method: &str,
+        args: &A,
+        wait: bool,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
         // Boxed, so the future a caller holds for each queued call stays small.
-        let submitted = self.submit(method, &args).map_err(Box::new);
+        let submitted = self.submit(method, args, None, wait).map_err(Box::new);
         let serializer = self.serializer.clone();
         // For a result that does not decode: the error names the method.
         let method: Box<str> = method.into();
+        // Keeps the farm alive until the call settles.
+        let core = self.core.clone();
         async move {
-            // Held until the call settles or this future is dropped, whichever comes first.
-            let (rx, place) = submitted.map_err(|e| *e)?;
-            let _place = place.map(Abandon);
-            let body = match rx.await {
-                Ok(Ok(body)) => body,
-                Ok(Err(error)) => return Err(*error),
-                Err(_) => return Err(CallError::ShutDown),
-            };
-            decode_result(&serializer, &method, &body)
+            let answer = core.outcome(submitted.map_err(|e| *e)?).await?;
+            decode_result(&serializer, &method, &answer.body)
         }
+    }
+
+    /// Starts a call of `method` with per-call options: a [`CallBuilder`]. Await it for the
+    /// result, or [`start`](CallBuilder::start) it for a [`CallHandle`] that can be
+    /// cancelled and tells where the call ran.
+    ///
+    /// ```no_run
+    /// # use workfarm::{Farm, FarmOptions};
+    /// # use std::time::Duration;
+    /// # async fn demo(farm: Farm) -> Result<(), workfarm::CallError> {
+    /// let sum: i64 = farm
+    ///     .call("add", (1, 2))
+    ///     .timeout(Duration::from_secs(5))
+    ///     .retries(0)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call<'a, A, T>(&'a self, method: &'a str, args: A) -> CallBuilder<'a, S, A, T>
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        CallBuilder::new(self, method, args)
+    }
+
+    /// Queues a call of `method` whose result nobody waits for (dworker's `tell`): it runs
+    /// like any call (retries included), its result is dropped, and its failure is sent as
+    /// [`Event::TellFailed`]. Returns the call's id. It keeps the farm alive until it
+    /// settles.
+    ///
+    /// # Errors
+    ///
+    /// `Serialize`, `ShutDown`, and `QueueFull` when `max_concurrent_calls` are out (a
+    /// `tell` never waits).
+    pub fn tell<A: Serialize>(&self, method: &str, args: A) -> Result<u64, CallError> {
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame =
+            self.encode_call(id, method, |s, buf| s.encode(&args, buf), type_name::<A>())?;
+        let submitted = self.core.queue(frame, None, false)?;
+        let core = self.core.clone();
+        let method = method.to_owned();
+        self.core.runtime.spawn(async move {
+            if let Err(error) = core.outcome(submitted).await {
+                let _ = core.events.send(Event::TellFailed {
+                    call: id,
+                    method,
+                    error,
+                });
+            }
+        });
+        Ok(id)
+    }
+
+    /// Runs `method` with arguments already encoded in the farm's serializer, and returns
+    /// the result as the worker encoded it: for a program that forwards calls it does not
+    /// decode. A malformed `args` is the worker's [`CallError::BadArguments`].
+    pub fn run_raw(
+        &self,
+        method: &str,
+        args: Bytes,
+    ) -> impl Future<Output = Result<Bytes, CallError>> + Send + 'static {
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let submitted = self
+            .encode_call(
+                id,
+                method,
+                |_, buf| {
+                    buf.extend_from_slice(&args);
+                    Ok(())
+                },
+                "raw bytes",
+            )
+            .and_then(|frame| self.core.queue(frame, None, true))
+            .map_err(Box::new);
+        let core = self.core.clone();
+        async move {
+            let answer = core.outcome(submitted.map_err(|e| *e)?).await?;
+            Ok(answer.body)
+        }
+    }
+
+    /// Like [`broadcast_method`](Self::broadcast_method) with arguments already encoded in
+    /// the farm's serializer; results come back as the workers encoded them.
+    pub async fn broadcast_raw(&self, method: &str, args: Bytes) -> Broadcast<Bytes> {
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode_call(
+            id,
+            method,
+            |_, buf| {
+                buf.extend_from_slice(&args);
+                Ok(())
+            },
+            "raw bytes",
+        );
+        self.broadcast_frame(frame, Ok).await
+    }
+
+    /// The farm's load, as a [`watch`] that changes as calls are queued, handed out and
+    /// answered: queued calls, calls in flight, and free places in online workers.
+    /// Computed only once someone has asked for it.
+    pub fn load(&self) -> watch::Receiver<Load> {
+        if !self.core.load_watched.swap(true, Ordering::Relaxed) {
+            // Wake the dispatcher, so the first value is a real one.
+            let _ = self.core.commands.send(Command::Nudge);
+        }
+        self.core.load.clone()
+    }
+
+    /// Maps `method` over `inputs`, yielding results in input order: a
+    /// [`Stream`](futures_core::Stream) that keeps up to what the farm can run at once in
+    /// flight, and pulls the next input only when there is room (an endless iterator is
+    /// fine). See [`Map`] for the bound and `chunk_size`.
+    pub fn map<I, A, T>(&self, method: &str, inputs: I) -> Map<S, I::IntoIter, T>
+    where
+        I: IntoIterator<Item = A>,
+        A: Serialize,
+        T: DeserializeOwned + Send + 'static,
+    {
+        Map::new(self.clone(), method, inputs.into_iter())
+    }
+
+    /// Maps `method` over `inputs`, yielding each result as it completes, with its input's
+    /// index. See [`map`](Self::map).
+    pub fn map_unordered<I, A, T>(&self, method: &str, inputs: I) -> MapUnordered<S, I::IntoIter, T>
+    where
+        I: IntoIterator<Item = A>,
+        A: Serialize,
+        T: DeserializeOwned + Send + 'static,
+    {
+        MapUnordered::new(self.clone(), method, inputs.into_iter())
     }
 
     /// Runs the default method once on every live worker. See
@@ -317,13 +624,24 @@ impl<S: Serializer> Farm<S> {
         A: Serialize,
         T: DeserializeOwned,
     {
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let frame = self.encode_call(id, method, |s, buf| s.encode(&args, buf), type_name::<A>());
+        let serializer = self.serializer.clone();
+        self.broadcast_frame(frame, |body| decode_result(&serializer, method, &body))
+            .await
+    }
+
+    async fn broadcast_frame<T>(
+        &self,
+        frame: Result<Box<[u8]>, CallError>,
+        decode: impl Fn(Bytes) -> Result<T, CallError>,
+    ) -> Broadcast<T> {
         let mut result = Broadcast {
             successes: Vec::new(),
             failures: Vec::new(),
             unreached: None,
         };
-        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
-        let frame = match self.encode_call(id, method, &args) {
+        let frame = match frame {
             Ok(frame) => frame,
             Err(error) => {
                 // Nothing was sent: each live worker's call failed the same way.
@@ -355,7 +673,7 @@ impl<S: Serializer> Farm<S> {
                 Ok(outcome) => outcome.map_err(|e| *e),
                 Err(_) => Err(CallError::ShutDown),
             };
-            match outcome.and_then(|body| decode_result(&self.serializer, method, &body)) {
+            match outcome.and_then(|answer| decode(answer.body)) {
                 Ok(value) => result.successes.push((worker, value)),
                 Err(error) => result.failures.push((worker, error)),
             }
@@ -418,51 +736,27 @@ impl<S: Serializer> Farm<S> {
         &self.serializer
     }
 
-    /// Encodes and queues a call; the receiver yields its outcome.
+    /// Encodes and queues a call (or, with `wait`, readies it to wait for a place).
     fn submit<A: Serialize>(
         &self,
         method: &str,
         args: &A,
-    ) -> Result<(oneshot::Receiver<Outcome>, Option<Place>), CallError> {
-        let place = match &self.core.limiter {
-            None => None,
-            Some(limiter) => {
-                self.sweep_abandoned(limiter);
-                // Given back when dropped: on an early return below, or when the call
-                // settles, or when the caller's future is dropped.
-                let place = Place::acquire(limiter);
-                Some(place.ok_or(CallError::QueueFull {
-                    limit: limiter.limit,
-                })?)
-            }
-        };
-        let (reply, rx) = Reply::new(place.as_ref().map(Place::share));
+        opts: Option<Box<CallOpts>>,
+        wait: bool,
+    ) -> Result<Submitted, CallError> {
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
-        let frame = self.encode_call(id, method, args)?;
-        self.core
-            .calls
-            .send(Call::new(frame, None, reply))
-            .map_err(|_| CallError::ShutDown)?;
-        Ok((rx, place))
+        let frame = self.encode_call(id, method, |s, buf| s.encode(args, buf), type_name::<A>())?;
+        self.core.queue(frame, opts, wait)
     }
 
-    /// Abandoned calls give their place back at once but stay in the queue until the
-    /// dispatcher reaches them; once `max_concurrent_calls` of them pile up, it sweeps them
-    /// out, so the queue stays bounded however many calls are made and dropped.
-    fn sweep_abandoned(&self, limiter: &Limiter) {
-        if limiter.abandoned.load(Ordering::Relaxed) >= limiter.limit {
-            limiter.abandoned.store(0, Ordering::Relaxed);
-            let _ = self.core.commands.send(Command::Sweep);
-        }
-    }
-
-    fn encode_call<A: Serialize>(
+    /// A complete Call frame: the header, then what `args` writes.
+    fn encode_call(
         &self,
         id: u64,
         method: &str,
-        args: &A,
+        args: impl FnOnce(&S, &mut Vec<u8>) -> Result<(), crate::serializer::SerializeError>,
+        type_name: &'static str,
     ) -> Result<Box<[u8]>, CallError> {
-        let type_name = std::any::type_name::<A>();
         if method.len() > u16::MAX as usize {
             return Err(CallError::Serialize {
                 type_name,
@@ -474,12 +768,10 @@ impl<S: Serializer> Farm<S> {
         let mut buf = Vec::with_capacity(hint.clamp(32, 16 << 20));
         let start = frame::begin(&mut buf);
         protocol::encode_call_head(id, method, &mut buf);
-        self.serializer
-            .encode(args, &mut buf)
-            .map_err(|e| CallError::Serialize {
-                type_name,
-                message: e.to_string(),
-            })?;
+        args(&self.serializer, &mut buf).map_err(|e| CallError::Serialize {
+            type_name,
+            message: e.to_string(),
+        })?;
         frame::finish(&mut buf, start, self.core.max_frame).map_err(|e| CallError::Serialize {
             type_name,
             message: e.to_string(),
@@ -489,6 +781,10 @@ impl<S: Serializer> Farm<S> {
         }
         Ok(buf.into_boxed_slice())
     }
+}
+
+fn type_name<A>() -> &'static str {
+    std::any::type_name::<A>()
 }
 
 fn decode_result<S: Serializer, T: DeserializeOwned>(

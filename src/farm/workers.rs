@@ -83,10 +83,30 @@ struct Held {
 }
 
 impl Held {
-    /// Waiting, with a place, not a broadcast: it may be taken back to run elsewhere.
+    /// Waiting, with a place, not a broadcast, not keyed: it may be taken back to run
+    /// elsewhere.
     fn movable(&self) -> bool {
-        !self.started && self.slot.is_some() && self.call.pinned.is_none()
+        !self.started
+            && self.slot.is_some()
+            && self.call.pinned.is_none()
+            && self.call.key().is_none()
     }
+}
+
+/// What cancelling a call a worker holds comes to.
+#[derive(Debug)]
+pub(crate) enum Cancelled {
+    /// It had not started and was taken back: it never runs.
+    Withdrawn(Call),
+    /// It runs on: its reply, detached (the call stays until the worker answers, which is
+    /// then discarded).
+    Detached {
+        reply: super::call::Reply,
+        kind: Kind,
+        started: bool,
+        /// No other call has started on the worker.
+        alone: bool,
+    },
 }
 
 /// What a worker held when it was emptied.
@@ -104,6 +124,9 @@ pub(crate) struct Emptied {
 #[derive(Debug)]
 pub(crate) struct Worker<L> {
     pub(crate) id: WorkerId,
+    /// Its place in the pool, `0..workers`, inherited by its replacement: keyed calls go
+    /// by it.
+    pub(crate) slot: usize,
     pub(crate) link: L,
     pub(crate) state: WorkerState,
     calls: HashMap<u64, Held, CallIdHash>,
@@ -150,9 +173,10 @@ pub(crate) struct Worker<L> {
 }
 
 impl<L> Worker<L> {
-    pub(crate) fn new(id: WorkerId, link: L) -> Self {
+    pub(crate) fn new(id: WorkerId, slot: usize, link: L) -> Self {
         Worker {
             id,
+            slot,
             link,
             state: WorkerState::Starting,
             calls: HashMap::default(),
@@ -245,6 +269,11 @@ impl<L> Worker<L> {
         } else {
             self.threads().max(SYNC_CALLS_PER_WORKER)
         }
+    }
+
+    /// Sync calls it can hold at once when idle: what a map keeps in flight per worker.
+    pub(crate) fn capacity(&self, per_worker: Option<usize>) -> usize {
+        per_worker.unwrap_or_else(|| self.sync_limit())
     }
 
     /// Threads with no sync call running or waiting for them.
@@ -383,6 +412,9 @@ impl<L> Worker<L> {
         if let Some(retry) = &mut call.retry {
             retry.withdrawn = false;
         }
+        if let Some(opts) = call.opts.as_mut().filter(|_| starts) {
+            opts.started = Some(Instant::now());
+        }
         protocol::set_call_queued(&mut call.frame, !starts);
         let slot = if starts {
             None
@@ -458,10 +490,42 @@ impl<L> Worker<L> {
         }
         self.progress += 1;
         held.call.attempts = held.call.attempts.saturating_add(1);
+        if let Some(opts) = &mut held.call.opts {
+            opts.started = Some(Instant::now());
+        }
         let kind = held.kind;
         self.waiting = self.waiting.saturating_sub(1);
         self.count_start(kind);
         true
+    }
+
+    /// Whether call `id`'s handler has started here.
+    pub(crate) fn is_started(&self, id: u64) -> bool {
+        self.calls.get(&id).is_some_and(|h| h.started)
+    }
+
+    /// The call `id`, if it holds it.
+    pub(crate) fn call(&self, id: u64) -> Option<&Call> {
+        self.calls.get(&id).map(|h| &h.call)
+    }
+
+    /// The caller cancelled call `id`: takes it back if it waits and can be, else detaches
+    /// its reply. `None` if it does not hold it.
+    pub(crate) fn cancel(&mut self, id: u64) -> Option<Cancelled> {
+        let held = self.calls.get(&id)?;
+        if !held.started && held.slot.is_some() {
+            if let Some(call) = self.withdraw(id) {
+                return Some(Cancelled::Withdrawn(call));
+            }
+        }
+        let others_started = self.calls.values().any(|h| h.started && h.call.id() != id);
+        let held = self.calls.get_mut(&id)?;
+        Some(Cancelled::Detached {
+            reply: std::mem::replace(&mut held.call.reply, super::call::Reply::detached()),
+            kind: held.kind,
+            started: held.started,
+            alone: !others_started,
+        })
     }
 
     /// Takes call `id` out (it was answered); `None` if the worker does not hold it. A call
@@ -570,6 +634,18 @@ impl<L> Workers<L> {
         WorkerId(std::num::NonZeroU64::MIN.saturating_add(self.next_id - 1))
     }
 
+    /// The lowest pool slot no live worker holds: a replacement takes its predecessor's.
+    pub(crate) fn free_slot(&self) -> usize {
+        (0..)
+            .find(|&slot| !self.list.iter().any(|w| w.is_live() && w.slot == slot))
+            .unwrap_or(0)
+    }
+
+    /// The live worker in pool slot `slot`.
+    pub(crate) fn in_slot(&self, slot: usize) -> Option<&Worker<L>> {
+        self.list.iter().find(|w| w.is_live() && w.slot == slot)
+    }
+
     pub(crate) fn add(&mut self, worker: Worker<L>) {
         self.index.insert(worker.id, self.list.len());
         self.list.push(worker);
@@ -632,6 +708,22 @@ impl<L> Workers<L> {
     /// Records what a worker said in its handshake, for [`kind_of`](Self::kind_of).
     pub(crate) fn learn(&mut self, caps: &Caps) {
         self.caps = Some(caps.clone());
+    }
+
+    /// The worker in pool slot `slot`, if it is online and has room for keyed `call`.
+    pub(crate) fn pick_keyed(
+        &self,
+        call: &Call,
+        kind: Kind,
+        per_worker: Option<usize>,
+        slot: usize,
+    ) -> Option<WorkerId> {
+        let w = self.in_slot(slot)?;
+        let fits = w.state == WorkerState::Online
+            && w.has_room(kind, per_worker)
+            && (w.starts_on_arrival(kind)
+                || w.waiting_bytes + call.frame.len() <= WAITING_BYTES_PER_WORKER);
+        fits.then_some(w.id)
     }
 
     /// The online worker with room for `call` (of `kind`) that holds the fewest calls,

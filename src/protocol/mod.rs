@@ -12,6 +12,7 @@
 //! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
 //! | `0x05` | to worker | Slot    | slot u16, generation u32: the next "Call, queued" waits in this place of the shared slot table |
 //! | `0x06` | to worker | Shared  | offset u64, length u32: the real payload is in the shared ring |
+//! | `0x07` | to worker | Cancel  | call id u64: the caller gave up; an async handler still running is dropped and answered Err Cancelled |
 //! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len), flags u8 (bit 0: maps the shared rings) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
 //! | `0x83` | to farm   | Err     | call id u64, kind u8, UTF-8 message                    |
@@ -61,7 +62,7 @@ use bytes::{Buf, Bytes};
 use std::fmt;
 
 /// Version of the wire protocol; the handshake refuses a worker that speaks another.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 const TAG_HELLO: u8 = 0x01;
 const TAG_CALL: u8 = 0x02;
@@ -69,6 +70,7 @@ const TAG_CALL_QUEUED: u8 = 0x03;
 const TAG_STOP: u8 = 0x04;
 const TAG_SLOT: u8 = 0x05;
 const TAG_SHARED_TO_WORKER: u8 = 0x06;
+const TAG_CANCEL: u8 = 0x07;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
@@ -126,6 +128,8 @@ pub(crate) enum FailureKind {
     BadArguments = 4,
     /// The handler's result could not be serialized or framed.
     BadResult = 5,
+    /// The farm cancelled the call and its handler was dropped.
+    Cancelled = 6,
 }
 
 impl FailureKind {
@@ -136,6 +140,7 @@ impl FailureKind {
             3 => FailureKind::UnknownMethod,
             4 => FailureKind::BadArguments,
             5 => FailureKind::BadResult,
+            6 => FailureKind::Cancelled,
             _ => return None,
         })
     }
@@ -187,6 +192,21 @@ pub(crate) enum ToWorker {
         slot: u16,
         generation: u32,
     },
+    /// The caller gave up on call `id`.
+    Cancel {
+        id: u64,
+    },
+}
+
+/// A framed Cancel message for call `id`.
+pub(crate) fn cancel_frame(id: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame::HEAD_LEN + 9);
+    let start = frame::begin(&mut out);
+    out.push(TAG_CANCEL);
+    out.extend_from_slice(&id.to_le_bytes());
+    // Cannot fail: 9 bytes fit any cap.
+    let _ = frame::finish(&mut out, start, usize::MAX);
+    out
 }
 
 /// Encodes a Stop message.
@@ -303,6 +323,8 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
             generation: p.get_u32_le(),
         }),
         TAG_SLOT => Err(malformed("slot")),
+        TAG_CANCEL if p.remaining() == 8 => Ok(ToWorker::Cancel { id: p.get_u64_le() }),
+        TAG_CANCEL => Err(malformed("cancel")),
         tag => Err(ProtocolError(format!("unknown message tag {tag:#04x}"))),
     }
 }
@@ -586,9 +608,12 @@ mod tests {
             b"\x02\0",
             b"\x85\0\0",
             b"\x05\0",
-            b"\x81\x05\0\0\0\0\0\x01\0\x05\0",
+            b"\x81\x06\0\0\0\0\0\x01\0\x05\0",
         ] {
-            assert!(decode_from_worker(Bytes::copy_from_slice(bad)).is_err());
+            assert!(
+                decode_from_worker(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
             assert!(decode_to_worker(Bytes::copy_from_slice(bad)).is_err());
         }
         assert!(decode_to_worker(Bytes::from_static(b"\x04junk")).is_err());

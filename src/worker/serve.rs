@@ -130,6 +130,19 @@ impl Pending {
     }
 }
 
+/// Ends one pending call when dropped.
+struct PendingGuard(Arc<Pending>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One sync call for the pool.
 struct Job<S> {
     id: u64,
@@ -232,6 +245,9 @@ struct Server<S: Serializer> {
     batch: Vec<Job<S>>,
     /// For async handlers; started with the first async call.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Async calls running, for the farm's Cancel: whoever takes a call out of this table
+    /// (its task on finishing, or a Cancel) is the one that answers it.
+    running: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>,
     /// Replies and Started reports not yet written.
     out: Vec<u8>,
 }
@@ -368,6 +384,7 @@ impl<S: Serializer> Server<S> {
             next_slot: None,
             batch: Vec::new(),
             runtime: None,
+            running: Arc::default(),
             out: Vec::with_capacity(64 * 1024),
         };
         if server.threads > 1 {
@@ -405,6 +422,7 @@ impl<S: Serializer> Server<S> {
                     Ok(ToWorker::Slot { slot, generation }) => {
                         self.next_slot = Some((slot, generation));
                     }
+                    Ok(ToWorker::Cancel { id }) => self.cancel(id),
                     Ok(ToWorker::Hello(_)) => {
                         return Err(serve_error("second handshake from the farm"))
                     }
@@ -480,7 +498,7 @@ impl<S: Serializer> Server<S> {
                         protocol_started(id, max_frame, &mut self.out);
                         self.flush()?;
                     }
-                    self.spawn(future)?;
+                    self.spawn(id, future)?;
                 }
                 Err(failure) => error_frame(id, &failure, max_frame, &mut self.out),
             },
@@ -488,7 +506,19 @@ impl<S: Serializer> Server<S> {
         Ok(())
     }
 
-    fn spawn(&mut self, future: super::handler::BoxFuture) -> Result<(), ServeError> {
+    /// The farm cancelled call `id`: if it is an async call still running, its future is
+    /// dropped and the call answered Cancelled. Otherwise (it finished, or it is sync) the
+    /// answer it has or will have stands; the farm discards it.
+    fn cancel(&mut self, id: u64) {
+        let task = lock(&self.running).remove(&id);
+        if let Some(task) = task {
+            task.abort();
+            let failure = Failure::new(FailureKind::Cancelled, "cancelled by the caller");
+            error_frame(id, &failure, self.max_frame, &mut self.out);
+        }
+    }
+
+    fn spawn(&mut self, id: u64, future: super::handler::BoxFuture) -> Result<(), ServeError> {
         if self.runtime.is_none() {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(self.threads)
@@ -501,15 +531,22 @@ impl<S: Serializer> Server<S> {
         let Some(runtime) = &self.runtime else {
             return Ok(());
         };
-        let (output, pending) = (self.output.clone(), self.pending.clone());
-        pending.begin();
+        let (output, running) = (self.output.clone(), self.running.clone());
+        self.pending.begin();
+        // Ends the count however the task ends: finished, or dropped by a Cancel.
+        let done = PendingGuard(self.pending.clone());
         let max_frame = self.max_frame;
-        runtime.spawn(async move {
+        // Held while spawning, so the task cannot finish before it is in the table.
+        let mut table = lock(&self.running);
+        let task = runtime.spawn(async move {
+            let _done = done;
             let mut frame = future.await;
-            output.share_last_frame(&mut frame, 0, max_frame);
-            let _ = output.write(&frame);
-            pending.end();
+            if lock(&running).remove(&id).is_some() {
+                output.share_last_frame(&mut frame, 0, max_frame);
+                let _ = output.write(&frame);
+            }
         });
+        table.insert(id, task.abort_handle());
         Ok(())
     }
 

@@ -90,6 +90,21 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             std::process::id()
         })
+        // Sleeps like "sleep", logging to `path` "<tag> done" when it finishes or
+        // "<tag> dropped" when its future is dropped first (a cancelled call).
+        .method_async(
+            "guarded_sleep",
+            |(path, tag, ms): (String, u64, u64)| async move {
+                let mut guard = Guard {
+                    path,
+                    tag,
+                    done: false,
+                };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                guard.done = true;
+                std::process::id()
+            },
+        )
         // Blocks the worker's thread, like CPU-bound work; returns its pid.
         .method("block", |ms: u64| {
             std::thread::sleep(Duration::from_millis(ms));
@@ -379,6 +394,30 @@ fn frame_pipe_sizes() -> (usize, usize) {
     };
     let fds = frame_fds();
     (size(fds.input), size(fds.output))
+}
+
+/// Logs how a "guarded_sleep" ended.
+struct Guard {
+    path: String,
+    tag: u64,
+    done: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let how = if self.done { "done" } else { "dropped" };
+        let _ = append_line(&self.path, &format!("{} {how}", self.tag));
+    }
+}
+
+fn append_line(path: &str, line: &str) -> Result<(), String> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    file.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("{path}: {e}"))
 }
 
 fn log_run(path: &str, tag: u64) -> Result<u64, String> {

@@ -39,6 +39,10 @@ pub(crate) struct Attempt {
     pub(crate) pinned: bool,
     /// The farm still takes calls (not shutting down or killed).
     pub(crate) accepting: bool,
+    /// Its own `retries`, overriding the farm's.
+    pub(crate) max_retries: Option<u32>,
+    /// Nobody will take its result: cancelled, abandoned, or past its deadline.
+    pub(crate) unwanted: bool,
 }
 
 impl RetryPolicy {
@@ -55,10 +59,10 @@ impl RetryPolicy {
 
     /// A running attempt failed with `error`.
     pub(crate) fn failed(&self, error: &CallError, call: Attempt) -> Verdict {
-        if call.pinned || !call.accepting || !self.retryable(error) {
+        if call.pinned || !call.accepting || call.unwanted || !self.retryable(error) {
             return Verdict::Settle;
         }
-        if call.attempts <= self.max_retries {
+        if call.attempts <= call.max_retries.unwrap_or(self.max_retries) {
             Verdict::RequeueCharged
         } else {
             Verdict::Settle
@@ -68,7 +72,7 @@ impl RetryPolicy {
     /// The call's worker went (died, timed out on another call, was dropped) while the
     /// call was not to blame: it had not started, or the culprit is known to be another.
     pub(crate) fn displaced(&self, call: Attempt) -> Verdict {
-        if call.pinned || !call.accepting || call.displaced >= MAX_DISPLACED {
+        if call.pinned || !call.accepting || call.unwanted || call.displaced >= MAX_DISPLACED {
             Verdict::Settle
         } else {
             Verdict::RequeueFree
@@ -127,6 +131,8 @@ mod tests {
             displaced: 0,
             pinned: false,
             accepting: true,
+            max_retries: None,
+            unwanted: false,
         }
     }
 
@@ -182,10 +188,24 @@ mod tests {
                 accepting: false,
                 ..attempt(1)
             },
+            Attempt {
+                unwanted: true,
+                ..attempt(1)
+            },
         ] {
             assert_eq!(POLICY.failed(&died(), call), Verdict::Settle);
             assert_eq!(POLICY.displaced(call), Verdict::Settle);
         }
+    }
+
+    #[test]
+    fn a_call_s_own_retries_override_the_farm_s() {
+        let own = |n| Attempt {
+            max_retries: Some(n),
+            ..attempt(2)
+        };
+        assert_eq!(POLICY.failed(&died(), own(0)), Verdict::Settle);
+        assert_eq!(POLICY.failed(&died(), own(5)), Verdict::RequeueCharged);
     }
 
     #[test]

@@ -337,6 +337,11 @@ pub enum CreateError {
     },
     /// `create` was called outside a tokio runtime.
     NoRuntime,
+    /// [`blocking::Farm`](crate::blocking::Farm) could not start its runtime thread.
+    Runtime {
+        /// Why.
+        source: std::io::Error,
+    },
     /// The tokio runtime lacks a driver the farm needs (`"time"` or `"io"`): build it with
     /// `enable_all()` (as `#[tokio::main]` does).
     RuntimeDriverMissing {
@@ -367,9 +372,10 @@ impl fmt::Display for CreateError {
                     path.display()
                 )
             }
-            CreateError::NoRuntime => {
-                f.write_str("Farm::create must be called within a tokio runtime")
-            }
+            CreateError::NoRuntime => f.write_str(
+                "Farm::create must be called within a tokio runtime (or use workfarm::blocking::Farm)",
+            ),
+            CreateError::Runtime { .. } => f.write_str("could not start the farm's runtime"),
             CreateError::RuntimeDriverMissing { driver } => write!(
                 f,
                 "the tokio runtime has no {driver} driver: build it with enable_all() \
@@ -382,7 +388,7 @@ impl fmt::Display for CreateError {
 impl std::error::Error for CreateError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            CreateError::Spawn { source, .. } => Some(source),
+            CreateError::Spawn { source, .. } | CreateError::Runtime { source } => Some(source),
             CreateError::InvalidOption { .. }
             | CreateError::WorkerNotFound { .. }
             | CreateError::NotExecutable { .. }

@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod blocking;
 pub mod error;
 pub mod event;
 mod farm;

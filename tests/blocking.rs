@@ -34,10 +34,7 @@ fn calls_run_without_a_runtime_of_the_caller_s() {
             after: Duration::from_millis(200)
         })
     );
-    let (value, info) = farm
-        .call::<_, i64>("noop", 9)
-        .run_with_info()
-        .unwrap();
+    let (value, info) = farm.call::<_, i64>("noop", 9).run_with_info().unwrap();
     assert_eq!(value, 9);
     assert_eq!(info.attempts, 1);
     let all = farm.broadcast_method::<_, u32>("pid", ());
@@ -92,7 +89,11 @@ fn dropping_the_last_handle_stops_every_worker() {
     assert_eq!(workers.len(), 2);
     let clone = farm.clone();
     drop(farm);
-    assert_eq!(clone.run_method::<_, i64>("noop", 1), Ok(1), "a clone keeps it");
+    assert_eq!(
+        clone.run_method::<_, i64>("noop", 1),
+        Ok(1),
+        "a clone keeps it"
+    );
     drop(clone);
     // The drop returned once the workers were gone: already reaped.
     for pid in workers {

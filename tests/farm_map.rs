@@ -120,3 +120,97 @@ async fn dropping_a_map_abandons_its_calls() {
     assert!(runs <= 5, "{runs} ran after the map was dropped");
     farm.shutdown().await;
 }
+
+#[tokio::test]
+async fn chunks_keep_input_order_and_send_one_call_per_chunk() {
+    let farm = Farm::create(options(2)).unwrap();
+    let mut events = farm.events();
+    let out: Vec<i64> = farm
+        .map::<_, _, i64>("noop", 0..1_003i64)
+        .chunk_size(10)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(out, (0..1_003).collect::<Vec<_>>());
+    let calls = drain(&mut events)
+        .iter()
+        .filter(|e| matches!(e, workfarm::Event::CallDone { .. }))
+        .count();
+    assert_eq!(calls, 101, "1003 inputs in chunks of 10");
+    let mut unordered: Vec<(usize, i64)> = farm
+        .map_unordered::<_, _, i64>("noop", 0..95i64)
+        .chunk_size(8)
+        .map(|(i, r)| (i, r.unwrap()))
+        .collect()
+        .await;
+    unordered.sort();
+    assert!(unordered.iter().all(|(i, v)| *i as i64 == *v));
+    assert_eq!(unordered.len(), 95);
+    farm.shutdown().await;
+}
+
+/// In a chunk each input succeeds or fails on its own: a bad argument or a panic fails
+/// its input only.
+#[tokio::test]
+async fn a_failing_input_fails_only_itself_within_its_chunk() {
+    let farm = Farm::create(options(1)).unwrap();
+    let inputs = vec![
+        serde_json::json!(1),
+        serde_json::json!("not a number"),
+        serde_json::json!(3),
+    ];
+    let results: Vec<Result<i64, CallError>> =
+        farm.map("noop", inputs).chunk_size(3).collect().await;
+    assert_eq!(results[0], Ok(1));
+    assert!(
+        matches!(results[1], Err(CallError::BadArguments { .. })),
+        "{results:?}"
+    );
+    assert_eq!(results[2], Ok(3));
+    let panics: Vec<Result<(), CallError>> = farm
+        .map("panic", vec!["a", "b"])
+        .chunk_size(2)
+        .collect()
+        .await;
+    assert!(
+        panics
+            .iter()
+            .all(|r| matches!(r, Err(CallError::Panic { .. }))),
+        "{panics:?}"
+    );
+    // The worker survived its handlers' panics.
+    assert_eq!(farm.run_method::<_, i64>("noop", 4).await, Ok(4));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn chunks_run_async_handlers_too() {
+    let farm = Farm::create(options(1)).unwrap();
+    let pids: Vec<u32> = farm
+        .map::<_, _, u32>("sleep", vec![10u64; 12])
+        .chunk_size(4)
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(pids.len(), 12);
+    assert!(pids.iter().all(|&p| p == pids[0]));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chunk_whose_worker_dies_fails_every_input_of_it() {
+    let farm = Farm::create(options(1).max_retries(0)).unwrap();
+    let results: Vec<Result<(), CallError>> = farm
+        .map("exit", vec![3, 3, 3])
+        .chunk_size(3)
+        .collect()
+        .await;
+    assert_eq!(results.len(), 3);
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(CallError::WorkerDied { .. }))),
+        "{results:?}"
+    );
+    farm.shutdown().await;
+}

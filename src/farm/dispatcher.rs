@@ -1025,18 +1025,7 @@ impl<T: Transport> Dispatcher<T> {
             }
             Ok(body) => call.reply.send(Ok(body)),
             Err((kind, message)) => {
-                let method = call.method().to_owned();
-                let error = match kind {
-                    FailureKind::Handler => CallError::Handler { method, message },
-                    FailureKind::Panic => CallError::Panic { method, message },
-                    FailureKind::UnknownMethod => CallError::UnknownMethod { method },
-                    FailureKind::BadArguments => CallError::BadArguments { method, message },
-                    FailureKind::BadResult => CallError::Handler {
-                        method,
-                        message: format!("could not encode the result: {message}"),
-                    },
-                    FailureKind::Cancelled => CallError::Cancelled,
-                };
+                let error = failure_error(kind, call.method().to_owned(), message);
                 self.fail_running(call, error, id);
             }
         }
@@ -1490,6 +1479,21 @@ impl<T: Transport> Dispatcher<T> {
         if self.subscribed.load(Ordering::Relaxed) {
             self.emit(Event::CallDone { worker, call, ok });
         }
+    }
+}
+
+/// The error for a failure a worker reported.
+pub(crate) fn failure_error(kind: FailureKind, method: String, message: String) -> CallError {
+    match kind {
+        FailureKind::Handler => CallError::Handler { method, message },
+        FailureKind::Panic => CallError::Panic { method, message },
+        FailureKind::UnknownMethod => CallError::UnknownMethod { method },
+        FailureKind::BadArguments => CallError::BadArguments { method, message },
+        FailureKind::BadResult => CallError::Handler {
+            method,
+            message: format!("could not encode the result: {message}"),
+        },
+        FailureKind::Cancelled => CallError::Cancelled,
     }
 }
 

@@ -11,8 +11,31 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-type Pending<T> = Pin<Box<dyn Future<Output = Result<T, CallError>> + Send>>;
-type Indexed<T> = Pin<Box<dyn Future<Output = (usize, Result<T, CallError>)> + Send>>;
+/// What one call of a map yields: one result, or a chunk's.
+enum Done<T> {
+    One(Result<T, CallError>),
+    Chunk(std::vec::IntoIter<Result<T, CallError>>),
+}
+
+impl<T> Done<T> {
+    /// The next result, leaving the rest (of a chunk) in `rest`.
+    fn split(
+        self,
+        rest: &mut Option<std::vec::IntoIter<Result<T, CallError>>>,
+    ) -> Option<Result<T, CallError>> {
+        match self {
+            Done::One(result) => Some(result),
+            Done::Chunk(mut results) => {
+                let first = results.next();
+                *rest = Some(results);
+                first
+            }
+        }
+    }
+}
+
+type Pending<T> = Pin<Box<dyn Future<Output = Done<T>> + Send>>;
+type Indexed<T> = Pin<Box<dyn Future<Output = (usize, Done<T>)> + Send>>;
 
 /// What both maps share: the inputs not yet sent, and how many calls may be out at once.
 struct Feed<S: Serializer, I> {
@@ -23,6 +46,8 @@ struct Feed<S: Serializer, I> {
     exhausted: bool,
     /// Set by `in_flight`; else what the farm can hold at once.
     limit: Option<usize>,
+    /// Inputs sent in one call (1: a call per input).
+    chunk_size: usize,
     next_index: usize,
 }
 
@@ -34,6 +59,7 @@ impl<S: Serializer, I: Iterator> Feed<S, I> {
             inputs,
             exhausted: false,
             limit: None,
+            chunk_size: 1,
             next_index: 0,
         }
     }
@@ -44,22 +70,39 @@ impl<S: Serializer, I: Iterator> Feed<S, I> {
             .max(1)
     }
 
-    /// The next input while fewer than the limit are out, with its index.
-    fn next_input(&mut self, out: usize) -> Option<(usize, I::Item)> {
+    /// The next call to make while fewer than the limit are out: the index of its first
+    /// input, and the call's future.
+    fn next_call<T>(&mut self, out: usize) -> Option<(usize, Pending<T>)>
+    where
+        I::Item: Serialize,
+        T: DeserializeOwned + Send + 'static,
+    {
         if self.exhausted || out >= self.limit() {
             return None;
         }
-        match self.inputs.next() {
-            Some(input) => {
-                let index = self.next_index;
-                self.next_index += 1;
-                Some((index, input))
-            }
-            None => {
+        let index = self.next_index;
+        if self.chunk_size <= 1 {
+            let Some(input) = self.inputs.next() else {
                 self.exhausted = true;
-                None
-            }
+                return None;
+            };
+            self.next_index += 1;
+            let call = self.farm.run_method(&self.method, input);
+            return Some((index, Box::pin(async move { Done::One(call.await) })));
         }
+        let chunk: Vec<I::Item> = self.inputs.by_ref().take(self.chunk_size).collect();
+        if chunk.len() < self.chunk_size {
+            self.exhausted = true;
+        }
+        if chunk.is_empty() {
+            return None;
+        }
+        self.next_index += chunk.len();
+        let call = self.farm.run_batch(&self.method, &chunk);
+        Some((
+            index,
+            Box::pin(async move { Done::Chunk(call.await.into_iter()) }),
+        ))
     }
 }
 
@@ -87,6 +130,8 @@ impl<S: Serializer, I: Iterator> Feed<S, I> {
 pub struct Map<S: Serializer, I, T> {
     feed: Feed<S, I>,
     out: FuturesOrdered<Pending<T>>,
+    /// What is left of the chunk being yielded.
+    rest: Option<std::vec::IntoIter<Result<T, CallError>>>,
 }
 
 impl<S: Serializer, I, T> Map<S, I, T> {
@@ -97,12 +142,23 @@ impl<S: Serializer, I, T> Map<S, I, T> {
         Map {
             feed: Feed::new(farm, method, inputs),
             out: FuturesOrdered::new(),
+            rest: None,
         }
     }
 
     /// At most `n` calls out at a time (at least 1).
     pub fn in_flight(mut self, n: usize) -> Self {
         self.feed.limit = Some(n.max(1));
+        self
+    }
+
+    /// Sends `n` inputs per call (ProcessPoolExecutor's `chunksize`): the worker runs the
+    /// method on each in turn and answers them together, so short calls pay the round trip
+    /// once per chunk. Results still come one per input; a failed input is its own `Err`,
+    /// a failed call (a crash, a timeout) is every input's of the chunk. The bound counts
+    /// calls, so up to `in_flight × n` inputs are out. Default 1.
+    pub fn chunk_size(mut self, n: usize) -> Self {
+        self.feed.chunk_size = n.max(1);
         self
     }
 }
@@ -122,18 +178,26 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        while let Some((_, input)) = this.feed.next_input(this.out.len()) {
-            let call = this.feed.farm.run_method(&this.feed.method, input);
-            this.out.push_back(Box::pin(call));
-        }
-        match this.out.poll_next_unpin(cx) {
-            Poll::Ready(None) if !this.feed.exhausted => {
-                // Nothing out and nothing pulled: only with a limit reached, which cannot
-                // be with nothing out; pull again on the next poll.
-                cx.waker().wake_by_ref();
-                Poll::Pending
+        loop {
+            if let Some(result) = this.rest.as_mut().and_then(Iterator::next) {
+                return Poll::Ready(Some(result));
             }
-            other => other,
+            this.rest = None;
+            while let Some((_, call)) = this.feed.next_call(this.out.len()) {
+                this.out.push_back(call);
+            }
+            match this.out.poll_next_unpin(cx) {
+                Poll::Ready(Some(done)) => {
+                    if let Some(result) = done.split(&mut this.rest) {
+                        return Poll::Ready(Some(result));
+                    }
+                }
+                Poll::Ready(None) if this.feed.exhausted => return Poll::Ready(None),
+                // Nothing out yet more inputs: cannot be (they would have been sent);
+                // loop to send them.
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
@@ -153,6 +217,8 @@ impl<S: Serializer, I, T> std::fmt::Debug for Map<S, I, T> {
 pub struct MapUnordered<S: Serializer, I, T> {
     feed: Feed<S, I>,
     out: FuturesUnordered<Indexed<T>>,
+    /// What is left of the chunk being yielded, and the index of its next input.
+    rest: Option<(usize, std::vec::IntoIter<Result<T, CallError>>)>,
 }
 
 impl<S: Serializer, I, T> MapUnordered<S, I, T> {
@@ -163,12 +229,19 @@ impl<S: Serializer, I, T> MapUnordered<S, I, T> {
         MapUnordered {
             feed: Feed::new(farm, method, inputs),
             out: FuturesUnordered::new(),
+            rest: None,
         }
     }
 
     /// At most `n` calls out at a time (at least 1).
     pub fn in_flight(mut self, n: usize) -> Self {
         self.feed.limit = Some(n.max(1));
+        self
+    }
+
+    /// Sends `n` inputs per call; see [`Map::chunk_size`].
+    pub fn chunk_size(mut self, n: usize) -> Self {
+        self.feed.chunk_size = n.max(1);
         self
     }
 }
@@ -184,16 +257,30 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        while let Some((index, input)) = this.feed.next_input(this.out.len()) {
-            let call = this.feed.farm.run_method(&this.feed.method, input);
-            this.out.push(Box::pin(async move { (index, call.await) }));
-        }
-        match this.out.poll_next_unpin(cx) {
-            Poll::Ready(None) if !this.feed.exhausted => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
+        loop {
+            if let Some((index, rest)) = &mut this.rest {
+                if let Some(result) = rest.next() {
+                    *index += 1;
+                    return Poll::Ready(Some((*index - 1, result)));
+                }
             }
-            other => other,
+            this.rest = None;
+            while let Some((index, call)) = this.feed.next_call(this.out.len()) {
+                this.out.push(Box::pin(async move { (index, call.await) }));
+            }
+            match this.out.poll_next_unpin(cx) {
+                Poll::Ready(Some((index, done))) => {
+                    let mut rest = None;
+                    let first = done.split(&mut rest);
+                    this.rest = rest.map(|rest| (index + 1, rest));
+                    if let Some(result) = first {
+                        return Poll::Ready(Some((index, result)));
+                    }
+                }
+                Poll::Ready(None) if this.feed.exhausted => return Poll::Ready(None),
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -473,6 +473,75 @@ impl<S: Serializer> Farm<S> {
         }
     }
 
+    /// Runs `method` once per item of `items`, all in one call (one frame each way):
+    /// each item's result, or why it failed. A failure of the whole call (a crash, a
+    /// timeout) is every item's.
+    fn run_batch<A, T>(
+        &self,
+        method: &str,
+        items: &[A],
+    ) -> impl Future<Output = Vec<Result<T, CallError>>> + Send + 'static
+    where
+        A: Serialize,
+        T: DeserializeOwned,
+    {
+        let count = items.len();
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let submitted = self
+            .encode_call(
+                id,
+                method,
+                |s, buf| {
+                    buf.extend_from_slice(&u32::try_from(count).unwrap_or(u32::MAX).to_le_bytes());
+                    items
+                        .iter()
+                        .try_for_each(|item| protocol::push_batch_item(buf, |b| s.encode(item, b)))
+                },
+                type_name::<A>(),
+            )
+            .and_then(|mut frame| {
+                protocol::mark_batch(&mut frame);
+                self.core.queue(frame, None, true)
+            })
+            .map_err(Box::new);
+        let serializer = self.serializer.clone();
+        let method: Box<str> = method.into();
+        let core = self.core.clone();
+        async move {
+            let outcome = match submitted {
+                Ok(submitted) => core.outcome(submitted).await,
+                Err(error) => Err(*error),
+            };
+            let items = outcome.and_then(|answer| {
+                protocol::batch_results(answer.body).map_err(|e| CallError::Deserialize {
+                    method: method.to_string(),
+                    type_name: "a batch of results",
+                    message: e.to_string(),
+                })
+            });
+            match items {
+                Ok(items) if items.len() == count => items
+                    .into_iter()
+                    .map(|item| match item {
+                        Ok(body) => decode_result(&serializer, &method, &body),
+                        Err((kind, message)) => {
+                            Err(dispatcher::failure_error(kind, method.to_string(), message))
+                        }
+                    })
+                    .collect(),
+                Ok(items) => {
+                    let error = CallError::Deserialize {
+                        method: method.to_string(),
+                        type_name: "a batch of results",
+                        message: format!("{} results for {count} inputs", items.len()),
+                    };
+                    (0..count).map(|_| Err(error.clone())).collect()
+                }
+                Err(error) => (0..count).map(|_| Err(error.clone())).collect(),
+            }
+        }
+    }
+
     /// Starts a call of `method` with per-call options: a [`CallBuilder`]. Await it for the
     /// result, or [`start`](CallBuilder::start) it for a [`CallHandle`] that can be
     /// cancelled and tells where the call ran.

@@ -12,6 +12,8 @@
 //! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
 //! | `0x05` | to worker | Slot    | slot u16, generation u32: the next "Call, queued" waits in this place of the shared slot table |
 //! | `0x06` | to worker | Shared  | offset u64, length u32: the real payload is in the shared ring |
+//! | `0x08` | to worker | Batch   | as Call, arguments a batch: count u32, then each item's encoded arguments (u32 len); answered by one Ok whose result is a batch: count u32, then per item status u8 (0 ok, else the Err kind), u32 len, the encoded result or the UTF-8 message |
+//! | `0x09` | to worker | Batch, queued | as Batch; the worker reports Started when it starts it |
 //! | `0x07` | to worker | Cancel  | call id u64: the caller gave up; an async handler still running is dropped and answered Err Cancelled |
 //! | `0x81` | to farm   | Ready   | version u16, pid u32, threads u16, async method names (u16 count, each u16 len), flags u8 (bit 0: maps the shared rings) |
 //! | `0x82` | to farm   | Ok      | call id u64, encoded result                            |
@@ -71,6 +73,8 @@ const TAG_STOP: u8 = 0x04;
 const TAG_SLOT: u8 = 0x05;
 const TAG_SHARED_TO_WORKER: u8 = 0x06;
 const TAG_CANCEL: u8 = 0x07;
+const TAG_BATCH: u8 = 0x08;
+const TAG_BATCH_QUEUED: u8 = 0x09;
 const TAG_READY: u8 = 0x81;
 const TAG_OK: u8 = 0x82;
 const TAG_ERR: u8 = 0x83;
@@ -183,6 +187,8 @@ pub(crate) enum ToWorker {
         args: Bytes,
         /// The farm counts the call as waiting until the worker reports it Started.
         queued: bool,
+        /// `args` is a batch of items, each run by the handler (see [`batch_items`]).
+        batch: bool,
     },
     /// The polite stop: no more calls follow; answer the ones you have, then exit. A worker
     /// whose input ends without it knows the farm is gone (or dropped it).
@@ -239,10 +245,123 @@ pub(crate) fn encode_call_head(id: u64, method: &str, out: &mut Vec<u8>) {
     out.extend_from_slice(method.as_bytes());
 }
 
-/// Marks a complete Call frame as queued (the worker reports when it starts it) or not.
+/// Makes a complete Call frame a Batch: its arguments are a count and items (see
+/// [`push_batch_item`]).
+pub(crate) fn mark_batch(frame: &mut [u8]) {
+    if let Some(tag) = frame.get_mut(frame::HEAD_LEN) {
+        *tag = TAG_BATCH;
+    }
+}
+
+/// Appends one length-prefixed item to a batch being written: `write` appends its bytes.
+pub(crate) fn push_batch_item<E>(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    write(out)?;
+    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    Ok(())
+}
+
+/// Splits a batch (count u32, then u32-length-prefixed items) into its items.
+pub(crate) fn batch_items(mut p: Bytes) -> Result<Vec<Bytes>, ProtocolError> {
+    if p.remaining() < 4 {
+        return Err(malformed("batch"));
+    }
+    let count = p.get_u32_le() as usize;
+    // Each item takes at least its 4-byte length: a count beyond that is a lie.
+    if count > p.remaining() / 4 + 1 {
+        return Err(malformed("batch"));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        if p.remaining() < 4 {
+            return Err(malformed("batch"));
+        }
+        let n = p.get_u32_le() as usize;
+        if p.remaining() < n {
+            return Err(malformed("batch"));
+        }
+        items.push(p.split_to(n));
+    }
+    if p.has_remaining() {
+        return Err(malformed("batch"));
+    }
+    Ok(items)
+}
+
+/// One item of a batch result: its encoded value, or why it failed.
+pub(crate) type BatchItem = Result<Bytes, (FailureKind, String)>;
+
+/// Splits a batch result (count u32, then per item status u8, u32 len, bytes) into its items.
+pub(crate) fn batch_results(mut p: Bytes) -> Result<Vec<BatchItem>, ProtocolError> {
+    if p.remaining() < 4 {
+        return Err(malformed("batch result"));
+    }
+    let count = p.get_u32_le() as usize;
+    if count > p.remaining() / 5 + 1 {
+        return Err(malformed("batch result"));
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        if p.remaining() < 5 {
+            return Err(malformed("batch result"));
+        }
+        let status = p.get_u8();
+        let n = p.get_u32_le() as usize;
+        if p.remaining() < n {
+            return Err(malformed("batch result"));
+        }
+        let body = p.split_to(n);
+        items.push(match status {
+            0 => Ok(body),
+            kind => {
+                let kind = FailureKind::from_u8(kind).ok_or_else(|| malformed("batch result"))?;
+                Err((kind, String::from_utf8_lossy(&body).into_owned()))
+            }
+        });
+    }
+    if p.has_remaining() {
+        return Err(malformed("batch result"));
+    }
+    Ok(items)
+}
+
+/// Appends one item of a batch result: `write` appends the encoded value, or fails with
+/// the item's failure (kind and message).
+pub(crate) fn push_batch_result(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), (FailureKind, String)>,
+) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 5]);
+    let status = match write(out) {
+        Ok(()) => 0,
+        Err((kind, message)) => {
+            out.truncate(at + 5);
+            out.extend_from_slice(message.as_bytes());
+            kind as u8
+        }
+    };
+    let len = u32::try_from(out.len() - at - 5).unwrap_or(u32::MAX);
+    out[at] = status;
+    out[at + 1..at + 5].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Marks a complete Call (or Batch) frame as queued (the worker reports when it starts
+/// it) or not.
 pub(crate) fn set_call_queued(frame: &mut [u8], queued: bool) {
     if let Some(tag) = frame.get_mut(frame::HEAD_LEN) {
-        *tag = if queued { TAG_CALL_QUEUED } else { TAG_CALL };
+        let batch = matches!(*tag, TAG_BATCH | TAG_BATCH_QUEUED);
+        *tag = match (batch, queued) {
+            (false, false) => TAG_CALL,
+            (false, true) => TAG_CALL_QUEUED,
+            (true, false) => TAG_BATCH,
+            (true, true) => TAG_BATCH_QUEUED,
+        };
     }
 }
 
@@ -296,7 +415,7 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
                 serializer,
             }))
         }
-        tag @ (TAG_CALL | TAG_CALL_QUEUED) => {
+        tag @ (TAG_CALL | TAG_CALL_QUEUED | TAG_BATCH | TAG_BATCH_QUEUED) => {
             if p.remaining() < 10 {
                 return Err(malformed("call"));
             }
@@ -313,7 +432,8 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
                 id,
                 method,
                 args: p,
-                queued: tag == TAG_CALL_QUEUED,
+                queued: matches!(tag, TAG_CALL_QUEUED | TAG_BATCH_QUEUED),
+                batch: matches!(tag, TAG_BATCH | TAG_BATCH_QUEUED),
             })
         }
         TAG_STOP if p.is_empty() => Ok(ToWorker::Stop),
@@ -515,8 +635,36 @@ mod tests {
                 method: Bytes::from_static(b"add"),
                 args: Bytes::from_static(b"[1,2]"),
                 queued: false,
+                batch: false,
             }
         );
+        let mut frame = Vec::new();
+        let start = frame::begin(&mut frame);
+        encode_call_head(8, "add", &mut frame);
+        frame.extend_from_slice(&0u32.to_le_bytes());
+        frame::finish(&mut frame, start, usize::MAX).unwrap();
+        mark_batch(&mut frame);
+        set_call_queued(&mut frame, true);
+        let decoded = decode_to_worker(Bytes::copy_from_slice(&frame[frame::HEAD_LEN..]));
+        assert!(matches!(
+            decoded,
+            Ok(ToWorker::Call {
+                id: 8,
+                queued: true,
+                batch: true,
+                ..
+            })
+        ));
+        set_call_queued(&mut frame, false);
+        let decoded = decode_to_worker(Bytes::copy_from_slice(&frame[frame::HEAD_LEN..]));
+        assert!(matches!(
+            decoded,
+            Ok(ToWorker::Call {
+                queued: false,
+                batch: true,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -595,6 +743,47 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn batches_round_trip_and_garbage_is_refused() {
+        let mut args = 3u32.to_le_bytes().to_vec();
+        for item in [&b"a"[..], b"", b"ccc"] {
+            push_batch_item::<()>(&mut args, |out| {
+                out.extend_from_slice(item);
+                Ok(())
+            })
+            .unwrap();
+        }
+        let items = batch_items(Bytes::from(args.clone())).unwrap();
+        assert_eq!(items, [&b"a"[..], b"", b"ccc"]);
+        let mut results = 2u32.to_le_bytes().to_vec();
+        push_batch_result(&mut results, |out| {
+            out.extend_from_slice(b"ok");
+            Ok(())
+        });
+        push_batch_result(&mut results, |out| {
+            out.extend_from_slice(b"partial result, dropped");
+            Err((FailureKind::Panic, "boom".into()))
+        });
+        let back = batch_results(Bytes::from(results)).unwrap();
+        assert_eq!(back[0], Ok(Bytes::from_static(b"ok")));
+        assert_eq!(back[1], Err((FailureKind::Panic, "boom".to_owned())));
+        for bad in [
+            &b""[..],
+            b"\x01\0\0\0",
+            b"\xff\xff\xff\xff\0\0\0\0",
+            b"\x01\0\0\0\x09\0\0\0ab",
+        ] {
+            assert!(batch_items(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
+            assert!(
+                batch_results(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        let mut trailing = args;
+        trailing.push(0);
+        assert!(batch_items(Bytes::from(trailing)).is_err());
     }
 
     #[test]

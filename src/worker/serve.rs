@@ -151,6 +151,90 @@ struct Job<S> {
     slot: Option<(u16, u32)>,
     args: Bytes,
     f: Arc<SyncFn<S>>,
+    /// `args` is a batch (see [`protocol::batch_items`]).
+    batch: bool,
+}
+
+/// Runs a sync handler on `args`, or on each item of a batch, writing the result (or the
+/// batch of results) into `out`.
+fn run_sync<S>(
+    f: &SyncFn<S>,
+    serializer: &S,
+    args: &Bytes,
+    batch: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), Failure> {
+    if !batch {
+        return f(serializer, args, out);
+    }
+    let items = protocol::batch_items(args.clone())
+        .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+    out.extend_from_slice(&u32::try_from(items.len()).unwrap_or(u32::MAX).to_le_bytes());
+    for item in items {
+        protocol::push_batch_result(out, |out| {
+            // A panic fails its item only.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(serializer, &item, out)))
+                .unwrap_or_else(|_| Err(Failure::new(FailureKind::Panic, "handler panicked")))
+                .map_err(|failure| (failure.kind, failure.message))
+        });
+    }
+    Ok(())
+}
+
+/// Starts an async handler on `args`, or on each item of a batch (run one after another);
+/// the future yields the complete reply frame.
+fn start_async<S>(
+    f: &super::handler::AsyncFn<S>,
+    serializer: &S,
+    args: &Bytes,
+    id: u64,
+    max_frame: usize,
+    batch: bool,
+) -> Result<super::handler::BoxFuture, Failure> {
+    if !batch {
+        return f(serializer, args, id, max_frame);
+    }
+    let items = protocol::batch_items(args.clone())
+        .map_err(|e| Failure::new(FailureKind::BadArguments, e))?;
+    // Each item's future yields a reply frame of its own; they are unpacked into one batch.
+    let started: Vec<Result<super::handler::BoxFuture, Failure>> = items
+        .iter()
+        .map(|item| f(serializer, item, id, max_frame))
+        .collect();
+    Ok(Box::pin(async move {
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            &u32::try_from(started.len())
+                .unwrap_or(u32::MAX)
+                .to_le_bytes(),
+        );
+        for item in started {
+            let answer = match item {
+                Ok(future) => unpack_reply(future.await),
+                Err(failure) => Err((failure.kind, failure.message)),
+            };
+            protocol::push_batch_result(&mut body, |out| {
+                answer.map(|bytes| out.extend_from_slice(&bytes))
+            });
+        }
+        let mut out = Vec::new();
+        reply_frame(id, max_frame, &mut out, |o| {
+            o.extend_from_slice(&body);
+            Ok(())
+        });
+        out
+    }))
+}
+
+/// The result (or failure) inside one reply frame a handler wrote.
+fn unpack_reply(frame: Vec<u8>) -> Result<Bytes, (FailureKind, String)> {
+    let frame = Bytes::from(frame);
+    let payload = frame.slice(frame::HEAD_LEN.min(frame.len())..);
+    match protocol::decode_from_worker(payload) {
+        Ok(protocol::FromWorker::Ok { body, .. }) => Ok(body),
+        Ok(protocol::FromWorker::Err { kind, message, .. }) => Err((kind, message)),
+        _ => Err((FailureKind::BadResult, "malformed reply".into())),
+    }
 }
 
 /// Sync calls waiting for a pool thread, in arrival order.
@@ -417,7 +501,8 @@ impl<S: Serializer> Server<S> {
                         method,
                         args,
                         queued,
-                    }) => self.call(id, protocol::method_name(&method), args, queued)?,
+                        batch,
+                    }) => self.call(id, protocol::method_name(&method), args, queued, batch)?,
                     Ok(ToWorker::Stop) => stopped = true,
                     Ok(ToWorker::Slot { slot, generation }) => {
                         self.next_slot = Some((slot, generation));
@@ -455,7 +540,14 @@ impl<S: Serializer> Server<S> {
     }
 
     /// Starts one call (or answers it at once if it cannot start).
-    fn call(&mut self, id: u64, method: &str, args: Bytes, queued: bool) -> Result<(), ServeError> {
+    fn call(
+        &mut self,
+        id: u64,
+        method: &str,
+        args: Bytes,
+        queued: bool,
+        batch: bool,
+    ) -> Result<(), ServeError> {
         let max_frame = self.max_frame;
         let slot = if queued { self.next_slot.take() } else { None };
         match self.handlers.get(method) {
@@ -472,6 +564,7 @@ impl<S: Serializer> Server<S> {
                     slot,
                     args,
                     f,
+                    batch,
                 });
             }
             Some(Handler::Sync(f)) => {
@@ -486,22 +579,24 @@ impl<S: Serializer> Server<S> {
                 self.flush()?;
                 let serializer = &self.serializer;
                 reply_frame(id, max_frame, &mut self.out, |out| {
-                    f(serializer, &args, out)
+                    run_sync(&*f, serializer, &args, batch, out)
                 });
                 self.output.share_last_frame(&mut self.out, 0, max_frame);
             }
             Some(Handler::Async(_)) if queued && !Self::may_start(self.slots.as_ref(), slot) => {}
-            Some(Handler::Async(f)) => match f(&self.serializer, &args, id, max_frame) {
-                Ok(future) => {
-                    if queued {
-                        // Before the reply can overtake it from the runtime's thread.
-                        protocol_started(id, max_frame, &mut self.out);
-                        self.flush()?;
+            Some(Handler::Async(f)) => {
+                match start_async(&**f, &self.serializer, &args, id, max_frame, batch) {
+                    Ok(future) => {
+                        if queued {
+                            // Before the reply can overtake it from the runtime's thread.
+                            protocol_started(id, max_frame, &mut self.out);
+                            self.flush()?;
+                        }
+                        self.spawn(id, future)?;
                     }
-                    self.spawn(id, future)?;
+                    Err(failure) => error_frame(id, &failure, max_frame, &mut self.out),
                 }
-                Err(failure) => error_frame(id, &failure, max_frame, &mut self.out),
-            },
+            }
         }
         Ok(())
     }
@@ -658,7 +753,7 @@ fn run_jobs<S: Serializer>(
         }
         write(&mut out, &mut answered);
         reply_frame(job.id, max_frame, &mut out, |o| {
-            (job.f)(serializer, &job.args, o)
+            run_sync(&*job.f, serializer, &job.args, job.batch, o)
         });
         // The arguments' region of the shared ring is free from here.
         drop(job);

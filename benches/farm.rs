@@ -228,7 +228,7 @@ fn run() -> Outcome {
             Some(n) => {
                 format!("{n} calls in flight per worker (max_concurrent_calls_per_worker({n}))")
             }
-            None => "library defaults (one sync call in flight per worker)".to_owned(),
+            None => "library defaults".to_owned(),
         },
     };
     // The farm's dispatcher and I/O tasks run on the caller's runtime. On a current-thread
@@ -380,6 +380,36 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     let start = Instant::now();
     noop_window(&farm, n, window).await?;
     let windowed = start.elapsed();
+
+    // The per-call option path: the same calls, each with its own timeout and a handle.
+    let start = Instant::now();
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            farm.call::<_, i64>("noop", i as i64)
+                .timeout(Duration::from_secs(60))
+                .start()
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let x = call.await.map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    let with_options = start.elapsed();
+
+    // A map over the same inputs, at its default bound, one call per input.
+    let start = Instant::now();
+    let mut mapped = farm.map::<_, _, i64>("noop", 0..n as i64);
+    let mut i = 0;
+    while let Some(x) = futures_util::StreamExt::next(&mut mapped).await {
+        let x = x.map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+        i += 1;
+    }
+    let map = start.elapsed();
     farm.shutdown().await;
 
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
@@ -402,6 +432,26 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         n,
         WARMUP_CALLS,
         json!({ "window": window }),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s_options",
+        rate(with_options),
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({ "path": "farm.call(..).timeout(..).start(), all at once" }),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s_map",
+        rate(map),
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({ "path": "farm.map(..), default bound, chunk_size 1" }),
     );
     Ok(())
 }

@@ -28,7 +28,9 @@ fn primes_below(n: usize) -> usize {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     Worker::new()
         .method("primes_below", primes_below)
-        .method("nap", |ms: u64| std::thread::sleep(Duration::from_millis(ms)))
+        .method("nap", |ms: u64| {
+            std::thread::sleep(Duration::from_millis(ms))
+        })
         .serve_if_worker();
 
     let farm = Farm::create(FarmOptions::current_exe().workers(num_cpus::get()))?;
@@ -55,7 +57,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     for (t, thread) in threads.into_iter().enumerate() {
         let count = thread.join().map_err(|_| "thread panicked")??;
-        println!("thread {}: primes below {:>9}: {count}", t + 1, (t + 1) * 250_000);
+        println!(
+            "thread {}: primes below {:>9}: {count}",
+            t + 1,
+            (t + 1) * 250_000
+        );
     }
 
     // Per-call options work the same: this one may not take longer than 100 ms.

@@ -31,7 +31,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .serve_if_worker();
 
     let mut args = std::env::args().skip(1);
-    let inputs: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100_000);
+    let inputs: u64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(100_000);
     let chunk_size: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100);
     let workers = num_cpus::get();
     let farm = Farm::create(FarmOptions::current_exe().workers(workers))?;

@@ -249,3 +249,27 @@ async fn cancelling_a_call_waiting_for_a_place_frees_nothing_and_sends_nothing()
     assert!(lines(&log).is_empty());
     farm.shutdown().await;
 }
+
+/// Regression: a cancelled sync call that shares its worker runs on unwanted; its
+/// deadline must no longer stop the worker (and re-run the innocent call beside it).
+#[tokio::test]
+async fn a_cancelled_call_s_deadline_does_not_stop_its_shared_worker() {
+    let farm = Farm::create(options(1).env("WORKER_THREADS", "2")).unwrap();
+    let mut events = farm.events();
+    let status = all_online(&farm, 1).await;
+    let doomed = farm
+        .call::<_, u32>("block", 1500u64)
+        .deadline(tokio::time::Instant::now() + Duration::from_millis(500))
+        .start();
+    let innocent = farm.run_method::<_, u32>("block", 1000u64);
+    wait_status(&farm, SOON, |s| s.in_flight() == 2).await;
+    doomed.cancel();
+    assert_eq!(doomed.await, Err(CallError::Cancelled));
+    assert_eq!(innocent.await.unwrap(), status.workers[0].pid);
+    let exits: Vec<_> = drain(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Exited { .. }))
+        .collect();
+    assert!(exits.is_empty(), "{exits:?}");
+    farm.shutdown().await;
+}

@@ -217,3 +217,45 @@ async fn a_retried_call_reports_its_attempts() {
     assert_eq!(info.attempts, 2, "{info:?}");
     farm.shutdown().await;
 }
+
+/// Regression: keyed calls that waited inside a worker once left it counted as holding
+/// calls that could be taken back, so the idle worker looked stalled for ever and lost
+/// its room for waiting calls.
+#[tokio::test]
+async fn keyed_calls_that_waited_leave_their_worker_its_full_room() {
+    let farm = Farm::create(options(2)).unwrap();
+    all_online(&farm, 2).await;
+    let mut load = farm.load();
+    let idle = load.wait_for(|l| l.free > 0).await.unwrap().free;
+    let first = farm.call::<_, u32>("block", 300u64).key("k").start();
+    let waiting = farm.call::<_, i64>("noop", 1).key("k").start();
+    first.await.unwrap();
+    waiting.await.unwrap();
+    tokio::time::timeout(SOON, load.wait_for(|l| l.in_flight == 0 && l.free == idle))
+        .await
+        .expect("the idle worker gets its room back")
+        .unwrap();
+    farm.shutdown().await;
+}
+
+/// Regression: the deadline counts while a call waits for a `max_concurrent_calls` place.
+#[tokio::test]
+async fn a_deadline_counts_while_waiting_for_a_place() {
+    let farm = Farm::create(options(1).max_concurrent_calls(1)).unwrap();
+    all_online(&farm, 1).await;
+    let busy = farm.run_method::<_, u32>("block", 2000u64);
+    wait_status(&farm, SOON, |s| s.in_flight() == 1).await;
+    let started = Instant::now();
+    let late = farm
+        .call::<_, i64>("noop", 1)
+        .deadline(started + Duration::from_millis(200))
+        .await;
+    assert_eq!(late, Err(CallError::Deadline { ran: false }));
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    busy.await.unwrap();
+    farm.shutdown().await;
+}

@@ -58,6 +58,8 @@ pub(crate) struct CallOpts {
     pub(crate) made: Instant,
     /// When its last attempt started.
     pub(crate) started: Option<Instant>,
+    /// Cancelled while it ran: its reply is settled, its worker's answer will be discarded.
+    pub(crate) cancelled: bool,
 }
 
 impl CallOpts {
@@ -69,6 +71,7 @@ impl CallOpts {
             key: None,
             made: Instant::now(),
             started: None,
+            cancelled: false,
         }
     }
 

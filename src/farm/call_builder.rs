@@ -159,6 +159,7 @@ where
             core: Arc::downgrade(&core),
             sent: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
             notify: Notify::new(),
         });
         let submitted = farm
@@ -182,9 +183,17 @@ where
         let inner = Box::pin(async move {
             let submitted = match submitted {
                 Submitted::Full(frame, opts) => {
+                    let expired = async {
+                        match deadline {
+                            Some(deadline) => tokio::time::sleep_until(deadline).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     let queued = tokio::select! {
                         queued = core.queue_when_room(frame, opts) => queued?,
                         () = flag.notify.notified() => return Err(CallError::Cancelled),
+                        // Never sent: it waited for a place past its deadline.
+                        () = expired => return Err(CallError::Deadline { ran: false }),
                     };
                     flag.sent.store(true, Ordering::SeqCst);
                     if flag.cancelled.load(Ordering::SeqCst) {
@@ -305,6 +314,7 @@ impl<T> CallHandle<T> {
         let ready = self.inner.as_mut().poll(cx);
         if ready.is_ready() {
             self.done = true;
+            self.shared.settled.store(true, Ordering::Relaxed);
         }
         ready
     }
@@ -366,6 +376,8 @@ struct CancelShared {
     /// The call is in the farm's queue: a cancel must go to the dispatcher.
     sent: AtomicBool,
     cancelled: AtomicBool,
+    /// Its handle has yielded: nothing left to cancel.
+    settled: AtomicBool,
     /// Wakes a call still waiting for a place.
     notify: Notify,
 }
@@ -375,7 +387,7 @@ impl CancelShared {
     /// the same check the other way round once it sends the call, so of the two at least
     /// one tells (the dispatcher ignores a second word).
     fn cancel(&self) {
-        if self.cancelled.swap(true, Ordering::SeqCst) {
+        if self.settled.load(Ordering::Relaxed) || self.cancelled.swap(true, Ordering::SeqCst) {
             return;
         }
         self.notify.notify_one();

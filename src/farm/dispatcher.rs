@@ -372,22 +372,30 @@ impl<T: Transport> Dispatcher<T> {
             CancelWhy::Cancelled => CallError::Cancelled,
             CancelWhy::Expired => CallError::Deadline { ran },
         };
-        if let Some(call) = self.take_queued(id) {
-            let ran = call.attempts > 0;
-            call.reply.send(Err(error(ran)));
-            return;
-        }
-        let Some(worker) = self
+        // Workers first: looking there is cheap, and a call found there need not be
+        // looked for in the channel.
+        let held = self
             .workers
             .iter()
             .find(|w| w.call(id).is_some())
-            .map(|w| w.id)
-        else {
+            .map(|w| w.id);
+        let Some(worker) = held else {
+            if let Some(call) = self.take_queued(id) {
+                let ran = call.attempts > 0;
+                call.reply.send(Err(error(ran)));
+            }
             return;
         };
         let Some(w) = self.workers.get(worker) else {
             return;
         };
+        if w.call(id)
+            .and_then(|c| c.opts.as_ref())
+            .is_some_and(|o| o.cancelled)
+        {
+            // Already cancelled: it runs on, unwanted.
+            return;
+        }
         if why == CancelWhy::Expired && w.is_started(id) {
             // Running past its deadline is a timeout whose timer has not fired yet.
             self.on_call_timeout(worker, id);
@@ -418,6 +426,19 @@ impl<T: Transport> Dispatcher<T> {
                     "call cancelled"
                 );
                 reply.send(Err(CallError::Cancelled));
+                if started {
+                    // Nobody waits for it: its deadline no longer matters, its timeout does.
+                    let timer = Timer::CallTimeout { worker, call: id };
+                    match w.call(id).and_then(|c| limit_for(&self.settings, c)) {
+                        Some(after) => self.timers.set(timer, after),
+                        None => {
+                            self.timers.cancel(timer);
+                        }
+                    }
+                }
+                let Some(w) = self.workers.get(worker) else {
+                    return;
+                };
                 match kind {
                     Kind::Async => {
                         w.link.send(&crate::protocol::cancel_frame(id));

@@ -441,24 +441,23 @@ impl<L> Worker<L> {
             self.waiting_bytes += call.frame.len();
             if call.pinned.is_some() {
                 self.pinned_waiting += 1;
-            } else if slot.is_some() {
-                self.movable += 1;
             }
         }
         if call.pinned.is_none() {
             self.handed += 1;
         }
         self.given = true;
-        let started = starts;
-        self.calls.insert(
-            call.id(),
-            Held {
-                call,
-                kind,
-                started,
-                slot,
-            },
-        );
+        let held = Held {
+            call,
+            kind,
+            started: starts,
+            slot,
+        };
+        // Counted by the same test that uncounts it (`start`, `forget`, `withdraw`).
+        if held.movable() {
+            self.movable += 1;
+        }
+        self.calls.insert(held.call.id(), held);
         starts
     }
 
@@ -520,6 +519,9 @@ impl<L> Worker<L> {
         }
         let others_started = self.calls.values().any(|h| h.started && h.call.id() != id);
         let held = self.calls.get_mut(&id)?;
+        if let Some(opts) = &mut held.call.opts {
+            opts.cancelled = true;
+        }
         Some(Cancelled::Detached {
             reply: std::mem::replace(&mut held.call.reply, super::call::Reply::detached()),
             kind: held.kind,

@@ -182,7 +182,8 @@ where
         let flag = shared.clone();
         let inner = Box::pin(async move {
             let submitted = match submitted {
-                Submitted::Full(frame, opts) => {
+                Submitted::Full(full) => {
+                    let (frame, opts) = *full;
                     let expired = async {
                         match deadline {
                             Some(deadline) => tokio::time::sleep_until(deadline).await,

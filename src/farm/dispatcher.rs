@@ -30,6 +30,8 @@ use tokio::time::Instant;
 
 /// How often workers' memory is measured when `max_memory` is set.
 const MEMORY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How often an orphaned farm looks for callers that gave up without a word.
+const ORPHAN_CHECK: Duration = Duration::from_millis(100);
 /// Broadcast calls that may wait for one worker; later broadcasts fail for it at once.
 pub(crate) const MAX_PINNED: usize = 1024;
 
@@ -130,6 +132,9 @@ pub(crate) struct Dispatcher<T: Transport> {
     ready_waiters: Vec<oneshot::Sender<Result<(), CallError>>>,
     /// Whether `Timer::StallCheck` is armed (checked on every call handed to wait).
     stall_check_armed: bool,
+    /// Every `Farm` handle is gone: the farm lives only while a caller still waits for a
+    /// call (a call's future keeps its farm alive without holding a handle).
+    orphaned: bool,
 }
 
 impl<T: Transport> Dispatcher<T> {
@@ -172,6 +177,7 @@ impl<T: Transport> Dispatcher<T> {
             waiters: Vec::new(),
             ready_waiters: Vec::new(),
             stall_check_armed: false,
+            orphaned: false,
         }
     }
 
@@ -212,10 +218,12 @@ impl<T: Transport> Dispatcher<T> {
                 }
                 n = self.commands.recv_many(&mut commands, 256), if commands_open => {
                     if n == 0 {
-                        // Every Farm handle is gone: nobody can wait for calls any more.
+                        // Every Farm handle is gone. Calls whose callers still wait run on;
+                        // once none is left, the workers are killed (see `after_turn`).
                         commands_open = false;
-                        tracing::debug!("farm dropped; killing workers");
-                        self.kill();
+                        tracing::debug!("farm dropped; finishing the calls still awaited");
+                        self.orphaned = true;
+                        self.timers.set(Timer::OrphanCheck, ORPHAN_CHECK);
                     }
                     for command in commands.drain(..) {
                         self.on_command(command);
@@ -303,6 +311,20 @@ impl<T: Transport> Dispatcher<T> {
         if self.load_watched.load(Ordering::Relaxed) {
             self.publish_load();
         }
+        if self.orphaned && self.mode == Mode::Running && !self.anyone_waits() {
+            tracing::debug!("farm dropped and no call awaited; killing workers");
+            self.kill();
+        }
+    }
+
+    /// Whether some caller still waits for a call (or calls wait unread in the channel,
+    /// which their callers may still await). Stops at the first one found.
+    fn anyone_waits(&self) -> bool {
+        let open = |c: &Call| !c.reply.is_closed();
+        !self.calls.is_empty()
+            || self.queue.iter().any(open)
+            || self.keyed.iter().flatten().any(open)
+            || self.workers.iter().any(Worker::awaited)
     }
 
     /// Publishes the load if it changed (watchers are woken only then).
@@ -1442,6 +1464,14 @@ impl<T: Transport> Dispatcher<T> {
             Timer::Respawn => self.ensure_workers(),
             Timer::MemoryCheck => self.check_memory(),
             Timer::StallCheck => self.check_stalls(),
+            Timer::OrphanCheck => {
+                // Calls given up on while they waited in the channel are not seen there:
+                // take them out. The check itself is in `after_turn`.
+                self.sweep_abandoned();
+                if self.mode == Mode::Running {
+                    self.timers.set(Timer::OrphanCheck, ORPHAN_CHECK);
+                }
+            }
         }
     }
 

@@ -25,6 +25,7 @@ use call::{Call, CallOpts, Limiter, Outcome, Place, Reply};
 use dispatcher::{CancelWhy, Command, Dispatcher, Inputs};
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
@@ -106,12 +107,24 @@ pub(crate) struct Core {
     capacity: Arc<AtomicUsize>,
 }
 
+/// Where a plain call's future starts from.
+enum Start {
+    Queued(oneshot::Receiver<Outcome>, Option<Place>),
+    /// Waiting for a `max_concurrent_calls` place (boxed: rare, and large).
+    Waiting(Pin<Box<dyn Future<Output = Result<Received, CallError>> + Send>>),
+    Failed(Box<CallError>),
+}
+
+/// A queued call's receiver and its place.
+type Received = (oneshot::Receiver<Outcome>, Option<Place>);
+
 /// What a call queued with [`Core::queue`] came to.
 enum Submitted {
     /// In the queue: its outcome arrives here.
     Queued(oneshot::Receiver<Outcome>, Option<Place>),
     /// `max_concurrent_calls` are out: it waits for a place (see [`Core::queue_when_room`]).
-    Full(Box<[u8]>, Option<Box<CallOpts>>),
+    /// Boxed, so a queued call's future stays small.
+    Full(Box<(Box<[u8]>, Option<Box<CallOpts>>)>),
 }
 
 impl Core {
@@ -135,7 +148,7 @@ impl Core {
                 // settles, or when the caller's future is dropped.
                 match Place::acquire(limiter) {
                     Some(place) => Some(place),
-                    None if wait => return Ok(Submitted::Full(frame, opts)),
+                    None if wait => return Ok(Submitted::Full(Box::new((frame, opts)))),
                     None => {
                         return Err(CallError::QueueFull {
                             limit: limiter.limit,
@@ -153,7 +166,7 @@ impl Core {
         &self,
         frame: Box<[u8]>,
         opts: Option<Box<CallOpts>>,
-    ) -> Result<(oneshot::Receiver<Outcome>, Option<Place>), CallError> {
+    ) -> Result<Received, CallError> {
         let place = match &self.limiter {
             Some(limiter) => Some(Place::wait(limiter).await.ok_or(CallError::ShutDown)?),
             None => None,
@@ -175,11 +188,15 @@ impl Core {
         Ok(rx)
     }
 
-    /// Waits for a queued (or full) call's outcome.
+    /// Waits for a queued (or full) call's outcome. The wait for a place is boxed: it is
+    /// rare, and inline it would make every call's future six times the size.
     async fn outcome(&self, submitted: Submitted) -> Result<Answer, CallError> {
         let (rx, place) = match submitted {
             Submitted::Queued(rx, place) => (rx, place),
-            Submitted::Full(frame, opts) => self.queue_when_room(frame, opts).await?,
+            Submitted::Full(full) => {
+                let (frame, opts) = *full;
+                Box::pin(self.queue_when_room(frame, opts)).await?
+            }
         };
         // Held until the call settles or this future is dropped, whichever comes first.
         let _place = place.map(Abandon);
@@ -460,15 +477,36 @@ impl<S: Serializer> Farm<S> {
         A: Serialize,
         T: DeserializeOwned,
     {
-        // Boxed, so the future a caller holds for each queued call stays small.
-        let submitted = self.submit(method, args, None, wait).map_err(Box::new);
+        let start = match self.submit(method, args, None, wait) {
+            Ok(Submitted::Queued(rx, place)) => Start::Queued(rx, place),
+            Ok(Submitted::Full(full)) => {
+                let core = self.core.clone();
+                Start::Waiting(Box::pin(async move {
+                    let (frame, opts) = *full;
+                    core.queue_when_room(frame, opts).await
+                }))
+            }
+            Err(error) => Start::Failed(Box::new(error)),
+        };
         let serializer = self.serializer.clone();
         // For a result that does not decode: the error names the method.
         let method: Box<str> = method.into();
-        // Keeps the farm alive until the call settles.
-        let core = self.core.clone();
+        // Small on purpose (a million may wait): no nested future, nothing but the receiver
+        // and the place held across the await. An outstanding call keeps its farm alive
+        // without holding it (see `Dispatcher::orphaned`).
         async move {
-            let answer = core.outcome(submitted.map_err(|e| *e)?).await?;
+            let (rx, place) = match start {
+                Start::Queued(rx, place) => (rx, place),
+                Start::Waiting(waiting) => waiting.await?,
+                Start::Failed(error) => return Err(*error),
+            };
+            // Held until the call settles or this future is dropped, whichever comes first.
+            let _place = place.map(Abandon);
+            let answer = match rx.await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(error)) => return Err(*error),
+                Err(_) => return Err(CallError::ShutDown),
+            };
             decode_result(&serializer, &method, &answer.body)
         }
     }

@@ -216,6 +216,12 @@ impl<L> Worker<L> {
         self.calls.len()
     }
 
+    /// Whether a caller waits for a call it holds (broadcasts included).
+    pub(crate) fn awaited(&self) -> bool {
+        self.calls.values().any(|h| !h.call.reply.is_closed())
+            || self.pinned.iter().any(|c| !c.reply.is_closed())
+    }
+
     /// Calls it holds that have not started.
     pub(crate) fn waiting(&self) -> usize {
         self.waiting

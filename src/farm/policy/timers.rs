@@ -26,6 +26,8 @@ pub(crate) enum Timer {
     MemoryCheck,
     /// The next check of workers holding waiting calls (see `policy::pipeline`).
     StallCheck,
+    /// The next look, in a farm whose handles are all gone, for a caller still waiting.
+    OrphanCheck,
 }
 
 type Key = (Instant, u64);

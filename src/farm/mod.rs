@@ -124,8 +124,11 @@ enum Submitted {
     Queued(oneshot::Receiver<Outcome>, Option<Place>),
     /// `max_concurrent_calls` are out: it waits for a place (see [`Core::queue_when_room`]).
     /// Boxed, so a queued call's future stays small.
-    Full(Box<(Box<[u8]>, Option<Box<CallOpts>>)>),
+    Full(Box<Unsent>),
 }
+
+/// A call's frame and options, not yet queued.
+type Unsent = (Box<[u8]>, Option<Box<CallOpts>>);
 
 impl Core {
     fn capacity(&self) -> usize {

@@ -54,10 +54,10 @@ pub(crate) struct CallOpts {
     pub(crate) deadline: Option<Instant>,
     /// Sticky routing: the hash of the caller's key.
     pub(crate) key: Option<u64>,
-    /// When the call was made.
-    pub(crate) made: Instant,
+    /// When the call was made (std's clock: for reporting only, never paused in tests).
+    pub(crate) made: std::time::Instant,
     /// When its last attempt started.
-    pub(crate) started: Option<Instant>,
+    pub(crate) started: Option<std::time::Instant>,
     /// Cancelled while it ran: its reply is settled, its worker's answer will be discarded.
     pub(crate) cancelled: bool,
 }
@@ -69,15 +69,15 @@ impl CallOpts {
             retries: None,
             deadline: None,
             key: None,
-            made: Instant::now(),
+            made: std::time::Instant::now(),
             started: None,
             cancelled: false,
         }
     }
 
-    /// Whether its deadline has passed.
-    pub(crate) fn expired(&self, now: Instant) -> bool {
-        self.deadline.is_some_and(|d| d <= now)
+    /// Whether it has a deadline and that has passed (the clock is read only if it has).
+    pub(crate) fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| d <= Instant::now())
     }
 }
 
@@ -248,9 +248,9 @@ impl Call {
         self.opts.as_ref().and_then(|o| o.key)
     }
 
-    /// Whether its deadline has passed.
-    pub(crate) fn expired(&self, now: Instant) -> bool {
-        self.opts.as_ref().is_some_and(|o| o.expired(now))
+    /// Whether it has a deadline and that has passed.
+    pub(crate) fn expired(&self) -> bool {
+        self.opts.as_ref().is_some_and(|o| o.expired())
     }
 
     /// The call's id, unique within the farm; workers echo it in their reply.

@@ -1,9 +1,9 @@
 //! Calls under the caller's control: per-call options ([`CallBuilder`]), and a handle
 //! that can cancel its call and tell where it ran ([`CallHandle`]).
 
-use super::call::{Answer, CallInfo, CallOpts};
+use super::call::{Answer, CallInfo, CallOpts, Outcome, Place};
 use super::dispatcher::CancelWhy;
-use super::{decode_result, type_name, Core, Farm, Submitted};
+use super::{decode_result, type_name, Abandon, Core, Farm, Received, Submitted, Unsent};
 use crate::error::CallError;
 use crate::serializer::Serializer;
 use serde::{de::DeserializeOwned, Serialize};
@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 /// A call with options, from [`Farm::call`]. Nothing is sent until it is awaited or
@@ -179,52 +179,85 @@ where
         }
         let serializer = farm.serializer.clone();
         let method: Box<str> = method.into();
-        let flag = shared.clone();
+        // The rare paths (no place yet; a deadline to watch) are boxed futures of their
+        // own, so the common one stays small.
+        let start = match submitted {
+            Submitted::Queued(rx, place) => Start::Queued(rx, place),
+            Submitted::Full(full) => Start::Waiting(Box::pin(wait_for_place(
+                core.clone(),
+                *full,
+                shared.clone(),
+                deadline,
+            ))),
+        };
         let inner = Box::pin(async move {
-            let submitted = match submitted {
-                Submitted::Full(full) => {
-                    let (frame, opts) = *full;
-                    let expired = async {
-                        match deadline {
-                            Some(deadline) => tokio::time::sleep_until(deadline).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let queued = tokio::select! {
-                        queued = core.queue_when_room(frame, opts) => queued?,
-                        () = flag.notify.notified() => return Err(CallError::Cancelled),
-                        // Never sent: it waited for a place past its deadline.
-                        () = expired => return Err(CallError::Deadline { ran: false }),
-                    };
-                    flag.sent.store(true, Ordering::SeqCst);
-                    if flag.cancelled.load(Ordering::SeqCst) {
-                        core.cancel(id, CancelWhy::Cancelled);
-                    }
-                    Submitted::Queued(queued.0, queued.1)
-                }
-                queued => queued,
+            let (rx, place) = match start {
+                Start::Queued(rx, place) => (rx, place),
+                Start::Waiting(waiting) => waiting.await?,
             };
-            let outcome = core.outcome(submitted);
-            let answer = match deadline {
-                None => outcome.await,
-                Some(deadline) => {
-                    tokio::pin!(outcome);
-                    tokio::select! {
-                        answer = &mut outcome => answer,
-                        () = tokio::time::sleep_until(deadline) => {
-                            // The farm settles it as expired, unless it settled first.
-                            core.cancel(id, CancelWhy::Expired);
-                            outcome.await
-                        }
-                    }
-                }
-            }?;
-            let Answer { body, info } = answer;
+            // Held until the call settles or this future is dropped, whichever comes first.
+            let _place = place.map(Abandon);
+            let received = match deadline {
+                None => rx.await,
+                Some(deadline) => Box::pin(watch_deadline(rx, deadline, &core, id)).await,
+            };
+            let Answer { body, info } = match received {
+                Ok(Ok(answer)) => *answer,
+                Ok(Err(error)) => return Err(*error),
+                Err(_) => return Err(CallError::ShutDown),
+            };
             let value = decode_result(&serializer, &method, &body)?;
             Ok((value, info))
         });
         Ok(CallHandle::new(id, inner, shared, cancel_on_drop))
     }
+}
+
+/// Where a call's future starts from.
+enum Start {
+    Queued(oneshot::Receiver<Outcome>, Option<Place>),
+    Waiting(Pin<Box<dyn Future<Output = Result<Received, CallError>> + Send>>),
+}
+
+/// Waits for a `max_concurrent_calls` place, then queues the call; gives up if it is
+/// cancelled or its deadline passes first (it was never sent).
+async fn wait_for_place(
+    core: Arc<Core>,
+    (frame, opts): Unsent,
+    flag: Arc<CancelShared>,
+    deadline: Option<Instant>,
+) -> Result<Received, CallError> {
+    let expired = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    let queued = tokio::select! {
+        queued = core.queue_when_room(frame, opts) => queued?,
+        () = flag.notify.notified() => return Err(CallError::Cancelled),
+        () = expired => return Err(CallError::Deadline { ran: false }),
+    };
+    flag.sent.store(true, Ordering::SeqCst);
+    if flag.cancelled.load(Ordering::SeqCst) {
+        core.cancel(flag.id, CancelWhy::Cancelled);
+    }
+    Ok(queued)
+}
+
+/// Waits for a call's outcome; at its deadline asks the farm to settle it as expired (the
+/// farm does, unless it settled first) and goes on waiting for that.
+async fn watch_deadline(
+    mut rx: oneshot::Receiver<Outcome>,
+    deadline: Instant,
+    core: &Core,
+    id: u64,
+) -> Result<Outcome, oneshot::error::RecvError> {
+    tokio::select! {
+        outcome = &mut rx => return outcome,
+        () = tokio::time::sleep_until(deadline) => core.cancel(id, CancelWhy::Expired),
+    }
+    rx.await
 }
 
 impl<'a, S, A, T> IntoFuture for CallBuilder<'a, S, A, T>

@@ -506,7 +506,7 @@ impl<T: Transport> Dispatcher<T> {
             call.reply.send(Err(CallError::ShutDown));
         } else if call.reply.is_closed() {
             // The caller gave up while the call waited.
-        } else if call.opts.is_some() && call.expired(Instant::now()) {
+        } else if call.expired() {
             call.reply.send(Err(CallError::Deadline { ran: false }));
         } else if let Some(message) = self.startup.failing() {
             let message = message.to_owned();
@@ -716,7 +716,7 @@ impl<T: Transport> Dispatcher<T> {
         let Some(front) = self.queue.front() else {
             return false;
         };
-        if front.expired(Instant::now()) {
+        if front.expired() {
             if let Some(call) = self.queue.pop_front() {
                 let ran = call.attempts > 0;
                 call.reply.send(Err(CallError::Deadline { ran }));
@@ -743,7 +743,7 @@ impl<T: Transport> Dispatcher<T> {
                     self.keyed[slot].pop_front();
                     continue;
                 }
-                if front.expired(Instant::now()) {
+                if front.expired() {
                     if let Some(call) = self.keyed[slot].pop_front() {
                         let ran = call.attempts > 0;
                         call.reply.send(Err(CallError::Deadline { ran }));
@@ -1053,7 +1053,7 @@ impl<T: Transport> Dispatcher<T> {
         match outcome {
             Ok(body) if call.opts.is_some() => {
                 let info = call.opts.as_ref().map(|opts| {
-                    let now = Instant::now();
+                    let now = std::time::Instant::now();
                     let started = opts.started.unwrap_or(now);
                     CallInfo {
                         id: call.id(),
@@ -1344,8 +1344,7 @@ impl<T: Transport> Dispatcher<T> {
             pinned: call.pinned.is_some(),
             accepting: self.mode == Mode::Running,
             max_retries: call.opts.as_ref().and_then(|o| o.retries),
-            unwanted: call.reply.is_closed()
-                || (call.opts.is_some() && call.expired(Instant::now())),
+            unwanted: call.reply.is_closed() || call.expired(),
         }
     }
 
@@ -1495,7 +1494,7 @@ impl<T: Transport> Dispatcher<T> {
             "call timed out; stopping its worker"
         );
         self.drop_worker(id, Charge::Nobody);
-        if culprit.opts.is_some() && culprit.expired(Instant::now()) {
+        if culprit.expired() {
             culprit.reply.send(Err(CallError::Deadline { ran: true }));
         } else {
             self.fail_running(culprit, CallError::Timeout { after }, id);

@@ -419,7 +419,7 @@ impl<L> Worker<L> {
             retry.withdrawn = false;
         }
         if let Some(opts) = call.opts.as_mut().filter(|_| starts) {
-            opts.started = Some(Instant::now());
+            opts.started = Some(std::time::Instant::now());
         }
         protocol::set_call_queued(&mut call.frame, !starts);
         let slot = if starts {
@@ -496,7 +496,7 @@ impl<L> Worker<L> {
         self.progress += 1;
         held.call.attempts = held.call.attempts.saturating_add(1);
         if let Some(opts) = &mut held.call.opts {
-            opts.started = Some(Instant::now());
+            opts.started = Some(std::time::Instant::now());
         }
         let kind = held.kind;
         self.waiting = self.waiting.saturating_sub(1);

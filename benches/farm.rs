@@ -16,6 +16,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -381,7 +382,23 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
     noop_window(&farm, n, window).await?;
     let windowed = start.elapsed();
 
-    // The per-call option path: the same calls, each with its own timeout and a handle.
+    // The per-call option path: the same calls, each with its own timeout, awaited as a
+    // builder is (`IntoFuture`); then with a handle each (`start()`: cancel, info).
+    let start = Instant::now();
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            farm.call::<_, i64>("noop", i as i64)
+                .timeout(Duration::from_secs(60))
+                .into_future()
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let x = call.await.map_err(|e| call_failed("noop", i, e))?;
+        if x != i as i64 {
+            return Err(format!("noop({i}) returned {x}"));
+        }
+    }
+    let with_options = start.elapsed();
     let start = Instant::now();
     let calls: Vec<_> = (0..n)
         .map(|i| {
@@ -396,7 +413,7 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
             return Err(format!("noop({i}) returned {x}"));
         }
     }
-    let with_options = start.elapsed();
+    let with_handles = start.elapsed();
 
     // A map over the same inputs, at its default bound, one call per input.
     let start = Instant::now();
@@ -437,6 +454,16 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         WORKLOAD,
         "calls_per_s_options",
         rate(with_options),
+        "calls/s",
+        workers,
+        n,
+        WARMUP_CALLS,
+        json!({ "path": "farm.call(..).timeout(..) awaited, all at once" }),
+    );
+    ctx.emit(
+        WORKLOAD,
+        "calls_per_s_handles",
+        rate(with_handles),
         "calls/s",
         workers,
         n,

@@ -17,8 +17,8 @@ pub mod worker;
 pub use error::{CallError, CreateError, ExitInfo};
 pub use event::{Event, WorkerId};
 pub use farm::{
-    kill_all, Broadcast, CallBuilder, CallHandle, CallInfo, CancelHandle, Farm, Load, Map,
-    MapUnordered, Status, WithInfo, WorkerState, WorkerStatus,
+    kill_all, Broadcast, CallBuilder, CallFuture, CallHandle, CallInfo, CancelHandle, Farm, Load,
+    Map, MapUnordered, Status, WithInfo, WorkerState, WorkerStatus,
 };
 pub use options::{FarmOptions, StderrMode};
 pub use protocol::PROTOCOL_VERSION;

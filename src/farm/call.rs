@@ -54,8 +54,11 @@ pub(crate) struct CallOpts {
     pub(crate) deadline: Option<Instant>,
     /// Sticky routing: the hash of the caller's key.
     pub(crate) key: Option<u64>,
-    /// When the call was made (std's clock: for reporting only, never paused in tests).
-    pub(crate) made: std::time::Instant,
+    /// When the call was made, if the caller may ask where it ran (a [`CallHandle`]); std's
+    /// clock, for reporting only. `None`: no clock is read for it.
+    ///
+    /// [`CallHandle`]: crate::CallHandle
+    pub(crate) made: Option<std::time::Instant>,
     /// When its last attempt started.
     pub(crate) started: Option<std::time::Instant>,
     /// Cancelled while it ran: its reply is settled, its worker's answer will be discarded.
@@ -69,7 +72,7 @@ impl CallOpts {
             retries: None,
             deadline: None,
             key: None,
-            made: std::time::Instant::now(),
+            made: None,
             started: None,
             cancelled: false,
         }

@@ -147,10 +147,12 @@ where
             farm,
             method,
             args,
-            opts,
+            mut opts,
             cancel_on_drop,
             _result,
         } = self;
+        // A handle may be asked where its call ran.
+        opts.made = Some(std::time::Instant::now());
         let core = farm.core.clone();
         let id = core.next_call.fetch_add(1, Ordering::Relaxed);
         let deadline = opts.deadline;
@@ -267,10 +269,167 @@ where
     T: DeserializeOwned + 'static,
 {
     type Output = Result<T, CallError>;
-    type IntoFuture = CallHandle<T>;
+    type IntoFuture = CallFuture<S, T>;
 
-    fn into_future(self) -> CallHandle<T> {
-        self.start()
+    /// Sends the call (with `max_concurrent_calls` reached, when a place frees, while the
+    /// future is polled). Lighter than [`start`](CallBuilder::start): no handle, so nothing
+    /// to cancel but by `cancel_on_drop`, and no [`CallInfo`].
+    fn into_future(self) -> CallFuture<S, T> {
+        let CallBuilder {
+            farm,
+            method,
+            args,
+            opts,
+            cancel_on_drop,
+            _result,
+        } = self;
+        let id = farm.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let deadline = opts.deadline;
+        let submitted = farm
+            .encode_call(id, method, |s, buf| s.encode(&args, buf), type_name::<A>())
+            .and_then(|frame| farm.core.queue(frame, Some(Box::new(opts)), true));
+        let state = match submitted {
+            Ok(Submitted::Queued(rx, place)) => State::Queued(rx, place.map(Abandon)),
+            Ok(Submitted::Full(full)) => {
+                let flag = Arc::new(CancelShared {
+                    id,
+                    core: Arc::downgrade(&farm.core),
+                    sent: AtomicBool::new(false),
+                    cancelled: AtomicBool::new(false),
+                    settled: AtomicBool::new(false),
+                    notify: Notify::new(),
+                });
+                State::Waiting(Box::pin(wait_for_place(
+                    farm.core.clone(),
+                    *full,
+                    flag,
+                    deadline,
+                )))
+            }
+            Err(error) => State::Failed(Box::new(error)),
+        };
+        CallFuture {
+            id,
+            state,
+            serializer: farm.serializer.clone(),
+            method: method.into(),
+            // Only a call that may send a cancel or an expiry needs to reach the farm.
+            core: (cancel_on_drop || deadline.is_some()).then(|| Arc::downgrade(&farm.core)),
+            deadline,
+            sleep: None,
+            cancel_on_drop,
+            _result: PhantomData,
+        }
+    }
+}
+
+/// What awaiting a [`CallBuilder`] gives: the call's result. Like a `run` future it keeps
+/// its farm alive until the call settles; dropping it abandons the call, or cancels it with
+/// [`cancel_on_drop`](CallBuilder::cancel_on_drop).
+#[must_use = "futures do nothing unless polled"]
+pub struct CallFuture<S: Serializer, T> {
+    id: u64,
+    state: State,
+    serializer: S,
+    method: Box<str>,
+    /// For a cancel or an expiry (`None` without either); the farm lives on while the
+    /// caller waits regardless.
+    core: Option<Weak<Core>>,
+    deadline: Option<Instant>,
+    /// Watches the deadline once the call is queued; `None` once it fired.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    cancel_on_drop: bool,
+    _result: PhantomData<fn() -> T>,
+}
+
+enum State {
+    /// Sent: its outcome arrives on the receiver. The place is held for its drop.
+    Queued(
+        oneshot::Receiver<Outcome>,
+        #[allow(dead_code)] Option<Abandon>,
+    ),
+    Waiting(Pin<Box<dyn Future<Output = Result<Received, CallError>> + Send>>),
+    Failed(Box<CallError>),
+    Done,
+}
+
+// Nothing in it is pinned structurally: what needs pinning is boxed.
+impl<S: Serializer, T> Unpin for CallFuture<S, T> {}
+
+impl<S: Serializer, T> std::fmt::Debug for CallFuture<S, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallFuture")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Serializer, T: DeserializeOwned> Future for CallFuture<S, T> {
+    type Output = Result<T, CallError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Waiting(waiting) => match waiting.as_mut().poll(cx) {
+                    Poll::Ready(Ok((rx, place))) => {
+                        this.state = State::Queued(rx, place.map(Abandon));
+                    }
+                    Poll::Ready(Err(error)) => {
+                        this.state = State::Done;
+                        return Poll::Ready(Err(error));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                State::Queued(rx, _) => {
+                    if let Some(deadline) = this.deadline {
+                        let sleep = this
+                            .sleep
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            // The farm settles it as expired, unless it settled first.
+                            this.deadline = None;
+                            this.sleep = None;
+                            if let Some(core) = this.core.as_ref().and_then(Weak::upgrade) {
+                                core.cancel(this.id, CancelWhy::Expired);
+                            }
+                        }
+                    }
+                    let received = match Pin::new(rx).poll(cx) {
+                        Poll::Ready(received) => received,
+                        Poll::Pending => return Poll::Pending,
+                    };
+                    this.state = State::Done;
+                    return Poll::Ready(match received {
+                        Ok(Ok(answer)) => {
+                            decode_result(&this.serializer, &this.method, &answer.body)
+                        }
+                        Ok(Err(error)) => Err(*error),
+                        Err(_) => Err(CallError::ShutDown),
+                    });
+                }
+                State::Failed(error) => {
+                    let error = std::mem::replace(&mut **error, CallError::ShutDown);
+                    this.state = State::Done;
+                    return Poll::Ready(Err(error));
+                }
+                // Polled after it completed.
+                State::Done => return Poll::Ready(Err(CallError::ShutDown)),
+            }
+        }
+    }
+}
+
+impl<S: Serializer, T> Drop for CallFuture<S, T> {
+    fn drop(&mut self) {
+        // Only a call that was sent has anything to cancel; one still waiting for a
+        // place is never sent once its future is gone.
+        if self.cancel_on_drop && matches!(self.state, State::Queued(..)) {
+            if let Some(core) = self.core.as_ref().and_then(Weak::upgrade) {
+                core.cancel(self.id, CancelWhy::Cancelled);
+            }
+        }
     }
 }
 

@@ -1051,18 +1051,19 @@ impl<T: Transport> Dispatcher<T> {
         let pid = w.link.pid();
         self.emit_call_done(id, call.id(), outcome.is_ok());
         match outcome {
-            Ok(body) if call.opts.is_some() => {
-                let info = call.opts.as_ref().map(|opts| {
+            Ok(body) if call.opts.as_ref().is_some_and(|o| o.made.is_some()) => {
+                let info = call.opts.as_ref().and_then(|opts| {
+                    let made = opts.made?;
                     let now = std::time::Instant::now();
                     let started = opts.started.unwrap_or(now);
-                    CallInfo {
+                    Some(CallInfo {
                         id: call.id(),
                         worker: id,
                         pid,
                         attempts: call.attempts,
-                        queued_for: started.saturating_duration_since(opts.made),
+                        queued_for: started.saturating_duration_since(made),
                         ran_for: now.saturating_duration_since(started),
-                    }
+                    })
                 });
                 call.reply.send_answer(Ok(Answer { body, info }));
             }

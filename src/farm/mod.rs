@@ -10,7 +10,7 @@ mod transport;
 mod workers;
 
 pub use call::CallInfo;
-pub use call_builder::{CallBuilder, CallHandle, CancelHandle, WithInfo};
+pub use call_builder::{CallBuilder, CallFuture, CallHandle, CancelHandle, WithInfo};
 pub use map::{Map, MapUnordered};
 pub use registry::kill_all;
 

@@ -418,7 +418,7 @@ impl<L> Worker<L> {
         if let Some(retry) = &mut call.retry {
             retry.withdrawn = false;
         }
-        if let Some(opts) = call.opts.as_mut().filter(|_| starts) {
+        if let Some(opts) = call.opts.as_mut().filter(|o| starts && o.made.is_some()) {
             opts.started = Some(std::time::Instant::now());
         }
         protocol::set_call_queued(&mut call.frame, !starts);
@@ -495,7 +495,7 @@ impl<L> Worker<L> {
         }
         self.progress += 1;
         held.call.attempts = held.call.attempts.saturating_add(1);
-        if let Some(opts) = &mut held.call.opts {
+        if let Some(opts) = held.call.opts.as_mut().filter(|o| o.made.is_some()) {
             opts.started = Some(std::time::Instant::now());
         }
         let kind = held.kind;

@@ -33,6 +33,7 @@ const WORKLOADS: &[&str] = &[
     "queue_memory",
     "scale64",
     "pipe_floor",
+    "call_paths",
 ];
 
 const WARMUP_CALLS: usize = 100;
@@ -305,6 +306,7 @@ async fn run_workload<S: Serializer>(ctx: &Ctx, serializer: S, workload: &str) -
         "queue_memory" => queue_memory(ctx, serializer).await,
         "scale64" => scale64(ctx, serializer).await,
         "pipe_floor" => pipe_floor(ctx),
+        "call_paths" => call_paths(ctx, serializer).await,
         other => Err(format!("unknown workload {other:?}")),
     }
 }
@@ -480,6 +482,66 @@ async fn noop_throughput<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
         WARMUP_CALLS,
         json!({ "path": "farm.map(..), default bound, chunk_size 1" }),
     );
+    Ok(())
+}
+
+/// `call_paths`: what per-call options cost. 2 workers, 200,000 noop calls all at once,
+/// seven rounds, each running `run_method`, then the awaited `call(..).timeout(..)`, then
+/// `call(..).timeout(..).start()` handles, in turn; the median rate of each.
+async fn call_paths<S: Serializer>(ctx: &Ctx, serializer: S) -> Outcome {
+    const WORKLOAD: &str = "call_paths";
+    let workers = 2;
+    let n = ctx.count(200_000);
+    let farm = create(ctx, serializer, workers)?;
+    noop_all_at_once(&farm, 0..WARMUP_CALLS).await?;
+    let timeout = Duration::from_secs(60);
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for _ in 0..7 {
+        let start = Instant::now();
+        noop_all_at_once(&farm, 0..n).await?;
+        rates[0].push(n as f64 / start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                farm.call::<_, i64>("noop", i as i64)
+                    .timeout(timeout)
+                    .into_future()
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            call.await.map_err(|e| call_failed("noop", i, e))?;
+        }
+        rates[1].push(n as f64 / start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let calls: Vec<_> = (0..n)
+            .map(|i| {
+                farm.call::<_, i64>("noop", i as i64)
+                    .timeout(timeout)
+                    .start()
+            })
+            .collect();
+        for (i, call) in calls.into_iter().enumerate() {
+            call.await.map_err(|e| call_failed("noop", i, e))?;
+        }
+        rates[2].push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    farm.shutdown().await;
+    for (metric, mut r) in ["plain_per_s", "options_per_s", "handles_per_s"]
+        .into_iter()
+        .zip(rates)
+    {
+        r.sort_by(f64::total_cmp);
+        ctx.emit(
+            WORKLOAD,
+            metric,
+            r[r.len() / 2],
+            "calls/s",
+            workers,
+            n,
+            WARMUP_CALLS,
+            json!({ "rounds": 7 }),
+        );
+    }
     Ok(())
 }
 

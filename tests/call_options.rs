@@ -259,3 +259,43 @@ async fn a_deadline_counts_while_waiting_for_a_place() {
     busy.await.unwrap();
     farm.shutdown().await;
 }
+
+/// Each worker has a pool slot `0..workers`, knows it, and its replacement inherits it.
+#[tokio::test]
+async fn workers_know_their_slot_and_replacements_inherit_it() {
+    let farm = Farm::create(options(3)).unwrap();
+    let status = all_online(&farm, 3).await;
+    let mut slots: Vec<usize> = status.workers.iter().map(|w| w.slot).collect();
+    slots.sort();
+    assert_eq!(slots, [0, 1, 2]);
+    let seen = farm
+        .broadcast_method::<_, (u32, Option<usize>)>("slot", ())
+        .await;
+    assert_eq!(seen.successes.len(), 3);
+    for (id, (pid, slot)) in &seen.successes {
+        let w = status.workers.iter().find(|w| w.id == *id).unwrap();
+        assert_eq!((w.pid, Some(w.slot)), (*pid, *slot));
+    }
+    // Kill the worker in slot 1: its replacement takes slot 1.
+    let victim = status.workers.iter().find(|w| w.slot == 1).unwrap();
+    kill_9(victim.pid);
+    wait_gone(victim.pid, SOON).await;
+    let after = wait_status(&farm, SOON, |s| {
+        s.workers.len() == 3
+            && s.workers
+                .iter()
+                .all(|w| w.state == workfarm::WorkerState::Online && w.pid != victim.pid)
+    })
+    .await;
+    let replacement = after.workers.iter().find(|w| w.slot == 1).unwrap();
+    assert_ne!(replacement.id, victim.id);
+    farm.shutdown().await;
+}
+
+fn kill_9(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

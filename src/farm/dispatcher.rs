@@ -185,8 +185,11 @@ impl<T: Transport> Dispatcher<T> {
     pub(crate) fn start(&mut self) -> std::io::Result<()> {
         for _ in 0..self.settings.workers {
             let id = self.workers.new_id();
-            let link = self.transport.spawn(id, &self.hello, &self.inbound_tx)?;
-            self.add_worker(id, link);
+            let slot = self.workers.free_slot();
+            let link = self
+                .transport
+                .spawn(id, slot, &self.hello, &self.inbound_tx)?;
+            self.add_worker(id, slot, link);
         }
         if self.settings.max_memory.is_some() {
             self.timers.set(Timer::MemoryCheck, MEMORY_CHECK_INTERVAL);
@@ -657,6 +660,7 @@ impl<T: Transport> Dispatcher<T> {
                     id: w.id,
                     pid: w.link.pid(),
                     state: w.state,
+                    slot: w.slot,
                     in_flight: w.held(),
                     waiting: w.waiting(),
                     handed: w.handed,
@@ -946,8 +950,12 @@ impl<T: Transport> Dispatcher<T> {
         }
         for _ in self.workers.live()..self.settings.workers {
             let id = self.workers.new_id();
-            match self.transport.spawn(id, &self.hello, &self.inbound_tx) {
-                Ok(link) => self.add_worker(id, link),
+            let slot = self.workers.free_slot();
+            match self
+                .transport
+                .spawn(id, slot, &self.hello, &self.inbound_tx)
+            {
+                Ok(link) => self.add_worker(id, slot, link),
                 Err(e) => {
                     let why = format!("could not spawn {}: {e}", self.transport.describe());
                     self.start_failed(Some(id), why);
@@ -957,13 +965,12 @@ impl<T: Transport> Dispatcher<T> {
         }
     }
 
-    fn add_worker(&mut self, id: WorkerId, link: T::Link) {
+    fn add_worker(&mut self, id: WorkerId, slot: usize, link: T::Link) {
         let pid = link.pid();
         tracing::debug!(worker = id.as_u64(), pid, "worker spawned");
         self.emit(Event::Spawned { worker: id, pid });
         self.timers
             .set(Timer::Startup(id), self.settings.startup_timeout);
-        let slot = self.workers.free_slot();
         self.workers.add(Worker::new(id, slot, link));
     }
 

@@ -55,6 +55,7 @@ impl Transport for FakeTransport {
     fn spawn(
         &mut self,
         worker: WorkerId,
+        _slot: usize,
         hello: &[u8],
         inbound: &mpsc::UnboundedSender<Inbound>,
     ) -> std::io::Result<FakeLink> {

@@ -289,6 +289,9 @@ pub struct WorkerStatus {
     pub pid: u32,
     /// Where it is in its life.
     pub state: WorkerState,
+    /// Its pool slot, `0..workers`: its replacement takes the same one, keyed calls go by
+    /// it, and the worker reads it with [`Worker::slot`](crate::worker::Worker::slot).
+    pub slot: usize,
     /// Calls it holds: running, or waiting inside it to start.
     pub in_flight: usize,
     /// Of those, calls that wait inside it (sent ahead, not started; see

@@ -58,6 +58,9 @@ pub(crate) mod launch {
     /// memory, `to-worker ring,to-farm ring,slot table` (see `crate::shm`); absent when the
     /// farm has none.
     pub(crate) const RINGS_ENV: &str = "WORKFARM_RINGS";
+    /// Environment variable carrying the worker's pool slot (`0..workers`), which its
+    /// replacement inherits.
+    pub(crate) const SLOT_ENV: &str = "WORKFARM_SLOT";
 }
 
 use bytes::{Buf, Bytes};

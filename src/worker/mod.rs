@@ -113,6 +113,21 @@ impl Worker<Builtin> {
     pub fn is_worker() -> bool {
         started_by_farm()
     }
+
+    /// This worker's pool slot, `0..workers` (as [`WorkerStatus::slot`] says), if a farm
+    /// started it: a replacement inherits the slot of the worker it replaces, so a slot
+    /// can stand for a per-worker resource (an access token, a GPU, a port).
+    ///
+    /// [`WorkerStatus::slot`]: crate::WorkerStatus::slot
+    pub fn slot() -> Option<usize> {
+        if !started_by_farm() {
+            return None;
+        }
+        std::env::var(crate::protocol::launch::SLOT_ENV)
+            .ok()?
+            .parse()
+            .ok()
+    }
 }
 
 /// Set once [`Worker::serve`] has begun.

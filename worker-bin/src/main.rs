@@ -77,6 +77,8 @@ fn main() {
         .method("noop", |x: i64| x)
         .method("add", |(a, b): (i64, i64)| a + b)
         .method("pid", |()| std::process::id())
+        // Its pid and pool slot, as it sees them.
+        .method("slot", |()| (std::process::id(), Worker::slot()))
         .method("info", |()| Info {
             pid: std::process::id(),
             args: std::env::args().collect(),

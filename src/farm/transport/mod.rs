@@ -26,6 +26,7 @@ pub(crate) trait Transport: Send + 'static {
     fn spawn(
         &mut self,
         worker: WorkerId,
+        slot: usize,
         hello: &[u8],
         inbound: &mpsc::UnboundedSender<Inbound>,
     ) -> std::io::Result<Self::Link>;

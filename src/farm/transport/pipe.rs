@@ -58,10 +58,11 @@ impl Transport for Pipes {
     fn spawn(
         &mut self,
         worker: WorkerId,
+        slot: usize,
         hello: &[u8],
         inbound: &mpsc::UnboundedSender<Inbound>,
     ) -> std::io::Result<WorkerLink> {
-        spawn(&self.settings, worker, hello, inbound.clone())
+        spawn(&self.settings, worker, slot, hello, inbound.clone())
     }
 
     fn describe(&self) -> String {
@@ -270,6 +271,7 @@ fn stop_frame() -> Vec<u8> {
 fn spawn(
     spec: &Settings,
     worker: WorkerId,
+    slot: usize,
     hello: &[u8],
     inbound: mpsc::UnboundedSender<Inbound>,
 ) -> std::io::Result<WorkerLink> {
@@ -277,6 +279,7 @@ fn spawn(
     let identity = crate::sys::file_identity(stdin_read.as_raw_fd()).unwrap_or_default();
     let shared = shared_memory();
     let mut cmd = command(spec, stdin_read, &identity);
+    cmd.env(launch::SLOT_ENV, slot.to_string());
     if let Some((to_worker, to_farm, slots)) = &shared {
         let fds = vec![to_worker.raw_fd(), to_farm.raw_fd(), slots.raw_fd()];
         cmd.env(

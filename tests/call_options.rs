@@ -219,21 +219,41 @@ async fn a_retried_call_reports_its_attempts() {
 }
 
 /// Regression: keyed calls that waited inside a worker once left it counted as holding
-/// calls that could be taken back, so the idle worker looked stalled for ever and lost
-/// its room for waiting calls.
+/// calls that could be taken back, so once idle it looked stalled at every check (while
+/// another worker kept the checks going) and lost its room for waiting calls.
 #[tokio::test]
 async fn keyed_calls_that_waited_leave_their_worker_its_full_room() {
     let farm = Farm::create(options(2)).unwrap();
     all_online(&farm, 2).await;
     let mut load = farm.load();
     let idle = load.wait_for(|l| l.free > 0).await.unwrap().free;
-    let first = farm.call::<_, u32>("block", 300u64).key("k").start();
-    let waiting = farm.call::<_, i64>("noop", 1).key("k").start();
-    first.await.unwrap();
-    waiting.await.unwrap();
+    // One key for each worker.
+    let mut keys: Vec<(u32, u32)> = Vec::new();
+    for k in 0u32..200 {
+        let pid: u32 = farm.call("pid", ()).key(k).await.unwrap();
+        if keys.iter().all(|(_, p)| *p != pid) {
+            keys.push((k, pid));
+        }
+        if keys.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(keys.len(), 2, "no key found for one of the workers");
+    // A keyed call waits on each worker; the first is idle again while the second still
+    // holds a waiting call, which keeps the stall checks running.
+    let a = farm.call::<_, u32>("block", 300u64).key(keys[0].0).start();
+    let b = farm.call::<_, i64>("noop", 1).key(keys[0].0).start();
+    let c = farm.call::<_, u32>("block", 900u64).key(keys[1].0).start();
+    let d = farm.call::<_, i64>("noop", 2).key(keys[1].0).start();
+    for call in [a, c] {
+        call.await.unwrap();
+    }
+    for call in [b, d] {
+        call.await.unwrap();
+    }
     tokio::time::timeout(SOON, load.wait_for(|l| l.in_flight == 0 && l.free == idle))
         .await
-        .expect("the idle worker gets its room back")
+        .expect("the idle workers get their room back")
         .unwrap();
     farm.shutdown().await;
 }

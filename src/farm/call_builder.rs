@@ -156,14 +156,7 @@ where
         let core = farm.core.clone();
         let id = core.next_call.fetch_add(1, Ordering::Relaxed);
         let deadline = opts.deadline;
-        let shared = Arc::new(CancelShared {
-            id,
-            core: Arc::downgrade(&core),
-            sent: AtomicBool::new(false),
-            cancelled: AtomicBool::new(false),
-            settled: AtomicBool::new(false),
-            notify: Notify::new(),
-        });
+        let shared = CancelShared::new(id, &core);
         let submitted = farm
             .encode_call(id, method, |s, buf| s.encode(&args, buf), type_name::<A>())
             .and_then(|frame| core.queue(frame, Some(Box::new(opts)), wait));
@@ -291,14 +284,7 @@ where
         let state = match submitted {
             Ok(Submitted::Queued(rx, place)) => State::Queued(rx, place.map(Abandon)),
             Ok(Submitted::Full(full)) => {
-                let flag = Arc::new(CancelShared {
-                    id,
-                    core: Arc::downgrade(&farm.core),
-                    sent: AtomicBool::new(false),
-                    cancelled: AtomicBool::new(false),
-                    settled: AtomicBool::new(false),
-                    notify: Notify::new(),
-                });
+                let flag = CancelShared::new(id, &farm.core);
                 State::Waiting(Box::pin(wait_for_place(
                     farm.core.clone(),
                     *full,
@@ -576,6 +562,17 @@ struct CancelShared {
 }
 
 impl CancelShared {
+    fn new(id: u64, core: &Arc<Core>) -> Arc<Self> {
+        Arc::new(CancelShared {
+            id,
+            core: Arc::downgrade(core),
+            sent: AtomicBool::new(false),
+            cancelled: AtomicBool::new(false),
+            settled: AtomicBool::new(false),
+            notify: Notify::new(),
+        })
+    }
+
     /// Flags the call cancelled and, if it was sent, tells the dispatcher. Its future does
     /// the same check the other way round once it sends the call, so of the two at least
     /// one tells (the dispatcher ignores a second word).

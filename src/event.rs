@@ -3,20 +3,64 @@
 use crate::error::{CallError, ExitInfo};
 use std::fmt;
 
-/// Names one worker process for the life of its farm. A replacement gets a new id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkerId(pub(crate) std::num::NonZeroU64);
+/// Names one worker process for the life of its farm, and the pool slot it serves. A
+/// replacement gets a new id and inherits the slot of the worker it replaces.
+///
+/// Ids compare, order and hash by their number alone (it is unique within the farm).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerId(std::num::NonZeroU64);
+
+/// The id takes the low 48 bits, the slot the high 16 (slots are at most 4096): one word,
+/// so a call that names its worker stays small.
+const ID_BITS: u32 = 48;
 
 impl WorkerId {
+    pub(crate) fn new(n: std::num::NonZeroU64, slot: usize) -> Self {
+        let slot = (slot as u64).min(u64::from(u16::MAX)) << ID_BITS;
+        WorkerId(n | slot)
+    }
+
     /// The id as a number, unique within its farm.
     pub fn as_u64(self) -> u64 {
-        self.0.get()
+        self.0.get() & ((1 << ID_BITS) - 1)
+    }
+
+    /// Its pool slot, `0..workers`: what [`Worker::slot`](crate::worker::Worker::slot)
+    /// says inside the process, and what `FarmOptions::per_worker` configures.
+    pub fn slot(self) -> usize {
+        (self.0.get() >> ID_BITS) as usize
+    }
+}
+
+impl PartialEq for WorkerId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_u64() == other.as_u64()
+    }
+}
+
+impl Eq for WorkerId {}
+
+impl std::hash::Hash for WorkerId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_u64().hash(state);
+    }
+}
+
+impl PartialOrd for WorkerId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for WorkerId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_u64().cmp(&other.as_u64())
     }
 }
 
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "worker #{}", self.0)
+        write!(f, "worker #{} (slot {})", self.as_u64(), self.slot())
     }
 }
 
@@ -118,5 +162,20 @@ impl Event {
             Event::Error { worker, .. } => *worker,
             Event::TellFailed { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_carries_its_slot_and_compares_by_number() {
+        let n = std::num::NonZeroU64::new(7).unwrap();
+        let id = WorkerId::new(n, 4095);
+        assert_eq!((id.as_u64(), id.slot()), (7, 4095));
+        assert_eq!(id, WorkerId::new(n, 0));
+        assert_eq!(id.to_string(), "worker #7 (slot 4095)");
+        assert_eq!(std::mem::size_of::<Option<WorkerId>>(), 8);
     }
 }

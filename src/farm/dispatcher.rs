@@ -184,8 +184,8 @@ impl<T: Transport> Dispatcher<T> {
     /// Starts the first workers; a spawn error here is returned to `Farm::create`.
     pub(crate) fn start(&mut self) -> std::io::Result<()> {
         for _ in 0..self.settings.workers {
-            let id = self.workers.new_id();
             let slot = self.workers.free_slot();
+            let id = self.workers.new_id(slot);
             let link = self
                 .transport
                 .spawn(id, slot, &self.hello, &self.inbound_tx)?;
@@ -949,8 +949,8 @@ impl<T: Transport> Dispatcher<T> {
             return;
         }
         for _ in self.workers.live()..self.settings.workers {
-            let id = self.workers.new_id();
             let slot = self.workers.free_slot();
+            let id = self.workers.new_id(slot);
             match self
                 .transport
                 .spawn(id, slot, &self.hello, &self.inbound_tx)

@@ -134,7 +134,7 @@ impl Link for FakeLink {
 }
 
 fn w(n: u64) -> WorkerId {
-    WorkerId(std::num::NonZeroU64::new(n).unwrap())
+    WorkerId::new(std::num::NonZeroU64::new(n).unwrap(), 0)
 }
 
 fn pid_of(worker: WorkerId) -> u32 {

@@ -637,9 +637,13 @@ impl<L> Default for Workers<L> {
 }
 
 impl<L> Workers<L> {
-    pub(crate) fn new_id(&mut self) -> WorkerId {
+    /// A new id, for a worker in pool slot `slot`.
+    pub(crate) fn new_id(&mut self, slot: usize) -> WorkerId {
         self.next_id += 1;
-        WorkerId(std::num::NonZeroU64::MIN.saturating_add(self.next_id - 1))
+        WorkerId::new(
+            std::num::NonZeroU64::MIN.saturating_add(self.next_id - 1),
+            slot,
+        )
     }
 
     /// The lowest pool slot no live worker holds: a replacement takes its predecessor's.

@@ -108,7 +108,7 @@ mod tests {
 
     fn died() -> CallError {
         CallError::WorkerDied {
-            worker: WorkerId(std::num::NonZeroU64::MIN),
+            worker: WorkerId::new(std::num::NonZeroU64::MIN, 0),
             pid: 1,
             exit: ExitInfo {
                 code: Some(1),

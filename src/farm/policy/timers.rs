@@ -105,7 +105,7 @@ mod tests {
     use super::*;
 
     fn worker(n: u64) -> WorkerId {
-        WorkerId(std::num::NonZeroU64::new(n).unwrap())
+        WorkerId::new(std::num::NonZeroU64::new(n).unwrap(), 0)
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,6 +106,20 @@ pub enum CallError {
     /// The call was cancelled ([`CallHandle::cancel`](crate::CallHandle::cancel), or its
     /// handle dropped with `cancel_on_drop`). Never retried.
     Cancelled,
+    /// Workers refused the call ([`Refuse`](crate::worker::Refuse)) and no slot is left to
+    /// take it: every slot refused it "not here", or every slot that might take it backs
+    /// off past [`max_refusal_wait`](crate::FarmOptions::max_refusal_wait). Refusals are
+    /// never charged as retries.
+    Refused {
+        /// The refusals, oldest first (at most 32 are kept).
+        refusals: Vec<Refusal>,
+    },
+    /// Every slot of the pool is sidelined for crashing too often
+    /// ([`quarantine`](crate::FarmOptions::quarantine)): no worker is left to run the call.
+    Quarantined {
+        /// Each sidelined slot, with its last worker's exit.
+        slots: Vec<Sidelined>,
+    },
     /// The worker holding the call died.
     WorkerDied {
         /// The worker.
@@ -227,6 +241,20 @@ impl fmt::Display for CallError {
                 f.write_str("call's deadline passed while it ran; its worker was stopped")
             }
             CallError::Cancelled => f.write_str("call cancelled"),
+            CallError::Refused { refusals } => {
+                write!(f, "call refused by every worker that could take it")?;
+                if let Some(last) = refusals.last() {
+                    write!(f, "; last: {last}")?;
+                }
+                Ok(())
+            }
+            CallError::Quarantined { slots } => {
+                f.write_str("every slot is quarantined for crashing:")?;
+                for slot in slots {
+                    write!(f, " {slot};")?;
+                }
+                Ok(())
+            }
             CallError::WorkerDied {
                 worker,
                 pid,
@@ -278,6 +306,8 @@ impl std::error::Error for CallError {
             | CallError::Timeout { .. }
             | CallError::Deadline { .. }
             | CallError::Cancelled
+            | CallError::Refused { .. }
+            | CallError::Quarantined { .. }
             | CallError::WorkerDied { .. }
             | CallError::Protocol { .. }
             | CallError::QueueFull { .. }
@@ -286,6 +316,62 @@ impl std::error::Error for CallError {
             | CallError::Serialize { .. }
             | CallError::Deserialize { .. } => None,
         }
+    }
+}
+
+/// One worker's refusal of a call (see [`CallError::Refused`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Refusal {
+    /// The worker that refused (with its slot); `None` for an item of a
+    /// [`chunk_size`](crate::Map::chunk_size) batch.
+    pub worker: Option<WorkerId>,
+    /// The back-off it asked for; `None` for "not here" ([`Refuse::elsewhere`]).
+    ///
+    /// [`Refuse::elsewhere`]: crate::worker::Refuse::elsewhere
+    pub backoff: Option<Duration>,
+    /// Why, as the handler said.
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.worker {
+            Some(worker) => write!(f, "{worker}")?,
+            None => f.write_str("a worker")?,
+        }
+        match self.backoff {
+            Some(d) => write!(f, " backs off for {d:?}")?,
+            None => f.write_str(" does not serve it")?,
+        }
+        if !self.reason.is_empty() {
+            write!(f, " ({})", self.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// A slot sidelined by [`quarantine`](crate::FarmOptions::quarantine).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Sidelined {
+    /// The pool slot.
+    pub slot: usize,
+    /// Crashes counted in the window.
+    pub crashes: u32,
+    /// How its last worker ended.
+    pub last_exit: Option<ExitInfo>,
+    /// How long until it is tried again.
+    pub retry_in: Duration,
+}
+
+impl fmt::Display for Sidelined {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "slot {} ({} crashes", self.slot, self.crashes)?;
+        if let Some(exit) = self.last_exit {
+            write!(f, ", last {exit}")?;
+        }
+        write!(f, "; retried in {:?})", self.retry_in)
     }
 }
 

@@ -108,6 +108,35 @@ pub enum Event {
         /// Its resident set size when measured, in bytes.
         rss: u64,
     },
+    /// A worker refused a call with a back-off ([`Refuse::retry_after`]): its slot takes no
+    /// calls for `backoff`. Sent when a back-off begins, not for each refusal during it.
+    ///
+    /// [`Refuse::retry_after`]: crate::worker::Refuse::retry_after
+    BackingOff {
+        /// The worker.
+        worker: WorkerId,
+        /// How long its slot takes no calls.
+        backoff: std::time::Duration,
+    },
+    /// A slot's workers crashed too often ([`FarmOptions::quarantine`]): no worker is
+    /// started in it for `backoff`.
+    ///
+    /// [`FarmOptions::quarantine`]: crate::FarmOptions::quarantine
+    Quarantined {
+        /// The pool slot.
+        slot: usize,
+        /// Crashes within the window.
+        crashes: u32,
+        /// How long it is sidelined.
+        backoff: std::time::Duration,
+        /// How its last worker ended.
+        last_exit: Option<ExitInfo>,
+    },
+    /// A quarantined slot's back-off ended: a worker is started in it again.
+    Released {
+        /// The pool slot.
+        slot: usize,
+    },
     /// A worker answered a call (workestrator's `message`).
     CallDone {
         /// The worker.
@@ -158,9 +187,10 @@ impl Event {
             | Event::IdleReached { worker }
             | Event::MemoryLimitReached { worker, .. }
             | Event::CallDone { worker, .. }
+            | Event::BackingOff { worker, .. }
             | Event::StderrDropped { worker, .. } => Some(*worker),
             Event::Error { worker, .. } => *worker,
-            Event::TellFailed { .. } => None,
+            Event::TellFailed { .. } | Event::Quarantined { .. } | Event::Released { .. } => None,
         }
     }
 }

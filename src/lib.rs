@@ -14,7 +14,7 @@ mod shm;
 mod sys;
 pub mod worker;
 
-pub use error::{CallError, CreateError, ExitInfo};
+pub use error::{CallError, CreateError, ExitInfo, Refusal, Sidelined};
 pub use event::{Event, WorkerId};
 pub use farm::{
     kill_all, Broadcast, CallBuilder, CallFuture, CallHandle, CallInfo, CancelHandle, Farm, Load,

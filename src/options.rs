@@ -59,7 +59,14 @@ pub(crate) struct Settings {
     pub(crate) envs: Vec<(OsString, OsString)>,
     pub(crate) cwd: Option<PathBuf>,
     pub(crate) stderr: StderrMode,
+    /// The most workers, and the number of pool slots.
     pub(crate) workers: usize,
+    /// The fewest workers kept (see [`FarmOptions::min_workers`]); `None`: start `workers`,
+    /// and let `max_idle_time` stop any of them.
+    pub(crate) min_workers: Option<usize>,
+    pub(crate) max_refusal_wait: Duration,
+    /// `(crashes, window)`: a slot with that many crashes within the window is sidelined.
+    pub(crate) quarantine: Option<(u32, Duration)>,
     pub(crate) max_concurrent_calls: Option<usize>,
     /// `None`: up to `policy::pipeline::SYNC_CALLS_PER_WORKER` sync calls (at least the
     /// worker's threads) and [`ASYNC_CALLS_PER_WORKER`] async ones.
@@ -90,6 +97,9 @@ impl FarmOptions<Json> {
                 cwd: None,
                 stderr: StderrMode::Forward,
                 workers: num_cpus::get(),
+                min_workers: None,
+                max_refusal_wait: Duration::from_secs(30),
+                quarantine: None,
                 max_concurrent_calls: None,
                 max_concurrent_calls_per_worker: None,
                 max_retries: 3,
@@ -181,9 +191,53 @@ impl<S: Serializer> FarmOptions<S> {
         self
     }
 
-    /// Number of worker processes. Default: the number of CPUs. Must be at least 1.
+    /// Number of worker processes, and of pool slots (`0..n`). Default: the number of
+    /// CPUs. Must be at least 1. With [`min_workers`](Self::min_workers) it is the most the
+    /// pool grows to ([`max_workers`](Self::max_workers) is the same setting).
     pub fn workers(mut self, n: usize) -> Self {
         self.settings.workers = n;
+        self
+    }
+
+    /// The most workers an elastic pool grows to: the same setting as
+    /// [`workers`](Self::workers).
+    pub fn max_workers(self, n: usize) -> Self {
+        self.workers(n)
+    }
+
+    /// Makes the pool elastic (piscina's `minThreads`/`maxThreads`/`idleTimeout`): it
+    /// starts `n` workers, grows by one worker per call left waiting for room (never past
+    /// [`max_workers`](Self::max_workers)), and, with
+    /// [`max_idle_time`](Self::max_idle_time), shrinks back to `n` as workers sit idle.
+    /// Default: unset, which starts `workers` workers and lets `max_idle_time` stop any of
+    /// them (they come back when calls need them). At most `max_workers`; may be 0.
+    pub fn min_workers(mut self, n: usize) -> Self {
+        self.settings.min_workers = Some(n);
+        self
+    }
+
+    /// Longest a refused call ([`Refuse`](crate::worker::Refuse)) waits for a slot to take
+    /// it, from its first refusal: when every slot that might take it backs off past
+    /// that, it fails with [`CallError::Refused`](crate::CallError::Refused) at once rather
+    /// than wait. Default: 30 s.
+    pub fn max_refusal_wait(mut self, wait: Duration) -> Self {
+        self.settings.max_refusal_wait = wait;
+        self
+    }
+
+    /// Sidelines a slot whose workers crash `crashes` times within `window` (a bad token,
+    /// a bad GPU, a poisoned cache): no worker is started in it for a back-off that starts
+    /// at 1 s and doubles with each sidelining (to at most 5 minutes), and its calls go to
+    /// the other slots. [`Event::Quarantined`](crate::Event::Quarantined) says so, and
+    /// [`Event::Released`](crate::Event::Released) when it is tried again. When every slot
+    /// is sidelined, calls fail with
+    /// [`CallError::Quarantined`](crate::CallError::Quarantined) naming the slots and their
+    /// last exits. A crash is a worker that ended without being asked to (killed by a
+    /// signal, exited, failed to start); the back-off resets once a worker of the slot has
+    /// answered a call. Default: off (a crashed worker is replaced, paced by the start-up
+    /// back-off, however often it happens).
+    pub fn quarantine(mut self, crashes: u32, window: Duration) -> Self {
+        self.settings.quarantine = Some((crashes, window));
         self
     }
 
@@ -332,6 +386,8 @@ impl Settings {
             ("max_idle_time", self.max_idle_time),
             ("kill_timeout", Some(self.kill_timeout)),
             ("startup_timeout", Some(self.startup_timeout)),
+            ("max_refusal_wait", Some(self.max_refusal_wait)),
+            ("quarantine", self.quarantine.map(|q| q.1)),
         ] {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return invalid(name, "must be at most 100 years (use None for no limit)");
@@ -349,6 +405,12 @@ impl Settings {
         }
         if self.workers > MAX_WORKERS {
             return invalid("workers", "must be at most 4096");
+        }
+        if self.min_workers.is_some_and(|min| min > self.workers) {
+            return invalid("min_workers", "must be at most max_workers");
+        }
+        if self.quarantine.is_some_and(|q| q.0 == 0) {
+            return invalid("quarantine", "crashes must be at least 1");
         }
         match self.max_concurrent_calls {
             Some(0) => return invalid("max_concurrent_calls", "must be at least 1"),
@@ -447,6 +509,19 @@ mod tests {
         );
         assert_eq!(refused(ok().timeout(Duration::ZERO)), "timeout");
         assert_eq!(refused(ok().ttl(0)), "ttl");
+        assert_eq!(
+            refused(ok().workers(2).min_workers(3)),
+            "min_workers",
+            "min above max"
+        );
+        assert_eq!(
+            refused(ok().quarantine(0, Duration::from_secs(1))),
+            "quarantine"
+        );
+        assert_eq!(
+            refused(ok().max_refusal_wait(Duration::ZERO)),
+            "max_refusal_wait"
+        );
         assert_eq!(refused(ok().max_idle_time(Duration::ZERO)), "max_idle_time");
         assert_eq!(refused(ok().kill_timeout(Duration::ZERO)), "kill_timeout");
         assert_eq!(

@@ -232,6 +232,38 @@ pub(crate) struct Retry {
     /// It was taken back from a worker where it waited: it goes next to a worker where it
     /// starts at once (else it would bounce back to wait again).
     pub(crate) withdrawn: bool,
+    /// Workers' refusals of it, oldest first (at most [`MAX_REFUSALS`] kept).
+    pub(crate) refusals: Vec<crate::error::Refusal>,
+    /// When it was first refused.
+    pub(crate) first_refused: Option<Instant>,
+}
+
+/// Refusals a call keeps for its error report.
+const MAX_REFUSALS: usize = 32;
+
+impl Retry {
+    /// Records a refusal; "not here" refusals are all kept (they steer the call), back-off
+    /// ones only as space allows.
+    pub(crate) fn refused(&mut self, refusal: crate::error::Refusal, now: Instant) {
+        self.first_refused.get_or_insert(now);
+        if self.refusals.len() >= MAX_REFUSALS {
+            match self.refusals.iter().position(|r| r.backoff.is_some()) {
+                Some(i) => {
+                    self.refusals.remove(i);
+                }
+                None if refusal.backoff.is_some() => return,
+                None => {}
+            }
+        }
+        self.refusals.push(refusal);
+    }
+
+    /// Whether a worker in `slot` refused it "not here".
+    pub(crate) fn not_here(&self, slot: usize) -> bool {
+        self.refusals
+            .iter()
+            .any(|r| r.backoff.is_none() && r.worker.is_some_and(|w| w.slot() == slot))
+    }
 }
 
 impl Call {
@@ -264,6 +296,11 @@ impl Call {
     /// The worker to avoid, if an earlier attempt failed there.
     pub(crate) fn avoid(&self) -> Option<WorkerId> {
         self.retry.as_ref().and_then(|r| r.avoid)
+    }
+
+    /// Whether a worker in `slot` refused it "not here" (it never goes there again).
+    pub(crate) fn not_here(&self, slot: usize) -> bool {
+        self.retry.as_ref().is_some_and(|r| r.not_here(slot))
     }
 
     /// Whether it was taken back from a worker and not yet handed again.

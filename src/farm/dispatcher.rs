@@ -7,15 +7,18 @@
 //! free), settle it, stop a worker, spawn one, arm a timer.
 
 use super::call::{Answer, Call, CallInfo, Outcome, Reply};
+use super::policy::elastic::Bounds;
 use super::policy::pipeline;
+use super::policy::quarantine::Quarantine;
 use super::policy::recycle::RecyclePolicy;
+use super::policy::refusal::{self, Backoffs};
 use super::policy::retry::{Attempt, RetryPolicy, Verdict};
 use super::policy::startup::{self, Ending, Startup};
 use super::policy::timers::{Timer, Timers};
 use super::transport::{Inbound, Link, Transport};
 use super::workers::{Cancelled, Caps, Emptied, Kind, Worker, Workers};
 use super::Load;
-use crate::error::{CallError, ExitInfo};
+use crate::error::{CallError, ExitInfo, Refusal};
 use crate::event::{Event, WorkerId};
 use crate::options::Settings;
 use crate::protocol::{FailureKind, FromWorker, Ready, PROTOCOL_VERSION};
@@ -118,6 +121,15 @@ pub(crate) struct Dispatcher<T: Transport> {
     /// Keyed calls that reached the front of the queue, by pool slot: each waits for the
     /// worker in its slot without holding up the calls behind it.
     keyed: Vec<VecDeque<Call>>,
+    /// Refused calls, waiting for a slot that did not refuse them (served before the queue,
+    /// without holding it up: each may be barred from different slots).
+    parked: VecDeque<Call>,
+    /// Slots backing off after a refusal.
+    backoffs: Backoffs,
+    quarantine: Quarantine,
+    bounds: Bounds,
+    /// Workers the pool wants now, within `bounds`.
+    size: usize,
     load: watch::Sender<Load>,
     load_watched: Arc<AtomicBool>,
     capacity: Arc<std::sync::atomic::AtomicUsize>,
@@ -146,7 +158,13 @@ impl<T: Transport> Dispatcher<T> {
     ) -> Self {
         let (inbound_tx, inbound) = mpsc::unbounded_channel();
         let keyed = (0..settings.workers).map(|_| VecDeque::new()).collect();
+        let bounds = Bounds::new(settings.min_workers, settings.workers);
         Dispatcher {
+            parked: VecDeque::new(),
+            backoffs: Backoffs::new(settings.workers),
+            quarantine: Quarantine::new(settings.quarantine, settings.workers),
+            size: bounds.start,
+            bounds,
             retry: RetryPolicy {
                 max_retries: settings.max_retries,
                 retry_handler_errors: settings.retry_handler_errors,
@@ -183,8 +201,7 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Starts the first workers; a spawn error here is returned to `Farm::create`.
     pub(crate) fn start(&mut self) -> std::io::Result<()> {
-        for _ in 0..self.settings.workers {
-            let slot = self.workers.free_slot();
+        for slot in 0..self.bounds.start {
             let id = self.workers.new_id(slot);
             let link = self
                 .transport
@@ -256,7 +273,7 @@ impl<T: Transport> Dispatcher<T> {
         if self.mode != Mode::Running {
             return 0;
         }
-        if self.startup.failing().is_some() {
+        if self.startup.failing().is_some() || self.all_sidelined().is_some() {
             return 1024;
         }
         if !self.queue.is_empty() && !self.workers.any_async() {
@@ -307,8 +324,13 @@ impl<T: Transport> Dispatcher<T> {
             self.answer_ready_waiters();
         }
         // Calls are waiting: make sure workers exist to run them (replacing idle-reaped or
-        // lost ones; a no-op while enough are live, or while backing off).
-        if !(self.queue.is_empty() && self.calls.is_empty() && self.keyed_queued() == 0) {
+        // lost ones, growing an elastic pool; a no-op while enough are live, or while
+        // backing off).
+        let waiting = self.queue.len() + self.parked.len() + self.calls.len();
+        if waiting > 0 || self.keyed_queued() > 0 {
+            self.size = self
+                .bounds
+                .grow(self.size, waiting, self.workers.starting());
             self.ensure_workers();
         }
         if self.load_watched.load(Ordering::Relaxed) {
@@ -327,6 +349,7 @@ impl<T: Transport> Dispatcher<T> {
         !self.calls.is_empty()
             || self.queue.iter().any(open)
             || self.keyed.iter().flatten().any(open)
+            || self.parked.iter().any(open)
             || self.workers.iter().any(Worker::awaited)
     }
 
@@ -351,7 +374,7 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Calls not yet handed to a worker.
     fn queued(&self) -> usize {
-        self.queue.len() + self.calls.len() + self.keyed_queued()
+        self.queue.len() + self.calls.len() + self.keyed_queued() + self.parked.len()
     }
 
     fn keyed_queued(&self) -> usize {
@@ -371,6 +394,7 @@ impl<T: Transport> Dispatcher<T> {
             Command::Ready(tx) => {
                 self.ready_waiters.push(tx);
                 // Idle-reaped workers are replaced on demand; waiting for them is demand.
+                self.size = self.size.max(self.bounds.start);
                 self.ensure_workers();
             }
             Command::Shutdown(tx) => {
@@ -495,6 +519,9 @@ impl<T: Transport> Dispatcher<T> {
                 return keyed.remove(i);
             }
         }
+        if let Some(i) = self.parked.iter().position(|c| c.id() == id) {
+            return self.parked.remove(i);
+        }
         while let Ok(call) = self.calls.try_recv() {
             if call.id() == id {
                 return Some(call);
@@ -514,6 +541,8 @@ impl<T: Transport> Dispatcher<T> {
         } else if let Some(message) = self.startup.failing() {
             let message = message.to_owned();
             call.reply.send(Err(CallError::WorkerStart { message }));
+        } else if let Some(slots) = self.all_sidelined() {
+            call.reply.send(Err(CallError::Quarantined { slots }));
         } else {
             tracing::trace!(call = call.id(), method = call.method(), "call taken");
             self.queue.push_back(call);
@@ -612,6 +641,7 @@ impl<T: Transport> Dispatcher<T> {
         for keyed in &mut self.keyed {
             keyed.retain(|call| !call.reply.is_closed());
         }
+        self.parked.retain(|call| !call.reply.is_closed());
     }
 
     /// Every call in the queue, keyed ones included.
@@ -620,6 +650,7 @@ impl<T: Transport> Dispatcher<T> {
         for keyed in &mut self.keyed {
             calls.extend(keyed.drain(..));
         }
+        calls.extend(self.parked.drain(..));
         calls
     }
 
@@ -641,7 +672,9 @@ impl<T: Transport> Dispatcher<T> {
             Err(CallError::WorkerStart {
                 message: message.to_owned(),
             })
-        } else if self.workers.online() >= self.settings.workers {
+        } else if let Some(slots) = self.all_sidelined() {
+            Err(CallError::Quarantined { slots })
+        } else if self.workers.online() >= self.ready_target() {
             Ok(())
         } else {
             return;
@@ -649,6 +682,14 @@ impl<T: Transport> Dispatcher<T> {
         for waiter in self.ready_waiters.drain(..) {
             let _ = waiter.send(answer.clone());
         }
+    }
+
+    /// Workers `ready()` waits for: the pool's size, less the slots sidelined.
+    fn ready_target(&self) -> usize {
+        let sidelined = (0..self.settings.workers)
+            .filter(|&slot| self.quarantine.is_sidelined(slot))
+            .count();
+        self.size.min(self.settings.workers - sidelined)
     }
 
     fn status(&self) -> Status {
@@ -684,6 +725,9 @@ impl<T: Transport> Dispatcher<T> {
         }
         if self.keyed_queued() > 0 {
             self.pump_keyed();
+        }
+        if !self.parked.is_empty() {
+            self.pump_parked();
         }
         let share = self.workers.startup_share(self.queue.len());
         while let Some(front) = self.queue.front() {
@@ -761,6 +805,36 @@ impl<T: Transport> Dispatcher<T> {
                 if let Some(call) = self.keyed[slot].pop_front() {
                     self.hand(id, call);
                 }
+            }
+        }
+    }
+
+    /// Hands refused calls to workers of slots that did not refuse them, oldest first; each
+    /// that finds none keeps waiting without holding up the others.
+    fn pump_parked(&mut self) {
+        let per_worker = self.settings.max_concurrent_calls_per_worker;
+        let mut i = 0;
+        while i < self.parked.len() {
+            let call = &self.parked[i];
+            if call.reply.is_closed() {
+                self.parked.remove(i);
+                continue;
+            }
+            if call.expired() {
+                if let Some(call) = self.parked.remove(i) {
+                    let ran = call.attempts > 0;
+                    call.reply.send(Err(CallError::Deadline { ran }));
+                }
+                continue;
+            }
+            let kind = self.workers.kind_of(call.method());
+            match self.workers.pick(call, kind, per_worker, None) {
+                Some(id) => {
+                    if let Some(call) = self.parked.remove(i) {
+                        self.hand(id, call);
+                    }
+                }
+                None => i += 1,
             }
         }
     }
@@ -943,13 +1017,35 @@ impl<T: Transport> Dispatcher<T> {
         self.ensure_workers();
     }
 
-    /// Spawns workers until `workers` are starting or online (unless backing off).
+    /// Spawns workers until the pool's size are starting or online, in free slots that are
+    /// not sidelined, and one for each slot whose keyed calls wait with no worker (unless
+    /// backing off after start failures).
     fn ensure_workers(&mut self) {
         if self.mode != Mode::Running || self.timers.is_set(Timer::Respawn) {
             return;
         }
-        for _ in self.workers.live()..self.settings.workers {
-            let slot = self.workers.free_slot();
+        let slots = self.settings.workers;
+        for slot in 0..self.keyed.len() {
+            if !self.keyed[slot].is_empty()
+                && self.workers.in_slot(slot).is_none()
+                && !self.quarantine.is_sidelined(slot)
+            {
+                self.size = (self.workers.live() + 1).max(self.size).min(slots);
+            }
+        }
+        while self.workers.live() < self.size {
+            let keyed_first = (0..self.keyed.len()).find(|&slot| {
+                !self.keyed[slot].is_empty()
+                    && self.workers.in_slot(slot).is_none()
+                    && !self.quarantine.is_sidelined(slot)
+            });
+            let quarantine = &self.quarantine;
+            let Some(slot) = keyed_first.or_else(|| {
+                self.workers
+                    .free_slot(slots, |slot| !quarantine.is_sidelined(slot))
+            }) else {
+                break;
+            };
             let id = self.workers.new_id(slot);
             match self
                 .transport
@@ -967,11 +1063,14 @@ impl<T: Transport> Dispatcher<T> {
 
     fn add_worker(&mut self, id: WorkerId, slot: usize, link: T::Link) {
         let pid = link.pid();
-        tracing::debug!(worker = id.as_u64(), pid, "worker spawned");
+        tracing::debug!(worker = id.as_u64(), slot, pid, "worker spawned");
         self.emit(Event::Spawned { worker: id, pid });
         self.timers
             .set(Timer::Startup(id), self.settings.startup_timeout);
-        self.workers.add(Worker::new(id, slot, link));
+        let mut worker = Worker::new(id, slot, link);
+        // A replacement in a slot that backs off waits for the back-off too.
+        worker.paused = self.backoffs.until(slot).is_some();
+        self.workers.add(worker);
     }
 
     /// Stops worker `id`: closes its input (it exits after its calls), and with `force`
@@ -1039,7 +1138,152 @@ impl<T: Transport> Dispatcher<T> {
             }
             FromWorker::Ready(ready) => self.on_ready(id, ready),
             FromWorker::Fatal { message } => self.on_fatal(id, message),
+            FromWorker::Refused {
+                id: call,
+                retry_after,
+                message,
+            } => self.on_refused(id, call, retry_after, message),
         }
+    }
+
+    /// Worker `id` refused call `call`: uncharged, it goes to another slot (or waits for
+    /// one, or fails: see `policy::refusal`); with a back-off, the worker's slot takes no
+    /// calls until it ends, and the calls waiting in the worker come back.
+    fn on_refused(
+        &mut self,
+        id: WorkerId,
+        call: u64,
+        retry_after: Option<Duration>,
+        reason: String,
+    ) {
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
+        let Some(mut call) = w.take(call) else { return };
+        // Not an attempt: it did not run to an answer.
+        call.attempts = call.attempts.saturating_sub(1);
+        self.timers.cancel(Timer::CallTimeout {
+            worker: id,
+            call: call.id(),
+        });
+        tracing::debug!(call = call.id(), worker = id.as_u64(), ?retry_after, %reason, "call refused");
+        let now = Instant::now();
+        if let Some(backoff) = retry_after {
+            self.back_off(id, backoff, now);
+        }
+        let refusal = Refusal {
+            worker: Some(id),
+            backoff: retry_after,
+            reason,
+        };
+        call.retry_mut().refused(refusal, now);
+        self.park(call, now);
+    }
+
+    /// The slot of worker `id` takes no calls for `backoff`; what waits in its workers and
+    /// can be taken back goes back to the queue.
+    fn back_off(&mut self, id: WorkerId, backoff: Duration, now: Instant) {
+        let slot = id.slot();
+        let until = now
+            .checked_add(backoff)
+            .unwrap_or(now + Duration::from_secs(86_400));
+        if self.backoffs.back_off(slot, until) {
+            self.emit(Event::BackingOff {
+                worker: id,
+                backoff,
+            });
+            self.timers.set(Timer::Resume(slot), backoff);
+        }
+        for wid in self.workers.ids() {
+            let Some(w) = self.workers.get(wid) else {
+                continue;
+            };
+            if w.slot != slot {
+                continue;
+            }
+            w.paused = true;
+            let mut back = Vec::new();
+            while let Some(call) = w.withdraw_newest() {
+                back.push(call);
+            }
+            for call in back.into_iter().rev() {
+                self.requeue_withdrawn(wid, call);
+            }
+        }
+    }
+
+    /// A slot's back-off timer fired: it takes calls again, unless the back-off was
+    /// extended meanwhile.
+    fn resume(&mut self, slot: usize) {
+        let now = Instant::now();
+        if !self.backoffs.end_if_due(slot, now) {
+            if let Some(until) = self.backoffs.until(slot) {
+                self.timers
+                    .set(Timer::Resume(slot), until.saturating_duration_since(now));
+            }
+            return;
+        }
+        tracing::debug!(slot, "back-off ended");
+        for w in self.workers.iter_mut().filter(|w| w.slot == slot) {
+            w.paused = false;
+        }
+    }
+
+    /// A refused call waits for a slot that may take it, or fails if none will in time.
+    fn park(&mut self, call: Call, now: Instant) {
+        if call.reply.is_closed() {
+            return;
+        }
+        if call.expired() {
+            let ran = call.attempts > 0;
+            call.reply.send(Err(CallError::Deadline { ran }));
+            return;
+        }
+        let first = call
+            .retry
+            .as_ref()
+            .and_then(|r| r.first_refused)
+            .unwrap_or(now);
+        let next = if let Some(worker) = call.pinned {
+            // A broadcast belongs to its worker: refused there, it is refused.
+            let _ = worker;
+            refusal::Next::Fail
+        } else if let Some(key) = call.key() {
+            // Keyed calls wait for their own slot.
+            let slot = (key % self.keyed.len().max(1) as u64) as usize;
+            let open = (!call.not_here(slot)).then(|| self.backoffs.until(slot));
+            refusal::next(open, first, self.settings.max_refusal_wait)
+        } else {
+            let open = (0..self.settings.workers)
+                .filter(|&slot| !call.not_here(slot) && !self.quarantine.is_sidelined(slot))
+                .map(|slot| self.backoffs.until(slot));
+            refusal::next(open, first, self.settings.max_refusal_wait)
+        };
+        match next {
+            refusal::Next::Fail => {
+                let refusals = call
+                    .retry
+                    .as_ref()
+                    .map(|r| r.refusals.clone())
+                    .unwrap_or_default();
+                call.reply.send(Err(CallError::Refused { refusals }));
+            }
+            refusal::Next::Wait => match call.key() {
+                Some(key) => {
+                    let slot = (key % self.keyed.len().max(1) as u64) as usize;
+                    if let Some(keyed) = self.keyed.get_mut(slot) {
+                        keyed.push_front(call);
+                    }
+                }
+                None => self.parked.push_back(call),
+            },
+        }
+    }
+
+    /// Every slot is sidelined by quarantine: each, for the error.
+    fn all_sidelined(&self) -> Option<Vec<crate::error::Sidelined>> {
+        self.settings.quarantine?;
+        self.quarantine.all_sidelined(Instant::now())
     }
 
     fn on_reply(&mut self, id: WorkerId, call: u64, outcome: Result<Bytes, (FailureKind, String)>) {
@@ -1050,6 +1294,7 @@ impl<T: Transport> Dispatcher<T> {
         let first_answer = !std::mem::replace(&mut w.answered, true);
         if first_answer {
             self.startup.proved();
+            self.quarantine.proved(id.slot());
         }
         self.timers.cancel(Timer::CallTimeout {
             worker: id,
@@ -1283,7 +1528,11 @@ impl<T: Transport> Dispatcher<T> {
             return;
         }
         let program = self.transport.describe();
-        match startup::judge_exit(life, &program, exit, stderr_tail) {
+        let ending = startup::judge_exit(life, &program, exit, stderr_tail);
+        if !matches!(ending, Ending::Stopped) {
+            self.count_crash(id.slot(), exit);
+        }
+        match ending {
             Ending::FailedStart(why) => self.start_failed(Some(id), why),
             Ending::Crashed { young } => {
                 tracing::warn!(worker = id.as_u64(), pid, %exit, "worker died");
@@ -1296,6 +1545,34 @@ impl<T: Transport> Dispatcher<T> {
             // Replaced when it was stopped, or not at all (an idle worker is replaced when
             // calls need it).
             Ending::Stopped => {}
+        }
+    }
+
+    /// A worker of `slot` ended on its own: quarantine may sideline the slot; if that leaves
+    /// no slot, the calls waiting fail.
+    fn count_crash(&mut self, slot: usize, exit: ExitInfo) {
+        let Some((crashes, backoff)) = self.quarantine.crashed(slot, exit, Instant::now()) else {
+            return;
+        };
+        tracing::warn!(slot, crashes, ?backoff, %exit, "slot quarantined: its workers keep crashing");
+        self.emit(Event::Quarantined {
+            slot,
+            crashes,
+            backoff,
+            last_exit: Some(exit),
+        });
+        self.timers.set(Timer::Release(slot), backoff);
+        if let Some(slots) = self.all_sidelined() {
+            for call in self.drain_queue() {
+                call.reply.send(Err(CallError::Quarantined {
+                    slots: slots.clone(),
+                }));
+            }
+            for waiter in self.ready_waiters.drain(..) {
+                let _ = waiter.send(Err(CallError::Quarantined {
+                    slots: slots.clone(),
+                }));
+            }
         }
     }
 
@@ -1442,9 +1719,13 @@ impl<T: Transport> Dispatcher<T> {
                     return;
                 };
                 if w.state == WorkerState::Online && w.is_drained() {
+                    if !self.bounds.may_shrink(self.workers.live()) {
+                        return;
+                    }
                     tracing::debug!(worker = id.as_u64(), "idle time reached");
                     self.emit(Event::IdleReached { worker: id });
                     // Not replaced until calls need it: the point is to give memory back.
+                    self.size = self.size.saturating_sub(1).max(self.bounds.floor);
                     self.stop(id, false);
                 }
             }
@@ -1469,6 +1750,14 @@ impl<T: Transport> Dispatcher<T> {
                 }
             }
             Timer::Respawn => self.ensure_workers(),
+            Timer::Resume(slot) => self.resume(slot),
+            Timer::Release(slot) => {
+                if self.quarantine.release(slot) {
+                    tracing::info!(slot, "quarantine over: starting a worker in the slot again");
+                    self.emit(Event::Released { slot });
+                    self.ensure_workers();
+                }
+            }
             Timer::MemoryCheck => self.check_memory(),
             Timer::StallCheck => self.check_stalls(),
             Timer::OrphanCheck => {
@@ -1552,6 +1841,13 @@ pub(crate) fn failure_error(kind: FailureKind, method: String, message: String) 
             message: format!("could not encode the result: {message}"),
         },
         FailureKind::Cancelled => CallError::Cancelled,
+        FailureKind::Refused => CallError::Refused {
+            refusals: vec![Refusal {
+                worker: None,
+                backoff: None,
+                reason: message,
+            }],
+        },
     }
 }
 

@@ -170,6 +170,8 @@ pub(crate) struct Worker<L> {
     /// Its frame stream ended: it takes no calls, and counts as live until it exits (so it
     /// is replaced then, as any worker that died).
     pub(crate) closed: bool,
+    /// Its slot backs off after a refusal: it takes no calls until the back-off ends.
+    pub(crate) paused: bool,
 }
 
 impl<L> Worker<L> {
@@ -199,6 +201,7 @@ impl<L> Worker<L> {
             answered: false,
             start_failure: None,
             closed: false,
+            paused: false,
         }
     }
 
@@ -257,7 +260,7 @@ impl<L> Worker<L> {
     ///
     /// [`FarmOptions::max_concurrent_calls_per_worker`]: crate::FarmOptions::max_concurrent_calls_per_worker
     pub(crate) fn has_room(&self, kind: Kind, per_worker: Option<usize>) -> bool {
-        if self.closed || (self.stalled && !self.starts_on_arrival(kind)) {
+        if self.closed || self.paused || (self.stalled && !self.starts_on_arrival(kind)) {
             return false;
         }
         match (per_worker, kind) {
@@ -284,7 +287,7 @@ impl<L> Worker<L> {
 
     /// Threads with no sync call running or waiting for them.
     pub(crate) fn free_threads(&self) -> usize {
-        if self.state != WorkerState::Online || self.closed {
+        if self.state != WorkerState::Online || self.closed || self.paused {
             return 0;
         }
         self.threads().saturating_sub(self.sync_held)
@@ -370,7 +373,7 @@ impl<L> Worker<L> {
 
     /// Calls it could take now, of any kind (how many to take from the queue for it).
     pub(crate) fn free_slots(&self, per_worker: Option<usize>) -> usize {
-        if self.state != WorkerState::Online || self.closed {
+        if self.state != WorkerState::Online || self.closed || self.paused {
             return 0;
         }
         match per_worker {
@@ -646,11 +649,18 @@ impl<L> Workers<L> {
         )
     }
 
-    /// The lowest pool slot no live worker holds: a replacement takes its predecessor's.
-    pub(crate) fn free_slot(&self) -> usize {
-        (0..)
-            .find(|&slot| !self.list.iter().any(|w| w.is_live() && w.slot == slot))
-            .unwrap_or(0)
+    /// The lowest of the `slots` pool slots that no live worker holds and `usable` allows: a
+    /// replacement takes its predecessor's.
+    pub(crate) fn free_slot(&self, slots: usize, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        (0..slots).find(|&slot| usable(slot) && self.in_slot(slot).is_none())
+    }
+
+    /// Workers still starting.
+    pub(crate) fn starting(&self) -> usize {
+        self.list
+            .iter()
+            .filter(|w| w.state == WorkerState::Starting)
+            .count()
     }
 
     /// The live worker in pool slot `slot`.
@@ -752,6 +762,8 @@ impl<L> Workers<L> {
         self.list
             .iter()
             .filter(|w| w.state == WorkerState::Online && w.has_room(kind, per_worker))
+            // Refused "not here" by this slot.
+            .filter(|w| !call.not_here(w.slot))
             // Taken back to start sooner: it goes where it starts at once, never to wait again.
             .filter(|w| !withdrawn || w.starts_on_arrival(kind))
             // Large calls wait a few at a time: more would gain nothing and fill memory.

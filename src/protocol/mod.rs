@@ -21,6 +21,7 @@
 //! | `0x84` | to farm   | Fatal   | UTF-8 message: the worker cannot serve and will exit   |
 //! | `0x85` | to farm   | Started | call id u64: a queued call's handler has started       |
 //! | `0x87` | to farm   | Shared  | offset u64, length u32: the real payload is in the shared ring |
+//! | `0x88` | to farm   | Refused | call id u64, back-off in ms u64 (`u64::MAX`: "not here"), UTF-8 reason: the handler refused the call; it did not run to an answer |
 //!
 //! The farm writes Hello first; the worker answers Ready (or Fatal) before anything else.
 //!
@@ -84,6 +85,7 @@ const TAG_ERR: u8 = 0x83;
 const TAG_FATAL: u8 = 0x84;
 const TAG_STARTED: u8 = 0x85;
 const TAG_SHARED_TO_FARM: u8 = 0x87;
+const TAG_REFUSED: u8 = 0x88;
 
 /// Which way a frame goes (a Shared frame has a tag of each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +139,9 @@ pub(crate) enum FailureKind {
     BadResult = 5,
     /// The farm cancelled the call and its handler was dropped.
     Cancelled = 6,
+    /// The handler refused the call (in a batch item; a whole call's refusal is a Refused
+    /// frame).
+    Refused = 7,
 }
 
 impl FailureKind {
@@ -148,6 +153,7 @@ impl FailureKind {
             4 => FailureKind::BadArguments,
             5 => FailureKind::BadResult,
             6 => FailureKind::Cancelled,
+            7 => FailureKind::Refused,
             _ => return None,
         })
     }
@@ -473,6 +479,12 @@ pub(crate) enum FromWorker {
     Fatal {
         message: String,
     },
+    /// The handler refused the call: `retry_after` is its back-off, `None` for "not here".
+    Refused {
+        id: u64,
+        retry_after: Option<std::time::Duration>,
+        message: String,
+    },
 }
 
 /// What a worker says about itself in its handshake.
@@ -570,6 +582,21 @@ pub(crate) fn encode_err(id: u64, kind: FailureKind, message: &str, out: &mut Ve
     out.extend_from_slice(message.as_bytes());
 }
 
+pub(crate) fn encode_refused(
+    id: u64,
+    retry_after: Option<std::time::Duration>,
+    message: &str,
+    out: &mut Vec<u8>,
+) {
+    out.push(TAG_REFUSED);
+    out.extend_from_slice(&id.to_le_bytes());
+    let ms = retry_after.map_or(u64::MAX, |d| {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1)
+    });
+    out.extend_from_slice(&ms.to_le_bytes());
+    out.extend_from_slice(message.as_bytes());
+}
+
 pub(crate) fn encode_fatal(message: &str, out: &mut Vec<u8>) {
     out.push(TAG_FATAL);
     out.extend_from_slice(message.as_bytes());
@@ -602,6 +629,20 @@ pub(crate) fn decode_from_worker(mut p: Bytes) -> Result<FromWorker, ProtocolErr
             let kind = FailureKind::from_u8(p.get_u8()).ok_or_else(|| malformed("err"))?;
             let message = String::from_utf8_lossy(&p).into_owned();
             Ok(FromWorker::Err { id, kind, message })
+        }
+        TAG_REFUSED => {
+            if p.remaining() < 16 {
+                return Err(malformed("refused"));
+            }
+            let id = p.get_u64_le();
+            let ms = p.get_u64_le();
+            let retry_after = (ms != u64::MAX).then(|| std::time::Duration::from_millis(ms));
+            let message = String::from_utf8_lossy(&p).into_owned();
+            Ok(FromWorker::Refused {
+                id,
+                retry_after,
+                message,
+            })
         }
         TAG_FATAL => Ok(FromWorker::Fatal {
             message: String::from_utf8_lossy(&p).into_owned(),
@@ -715,6 +756,29 @@ mod tests {
         );
 
         let mut out = Vec::new();
+        encode_refused(
+            4,
+            Some(std::time::Duration::from_millis(500)),
+            "quota",
+            &mut out,
+        );
+        assert_eq!(
+            decode_from_worker(std::mem::take(&mut out).into()).unwrap(),
+            FromWorker::Refused {
+                id: 4,
+                retry_after: Some(std::time::Duration::from_millis(500)),
+                message: "quota".into()
+            }
+        );
+        encode_refused(5, None, "", &mut out);
+        assert!(matches!(
+            decode_from_worker(std::mem::take(&mut out).into()).unwrap(),
+            FromWorker::Refused {
+                id: 5,
+                retry_after: None,
+                ..
+            }
+        ));
         encode_err(9, FailureKind::Panic, "boom", &mut out);
         assert_eq!(
             decode_from_worker(out.into()).unwrap(),

@@ -10,6 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 /// Longest error message sent back, so an error frame always fits the frame cap.
 const MAX_MESSAGE: usize = 16 * 1024;
@@ -21,6 +22,8 @@ pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Vec<u8>> + Send + 'stati
 pub(crate) struct Failure {
     pub(crate) kind: FailureKind,
     pub(crate) message: String,
+    /// For [`FailureKind::Refused`]: the back-off asked for (`None`: "not here").
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -28,6 +31,24 @@ impl Failure {
         Failure {
             kind,
             message: message.to_string(),
+            retry_after: None,
+        }
+    }
+
+    /// A handler's error: a [`Refuse`](super::Refuse) is a refusal, anything else a
+    /// handler failure.
+    pub(crate) fn from_error<E: Display + 'static>(error: E) -> Self {
+        match super::refuse::refusal_in(&error) {
+            Some(refuse) => Failure::refused(refuse.backoff(), refuse.reason()),
+            None => Failure::new(FailureKind::Handler, error),
+        }
+    }
+
+    pub(crate) fn refused(retry_after: Option<Duration>, reason: impl Display) -> Self {
+        Failure {
+            kind: FailureKind::Refused,
+            message: reason.to_string(),
+            retry_after,
         }
     }
 }
@@ -66,14 +87,14 @@ where
     S: Serializer,
     A: DeserializeOwned,
     T: Serialize,
-    E: Display,
+    E: Display + 'static,
     F: Fn(A) -> Result<T, E> + Send + Sync + 'static,
 {
     Handler::Sync(Arc::new(move |s: &S, args: &[u8], out: &mut Vec<u8>| {
         let args: A = s.decode(args).map_err(bad_arguments::<A>)?;
         let value = catch_unwind(AssertUnwindSafe(|| f(args)))
             .map_err(|p| Failure::new(FailureKind::Panic, panic_message(&*p)))?
-            .map_err(|e| Failure::new(FailureKind::Handler, e))?;
+            .map_err(Failure::from_error)?;
         s.encode(&value, out)
             .map_err(|e| Failure::new(FailureKind::BadResult, e))
     }))
@@ -84,7 +105,7 @@ where
     S: Serializer,
     A: DeserializeOwned,
     T: Serialize,
-    E: Display,
+    E: Display + 'static,
     F: Fn(A) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
@@ -103,7 +124,7 @@ where
                 reply_frame(id, max_frame, &mut out, |out| {
                     let value = outcome
                         .map_err(|m| Failure::new(FailureKind::Panic, m))?
-                        .map_err(|e| Failure::new(FailureKind::Handler, e))?;
+                        .map_err(Failure::from_error)?;
                     s.encode(&value, out)
                         .map_err(|e| Failure::new(FailureKind::BadResult, e))
                 });
@@ -146,7 +167,15 @@ pub(crate) fn error_frame(id: u64, failure: &Failure, max_frame: usize, out: &mu
     while !failure.message.is_char_boundary(end) {
         end -= 1;
     }
-    protocol::encode_err(id, failure.kind, &failure.message[..end], out);
+    let message = &failure.message[..end];
+    if failure.kind == FailureKind::Refused {
+        if let Some(backoff) = failure.retry_after {
+            super::refuse::back_off(backoff);
+        }
+        protocol::encode_refused(id, failure.retry_after, message, out);
+    } else {
+        protocol::encode_err(id, failure.kind, message, out);
+    }
     // Cannot fail: the message was cut to fit.
     let _ = frame::finish(out, start, max_frame);
 }

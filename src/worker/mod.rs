@@ -50,7 +50,10 @@
 //! worker by hand ends its whole group.
 
 mod handler;
+mod refuse;
 mod serve;
+
+pub use refuse::Refuse;
 
 use crate::protocol::launch::{PARENT_PID_ENV, WORKER_ENV};
 use crate::serializer::{Builtin, Serializer};
@@ -231,13 +234,14 @@ impl<S: Serializer> Worker<S> {
     }
 
     /// Registers a sync method that returns a `Result`; the error's `Display` reaches the
-    /// caller as [`CallError::Handler`](crate::CallError::Handler).
+    /// caller as [`CallError::Handler`](crate::CallError::Handler). An error that is a
+    /// [`Refuse`] sends the call to another worker instead.
     #[must_use]
     pub fn try_method<A, T, E, F>(mut self, name: &str, f: F) -> Self
     where
         A: DeserializeOwned,
         T: Serialize,
-        E: Display,
+        E: Display + 'static,
         F: Fn(A) -> Result<T, E> + Send + Sync + 'static,
     {
         self.handlers.insert(name.to_owned(), sync_handler(f));
@@ -267,7 +271,7 @@ impl<S: Serializer> Worker<S> {
     where
         A: DeserializeOwned,
         T: Serialize,
-        E: Display,
+        E: Display + 'static,
         F: Fn(A) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {

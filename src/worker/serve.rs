@@ -550,6 +550,13 @@ impl<S: Serializer> Server<S> {
     ) -> Result<(), ServeError> {
         let max_frame = self.max_frame;
         let slot = if queued { self.next_slot.take() } else { None };
+        if let Some(left) = super::refuse::backing_off() {
+            // A handler refused with a back-off: nothing runs here until it ends.
+            if !queued || Self::may_start(self.slots.as_ref(), slot) {
+                refuse_backing_off(id, left, max_frame, &mut self.out);
+            }
+            return Ok(());
+        }
         match self.handlers.get(method) {
             None => {
                 let failure = Failure::new(FailureKind::UnknownMethod, method);
@@ -673,6 +680,12 @@ impl<S: Serializer> Server<S> {
     }
 }
 
+/// Answers call `id` refused, unrun: the worker backs off for `left` more.
+fn refuse_backing_off(id: u64, left: std::time::Duration, max_frame: usize, out: &mut Vec<u8>) {
+    let failure = Failure::refused(Some(left), "backing off after an earlier refusal");
+    error_frame(id, &failure, max_frame, out);
+}
+
 fn protocol_started(id: u64, max_frame: usize, out: &mut Vec<u8>) {
     let start = frame::begin(out);
     protocol::encode_started(id, out);
@@ -750,6 +763,11 @@ fn run_jobs<S: Serializer>(
                 continue;
             }
             protocol_started(job.id, max_frame, &mut out);
+        }
+        if let Some(left) = super::refuse::backing_off() {
+            refuse_backing_off(job.id, left, max_frame, &mut out);
+            answered += 1;
+            continue;
         }
         write(&mut out, &mut answered);
         reply_frame(job.id, max_frame, &mut out, |o| {

@@ -36,6 +36,82 @@ struct Floats {
     values: Vec<f64>,
 }
 
+/// Arguments of `quota`: the slots whose "API" allows `every` calls, then refuses for
+/// `backoff_ms`; the others serve everything.
+#[derive(Deserialize)]
+struct Quota {
+    limited: Vec<usize>,
+    every: u32,
+    backoff_ms: u64,
+}
+
+/// One call `quota` served: where and when (Unix time, ns; comparable across workers).
+#[derive(Serialize)]
+struct Served {
+    slot: Option<usize>,
+    pid: u32,
+    token: Option<String>,
+    at_ns: u128,
+}
+
+/// The quota's state in this worker: calls served since the last refusal, and the refusals.
+static QUOTA: std::sync::Mutex<(u32, Vec<u128>)> = std::sync::Mutex::new((0, Vec::new()));
+
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn quota(q: &Quota) -> Result<Served, workfarm::worker::Refuse> {
+    let slot = Worker::slot();
+    let at_ns = unix_ns();
+    if slot.is_some_and(|s| q.limited.contains(&s)) {
+        let mut state = QUOTA.lock().unwrap_or_else(|e| e.into_inner());
+        if state.0 >= q.every {
+            state.0 = 0;
+            state.1.push(at_ns);
+            return Err(
+                workfarm::worker::Refuse::retry_after(Duration::from_millis(q.backoff_ms))
+                    .because("quota used up"),
+            );
+        }
+        state.0 += 1;
+    }
+    Ok(Served {
+        slot,
+        pid: std::process::id(),
+        token: std::env::var("TOKEN").ok(),
+        at_ns,
+    })
+}
+
+/// This worker's slot, pid and the times (Unix ns) it refused with a back-off.
+fn quota_log() -> (Option<usize>, u32, Vec<u128>) {
+    let state = QUOTA.lock().unwrap_or_else(|e| e.into_inner());
+    (Worker::slot(), std::process::id(), state.1.clone())
+}
+
+/// Refuses the first call this worker sees with a back-off of `ms`, then serves.
+fn refuse_first(ms: u64) -> Result<Option<usize>, workfarm::worker::Refuse> {
+    static REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return Err(workfarm::worker::Refuse::retry_after(
+            Duration::from_millis(ms),
+        ));
+    }
+    Ok(Worker::slot())
+}
+
+fn only_on(slots: &[usize]) -> Result<Option<usize>, workfarm::worker::Refuse> {
+    let slot = Worker::slot();
+    if slot.is_some_and(|s| slots.contains(&s)) {
+        Ok(slot)
+    } else {
+        Err(workfarm::worker::Refuse::elsewhere().because("not my slot"))
+    }
+}
+
 fn main() {
     // `workfarm-worker --<scenario> ...`: act as a parent that owns a farm of copies of
     // itself (for tests that kill, interrupt or starve the parent); see `parent.rs`.
@@ -219,7 +295,13 @@ fn main() {
         // Tries to shrink the shared memory files the farm passed: (how many are open, how
         // many it could shrink).
         .method("shrink_rings", |()| shrink_rings())
-        .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed));
+        .method("pi", |(n, seed): (u64, u32)| pi_kernel(n, seed))
+        // Refusals: a quota of `every` calls per `backoff_ms` window on the listed slots,
+        // and a filter that serves only the listed slots.
+        .try_method("quota", |q: Quota| quota(&q))
+        .method("quota_log", |()| quota_log())
+        .try_method("only_on", |slots: Vec<usize>| only_on(&slots))
+        .try_method("refuse_first", |ms: u64| refuse_first(ms));
 
     // `WORKER_THREADS=n`: run up to n sync handlers at once.
     let threads = std::env::var("WORKER_THREADS")

@@ -22,6 +22,10 @@ pub(crate) enum Timer {
     Startup(WorkerId),
     /// The end of a start-failure backoff.
     Respawn,
+    /// The end of a slot's back-off after a refusal.
+    Resume(usize),
+    /// The end of a slot's quarantine.
+    Release(usize),
     /// The next `max_memory` measurement.
     MemoryCheck,
     /// The next check of workers holding waiting calls (see `policy::pipeline`).

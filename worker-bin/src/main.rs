@@ -128,6 +128,12 @@ fn main() {
         }
     }
     // Start-up misbehaviour, chosen by the test through the environment.
+    if let Ok(slot) = std::env::var("WORKER_EXIT_AT_START_IN_SLOT") {
+        if Worker::slot().is_some_and(|s| s.to_string() == slot) {
+            eprintln!("worker-bin: slot {slot} exits at start as asked");
+            std::process::exit(5);
+        }
+    }
     if let Ok(code) = std::env::var("WORKER_EXIT_AT_START") {
         eprintln!("worker-bin: exiting at start as asked");
         std::process::exit(code.parse().unwrap_or(3));

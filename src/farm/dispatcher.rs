@@ -1244,9 +1244,8 @@ impl<T: Transport> Dispatcher<T> {
             .as_ref()
             .and_then(|r| r.first_refused)
             .unwrap_or(now);
-        let next = if let Some(worker) = call.pinned {
+        let next = if call.pinned.is_some() {
             // A broadcast belongs to its worker: refused there, it is refused.
-            let _ = worker;
             refusal::Next::Fail
         } else if let Some(key) = call.key() {
             // Keyed calls wait for their own slot.
@@ -1282,8 +1281,7 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Every slot is sidelined by quarantine: each, for the error.
     fn all_sidelined(&self) -> Option<Vec<crate::error::Sidelined>> {
-        self.settings.quarantine?;
-        self.quarantine.all_sidelined(Instant::now())
+        self.quarantine.all_sidelined(Instant::now)
     }
 
     fn on_reply(&mut self, id: WorkerId, call: u64, outcome: Result<Bytes, (FailureKind, String)>) {

@@ -90,11 +90,13 @@ impl Quarantine {
     }
 
     /// Every slot is sidelined: each, for the error report. `None` otherwise.
-    pub(crate) fn all_sidelined(&self, now: Instant) -> Option<Vec<Sidelined>> {
+    pub(crate) fn all_sidelined(&self, now: impl FnOnce() -> Instant) -> Option<Vec<Sidelined>> {
         self.limit?;
         if !self.slots.iter().all(|r| r.until.is_some()) {
             return None;
         }
+        // The clock is read only when it is so.
+        let now = now();
         Some(
             self.slots
                 .iter()
@@ -130,7 +132,7 @@ mod tests {
         assert_eq!(q.crashed(1, EXIT, now), None, "slots are counted apart");
         assert_eq!(q.crashed(0, EXIT, now), Some((3, BACKOFF_FIRST)));
         assert!(q.is_sidelined(0) && !q.is_sidelined(1));
-        assert!(q.all_sidelined(now).is_none());
+        assert!(q.all_sidelined(|| now).is_none());
         assert!(q.release(0));
         for _ in 0..2 {
             assert_eq!(q.crashed(0, EXIT, now), None);
@@ -151,7 +153,7 @@ mod tests {
         q.crashed(0, EXIT, now);
         assert_eq!(q.crashed(0, EXIT, now + Duration::from_secs(2)), None);
         assert!(q.crashed(0, EXIT, now + Duration::from_secs(2)).is_some());
-        let all = q.all_sidelined(now + Duration::from_secs(2)).unwrap();
+        let all = q.all_sidelined(|| now + Duration::from_secs(2)).unwrap();
         assert_eq!(
             (all.len(), all[0].slot, all[0].last_exit),
             (1, 0, Some(EXIT))

@@ -1160,6 +1160,8 @@ impl<T: Transport> Dispatcher<T> {
             return;
         };
         let Some(mut call) = w.take(call) else { return };
+        // The table's id: it carries the worker's slot.
+        let id = w.id;
         // Not an attempt: it did not run to an answer.
         call.attempts = call.attempts.saturating_sub(1);
         self.timers.cancel(Timer::CallTimeout {
@@ -1292,7 +1294,8 @@ impl<T: Transport> Dispatcher<T> {
         let first_answer = !std::mem::replace(&mut w.answered, true);
         if first_answer {
             self.startup.proved();
-            self.quarantine.proved(id.slot());
+            let slot = w.slot;
+            self.quarantine.proved(slot);
         }
         self.timers.cancel(Timer::CallTimeout {
             worker: id,
@@ -1528,7 +1531,7 @@ impl<T: Transport> Dispatcher<T> {
         let program = self.transport.describe();
         let ending = startup::judge_exit(life, &program, exit, stderr_tail);
         if !matches!(ending, Ending::Stopped) {
-            self.count_crash(id.slot(), exit);
+            self.count_crash(w.slot, exit);
         }
         match ending {
             Ending::FailedStart(why) => self.start_failed(Some(id), why),

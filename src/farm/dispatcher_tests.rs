@@ -1052,3 +1052,101 @@ async fn an_idle_farm_stops_checking_for_stalls() {
         "an idle farm wakes for nothing"
     );
 }
+
+fn refused(id: u64, retry_after: Option<Duration>) -> FromWorker {
+    FromWorker::Refused {
+        id,
+        retry_after,
+        message: "quota".into(),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_call_runs_elsewhere_and_the_refusing_slot_is_sent_nothing_while_it_backs_off() {
+    let mut h = farm(
+        options()
+            .workers(2)
+            .max_retries(0)
+            .max_concurrent_calls_per_worker(1),
+    );
+    h.ready(w(1));
+    h.ready(w(2));
+    let (mut a, mut b) = (h.call(), h.call());
+    assert_eq!(h.sent_to(w(1)), [(a.id, false)]);
+    assert_eq!(h.sent_to(w(2)), [(b.id, false)]);
+    h.says(w(1), vec![refused(a.id, Some(ms(500)))]);
+    assert!(a.is_pending(), "waits for w2 rather than go back to w1");
+    assert_eq!(h.sent_to(w(1)).len(), 1);
+    h.answer(w(2), b.id);
+    assert_eq!(b.body(), body(b.id));
+    assert_eq!(
+        h.sent_to(w(2)),
+        [(b.id, false), (a.id, false)],
+        "a ran next, on w2"
+    );
+    h.answer(w(2), a.id);
+    assert_eq!(
+        a.body(),
+        body(a.id),
+        "uncharged: max_retries(0) and it succeeded"
+    );
+    // During the back-off every call goes to w2, one at a time.
+    let mut c = h.call();
+    let mut d = h.call();
+    assert_eq!(
+        h.sent_to(w(1)).len(),
+        1,
+        "nothing for w1 during its back-off"
+    );
+    h.answer(w(2), c.id);
+    h.answer(w(2), d.id);
+    assert_eq!((c.body(), d.body()), (body(c.id), body(d.id)));
+    h.advance(ms(500)).await;
+    let e = h.call();
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (e.id, false)],
+        "back after 500 ms"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_by_its_only_worker_waits_for_the_back_off_without_a_loop() {
+    let mut h = farm(options().max_retries(0));
+    h.ready(w(1));
+    let mut a = h.call();
+    h.says(w(1), vec![refused(a.id, Some(ms(300)))]);
+    h.advance(ms(299)).await;
+    assert_eq!(
+        h.sent_to(w(1)).len(),
+        1,
+        "not sent again during the back-off"
+    );
+    assert!(a.is_pending());
+    h.advance(ms(1)).await;
+    assert_eq!(h.sent_to(w(1)), [(a.id, false), (a.id, false)]);
+    h.answer(w(1), a.id);
+    assert_eq!(a.body(), body(a.id));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_elsewhere_by_every_slot_fails_with_each_refusal() {
+    let mut h = farm(options().workers(2).max_concurrent_calls_per_worker(1));
+    h.ready(w(1));
+    h.ready(w(2));
+    let mut a = h.call();
+    h.says(w(1), vec![refused(a.id, None)]);
+    assert_eq!(h.sent_to(w(2)), [(a.id, false)], "went to the other slot");
+    let mut b = h.call();
+    assert_eq!(
+        h.sent_to(w(1)),
+        [(a.id, false), (b.id, false)],
+        "w1 takes other calls"
+    );
+    h.says(w(2), vec![refused(a.id, None)]);
+    let CallError::Refused { refusals } = a.error() else {
+        panic!("expected Refused");
+    };
+    assert_eq!(refusals.len(), 2);
+    assert!(b.is_pending());
+}

@@ -14,7 +14,6 @@ async fn an_elastic_pool_grows_to_its_max_while_calls_wait_and_shrinks_to_its_mi
     let farm = Farm::create(
         options(4)
             .min_workers(1)
-            .max_concurrent_calls_per_worker(1)
             .max_idle_time(Duration::from_millis(400)),
     )
     .unwrap();
@@ -22,7 +21,8 @@ async fn an_elastic_pool_grows_to_its_max_while_calls_wait_and_shrinks_to_its_mi
     let status = farm.status().await;
     assert_eq!(status.workers.len(), 1, "starts at its min");
     let mut events = farm.events();
-    // 12 calls of 300 ms at once on one worker would take 3.6 s; the pool grows to 4.
+    // 12 calls of 300 ms at once on one worker would take 3.6 s; the pool grows to 4 (the
+    // calls sent ahead to wait inside the first worker count as waiting).
     let calls: Vec<_> = (0..12)
         .map(|_| farm.run_method::<_, u32>("block", 300u64))
         .collect();

@@ -327,10 +327,16 @@ impl<T: Transport> Dispatcher<T> {
         // lost ones, growing an elastic pool; a no-op while enough are live, or while
         // backing off).
         let waiting = self.queue.len() + self.parked.len() + self.calls.len();
-        if waiting > 0 || self.keyed_queued() > 0 {
+        let size = self.size;
+        if self.size < self.bounds.max {
+            // Calls waiting inside busy workers wait too: an elastic pool grows for them
+            // (a new worker takes them back as it comes online).
+            let inside: usize = self.workers.iter().map(Worker::waiting).sum();
             self.size = self
                 .bounds
-                .grow(self.size, waiting, self.workers.starting());
+                .grow(self.size, waiting + inside, self.workers.starting());
+        }
+        if waiting > 0 || self.size > size || self.keyed_queued() > 0 {
             self.ensure_workers();
         }
         if self.load_watched.load(Ordering::Relaxed) {

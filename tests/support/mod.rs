@@ -136,13 +136,37 @@ pub async fn wait_status<S: workfarm::serializer::Serializer>(
 }
 
 /// A fresh path for a counter file (the worker's `stubborn` and `slow_once` methods),
-/// unique to this test run.
-pub fn counter_file(tag: &str) -> PathBuf {
+/// unique to this test run; the file is removed when the value is dropped.
+pub fn counter_file(tag: &str) -> TempFile {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    std::env::temp_dir().join(format!("workfarm-{tag}-{}-{nanos}", std::process::id()))
+    TempFile(std::env::temp_dir().join(format!("workfarm-{tag}-{}-{nanos}", std::process::id())))
+}
+
+/// A path in the temporary directory whose file is removed on drop.
+#[derive(Debug)]
+pub struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempFile {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Every event already received, without waiting; fails the test if the receiver lagged

@@ -421,6 +421,15 @@ pub enum CreateError {
         /// The directory given.
         path: PathBuf,
     },
+    /// The set-up arguments ([`FarmOptions::setup_args`](crate::FarmOptions::setup_args),
+    /// or a slot's [`PerWorker::setup_args`](crate::PerWorker::setup_args)) could not be
+    /// encoded, or do not fit in a frame.
+    SetupArgs {
+        /// The slot whose arguments failed.
+        slot: usize,
+        /// The encoder's message.
+        message: String,
+    },
     /// `create` was called outside a tokio runtime.
     NoRuntime,
     /// [`blocking::Farm`](crate::blocking::Farm) could not start its runtime thread.
@@ -458,6 +467,9 @@ impl fmt::Display for CreateError {
                     path.display()
                 )
             }
+            CreateError::SetupArgs { slot, message } => {
+                write!(f, "could not encode the set-up arguments of slot {slot}: {message}")
+            }
             CreateError::NoRuntime => f.write_str(
                 "Farm::create must be called within a tokio runtime (or use workfarm::blocking::Farm)",
             ),
@@ -479,6 +491,7 @@ impl std::error::Error for CreateError {
             | CreateError::WorkerNotFound { .. }
             | CreateError::NotExecutable { .. }
             | CreateError::CurrentDirNotFound { .. }
+            | CreateError::SetupArgs { .. }
             | CreateError::NoRuntime
             | CreateError::RuntimeDriverMissing { .. } => None,
         }

@@ -20,5 +20,5 @@ pub use farm::{
     kill_all, Broadcast, CallBuilder, CallFuture, CallHandle, CallInfo, CancelHandle, Farm, Load,
     Map, MapUnordered, Status, WithInfo, WorkerState, WorkerStatus,
 };
-pub use options::{FarmOptions, StderrMode};
+pub use options::{FarmOptions, PerWorker, StderrMode};
 pub use protocol::PROTOCOL_VERSION;

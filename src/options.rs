@@ -5,6 +5,7 @@ use crate::protocol::frame::DEFAULT_MAX_FRAME;
 use crate::serializer::{Json, Serializer};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where a worker's stderr goes. Whatever the mode, the farm always drains the pipe (so a
@@ -80,6 +81,86 @@ pub(crate) struct Settings {
     pub(crate) kill_timeout: Duration,
     pub(crate) startup_timeout: Duration,
     pub(crate) max_frame: usize,
+    /// Set-up arguments for every worker, encoded at `create`.
+    pub(crate) setup_args: Option<SetupArgs>,
+    /// Per-slot configuration, evaluated for each slot at `create`.
+    pub(crate) per_worker: Option<PerWorkerFn>,
+    /// What `per_worker` said for each slot (filled in by `create`).
+    pub(crate) slots: Vec<SlotSpec>,
+}
+
+/// A set-up argument value, waiting for the farm's serializer.
+#[derive(Clone)]
+pub(crate) struct SetupArgs(pub(crate) Arc<dyn erased_serde::Serialize + Send + Sync>);
+
+impl std::fmt::Debug for SetupArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SetupArgs(..)")
+    }
+}
+
+/// The user's per-slot configuration function.
+#[derive(Clone)]
+pub(crate) struct PerWorkerFn(pub(crate) Arc<dyn Fn(usize) -> PerWorker + Send + Sync>);
+
+impl std::fmt::Debug for PerWorkerFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PerWorkerFn(..)")
+    }
+}
+
+/// One slot's extra command line and environment.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SlotSpec {
+    pub(crate) args: Vec<OsString>,
+    pub(crate) envs: Vec<(OsString, OsString)>,
+}
+
+/// What [`FarmOptions::per_worker`] sets for one pool slot: arguments and environment
+/// added to the farm-wide ones, and set-up arguments that replace
+/// [`FarmOptions::setup_args`] for that slot.
+///
+/// ```
+/// use workfarm::PerWorker;
+///
+/// let tokens = ["t0", "t1"];
+/// let slot = 1;
+/// let config = PerWorker::new()
+///     .env("API_TOKEN", tokens[slot])
+///     .arg("--verbose")
+///     .setup_args(format!("region-{slot}"));
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct PerWorker {
+    pub(crate) spec: SlotSpec,
+    pub(crate) setup_args: Option<SetupArgs>,
+}
+
+impl PerWorker {
+    /// Nothing beyond the farm-wide settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an argument to this slot's command line (after the farm-wide ones).
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.spec.args.push(arg.into());
+        self
+    }
+
+    /// Sets an environment variable for this slot's workers (after the farm-wide ones, so
+    /// it wins over them).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.spec.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// This slot's set-up arguments (see [`FarmOptions::setup_args`]).
+    pub fn setup_args<A: serde::Serialize + Send + Sync + 'static>(mut self, args: A) -> Self {
+        self.setup_args = Some(SetupArgs(Arc::new(args)));
+        self
+    }
 }
 
 /// Async calls one worker runs at once unless `max_concurrent_calls_per_worker` says
@@ -111,6 +192,9 @@ impl FarmOptions<Json> {
                 kill_timeout: Duration::from_millis(500),
                 startup_timeout: Duration::from_secs(10),
                 max_frame: DEFAULT_MAX_FRAME,
+                setup_args: None,
+                per_worker: None,
+                slots: Vec::new(),
             },
             serializer: Json,
         }
@@ -176,6 +260,36 @@ impl<S: Serializer> FarmOptions<S> {
     /// Sets an environment variable for the worker, on top of the parent's environment.
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         self.settings.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Arguments for every worker's set-up ([`Worker::setup`](crate::worker::Worker::setup)),
+    /// encoded with the farm's serializer at [`Farm::create`](crate::Farm::create) (an
+    /// encoding failure is [`CreateError::SetupArgs`]) and passed in the handshake; the
+    /// worker decodes them as its set-up's argument type. Default: none (a set-up then
+    /// decodes its argument from `()`, which suits `()` and `Option<T>`).
+    /// [`per_worker`](Self::per_worker) may replace them slot by slot. A worker without a
+    /// set-up refuses to start when it is given some.
+    pub fn setup_args<A: serde::Serialize + Send + Sync + 'static>(mut self, args: A) -> Self {
+        self.settings.setup_args = Some(SetupArgs(Arc::new(args)));
+        self
+    }
+
+    /// Configures each pool slot: `f(slot)` for each slot `0..workers`, called once at
+    /// [`Farm::create`](crate::Farm::create), gives that slot's extra arguments,
+    /// environment and set-up arguments ([`PerWorker`]). A replacement worker inherits its
+    /// slot, and so its configuration: one access token per slot stays one per worker.
+    ///
+    /// ```no_run
+    /// use workfarm::{FarmOptions, PerWorker};
+    ///
+    /// let tokens = vec!["token-a".to_owned(), "token-b".to_owned()];
+    /// let options = FarmOptions::new("target/release/my-worker")
+    ///     .workers(tokens.len())
+    ///     .per_worker(move |slot| PerWorker::new().env("API_TOKEN", &tokens[slot]));
+    /// ```
+    pub fn per_worker(mut self, f: impl Fn(usize) -> PerWorker + Send + Sync + 'static) -> Self {
+        self.settings.per_worker = Some(PerWorkerFn(Arc::new(f)));
         self
     }
 
@@ -324,7 +438,10 @@ impl<S: Serializer> FarmOptions<S> {
     }
 
     /// Longest a worker may take from spawn to handshake before it is killed as failed to
-    /// start. Default: 10 s.
+    /// start. The handshake ends when the worker is ready, so this covers its
+    /// [`Worker::setup`](crate::worker::Worker::setup) too (a model to load, a connection
+    /// to open): raise it for a slow set-up; [`Farm::ready`](crate::Farm::ready) waits for
+    /// it. Default: 10 s.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
         self.settings.startup_timeout = timeout;
         self

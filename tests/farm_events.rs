@@ -270,7 +270,7 @@ async fn busy_workers_are_not_idle() {
 fn rogue_options() -> FarmOptions {
     const SCRIPT: &str = r#"
 dd bs=1 count=16 of=/dev/null 2>/dev/null
-printf '\014\000\000\000\201\006\000\000\000\000\000\001\000\000\000\000'
+printf '\014\000\000\000\201\007\000\000\000\000\000\001\000\000\000\000'
 dd bs=1 count=4 of=/dev/null 2>/dev/null
 printf '\377\377\377\177'
 exec cat > /dev/null

@@ -105,7 +105,8 @@ pub(crate) struct Inputs {
 
 pub(crate) struct Dispatcher<T: Transport> {
     settings: Arc<Settings>,
-    hello: Box<[u8]>,
+    /// Each slot's handshake (they differ in their set-up arguments).
+    hellos: Vec<Box<[u8]>>,
     transport: T,
     /// New calls wait here until a worker has room: this channel is the farm's queue.
     calls: mpsc::UnboundedReceiver<Call>,
@@ -152,7 +153,7 @@ pub(crate) struct Dispatcher<T: Transport> {
 impl<T: Transport> Dispatcher<T> {
     pub(crate) fn new(
         settings: Arc<Settings>,
-        hello: Box<[u8]>,
+        hellos: Vec<Box<[u8]>>,
         transport: T,
         inputs: Inputs,
     ) -> Self {
@@ -174,7 +175,7 @@ impl<T: Transport> Dispatcher<T> {
                 max_memory: settings.max_memory,
             },
             settings,
-            hello,
+            hellos,
             transport,
             calls: inputs.calls,
             commands: inputs.commands,
@@ -203,9 +204,9 @@ impl<T: Transport> Dispatcher<T> {
     pub(crate) fn start(&mut self) -> std::io::Result<()> {
         for slot in 0..self.bounds.start {
             let id = self.workers.new_id(slot);
-            let link = self
-                .transport
-                .spawn(id, slot, &self.hello, &self.inbound_tx)?;
+            let link =
+                self.transport
+                    .spawn(id, slot, hello_of(&self.hellos, slot), &self.inbound_tx)?;
             self.add_worker(id, slot, link);
         }
         if self.settings.max_memory.is_some() {
@@ -1055,7 +1056,7 @@ impl<T: Transport> Dispatcher<T> {
             let id = self.workers.new_id(slot);
             match self
                 .transport
-                .spawn(id, slot, &self.hello, &self.inbound_tx)
+                .spawn(id, slot, hello_of(&self.hellos, slot), &self.inbound_tx)
             {
                 Ok(link) => self.add_worker(id, slot, link),
                 Err(e) => {
@@ -1453,7 +1454,10 @@ impl<T: Transport> Dispatcher<T> {
             message: format!("worker gave up: {message}"),
         };
         if self.is_young(id) {
-            self.fail_start(id, format!("worker refused to start: {message}"), error);
+            let pid = self.workers.get(id).map_or(0, |w| w.link.pid());
+            let worker = self.workers.get(id).map_or(id, |w| w.id);
+            let why = format!("{worker} (pid {pid}) refused to start: {message}");
+            self.fail_start(id, why, error);
         } else {
             self.pace_if_young(id);
             self.drop_worker(id, Charge::Running(error));
@@ -1748,9 +1752,12 @@ impl<T: Transport> Dispatcher<T> {
                 };
                 if w.state == WorkerState::Starting {
                     w.start_failure = Some(format!(
-                        "{} did not complete its handshake within {:?} (startup_timeout; raise \
-                         FarmOptions::startup_timeout if its set-up takes longer)",
+                        "{} ({}, pid {}) was not ready within {:?}: its handshake, set-up \
+                         included, takes longer than startup_timeout (raise \
+                         FarmOptions::startup_timeout for a slow Worker::setup)",
                         self.transport.describe(),
+                        w.id,
+                        w.link.pid(),
                         self.settings.startup_timeout
                     ));
                     self.stop(id, true);
@@ -1876,6 +1883,14 @@ fn limit_for(settings: &Settings, call: &Call) -> Option<Duration> {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The handshake for a worker of `slot`.
+fn hello_of(hellos: &[Box<[u8]>], slot: usize) -> &[u8] {
+    hellos
+        .get(slot)
+        .or(hellos.first())
+        .map_or(&[][..], |h| &h[..])
 }
 
 /// How worker `w` runs `method` (sync until its handshake says otherwise).

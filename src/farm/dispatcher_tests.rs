@@ -236,6 +236,7 @@ fn farm_unstarted(options: FarmOptions) -> Harness {
         version: PROTOCOL_VERSION,
         max_frame,
         serializer: "json".into(),
+        setup: None,
     };
     protocol::encode_hello(&handshake, &mut hello);
     frame::finish(&mut hello, start, settings.max_frame).unwrap();
@@ -254,7 +255,7 @@ fn farm_unstarted(options: FarmOptions) -> Harness {
     let transport = FakeTransport(state.clone());
     let d = Dispatcher::new(
         Arc::new(settings),
-        hello.into_boxed_slice(),
+        vec![hello.into_boxed_slice()],
         transport,
         inputs,
     );

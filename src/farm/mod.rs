@@ -352,10 +352,27 @@ impl<S: Serializer> Farm<S> {
         }
         crate::sys::ignore_sigpipe_if_default();
         let FarmOptions {
-            settings,
+            mut settings,
             serializer,
         } = options;
-        let hello = hello_frame(&settings, serializer.name())?;
+        let per_slot: Vec<crate::options::PerWorker> = (0..settings.workers)
+            .map(|slot| {
+                settings
+                    .per_worker
+                    .as_ref()
+                    .map(|f| (f.0)(slot))
+                    .unwrap_or_default()
+            })
+            .collect();
+        let hellos = per_slot
+            .iter()
+            .enumerate()
+            .map(|(slot, config)| {
+                let args = config.setup_args.as_ref().or(settings.setup_args.as_ref());
+                hello_frame(&settings, &serializer, slot, args)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        settings.slots = per_slot.into_iter().map(|config| config.spec).collect();
         let settings = Arc::new(settings);
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (calls, calls_rx) = mpsc::unbounded_channel();
@@ -374,7 +391,7 @@ impl<S: Serializer> Farm<S> {
             capacity: capacity.clone(),
         };
         let transport = Pipes::new(settings.clone());
-        let mut dispatcher = Dispatcher::new(settings.clone(), hello, transport, inputs);
+        let mut dispatcher = Dispatcher::new(settings.clone(), hellos, transport, inputs);
         let program = &settings.program;
         dispatcher
             .start()
@@ -913,24 +930,49 @@ fn decode_result<S: Serializer, T: DeserializeOwned>(
 }
 
 /// The farm's first frame to each worker.
-fn hello_frame(
+/// The handshake for the workers of `slot`, with its set-up arguments encoded.
+fn hello_frame<S: Serializer>(
     settings: &crate::options::Settings,
-    serializer: &str,
+    serializer: &S,
+    slot: usize,
+    setup: Option<&crate::options::SetupArgs>,
 ) -> Result<Box<[u8]>, CreateError> {
+    let setup = match setup {
+        None => None,
+        Some(args) => {
+            let mut bytes = Vec::new();
+            serializer
+                .encode(&*args.0, &mut bytes)
+                .map_err(|e| CreateError::SetupArgs {
+                    slot,
+                    message: e.to_string(),
+                })?;
+            Some(Bytes::from(bytes))
+        }
+    };
+    let has_setup = setup.is_some();
     let mut hello = Vec::new();
     let start = frame::begin(&mut hello);
     protocol::encode_hello(
         &Hello {
             version: PROTOCOL_VERSION,
             max_frame: u32::try_from(settings.max_frame).unwrap_or(u32::MAX),
-            serializer: serializer.to_owned(),
+            serializer: serializer.name().to_owned(),
+            setup,
         },
         &mut hello,
     );
-    frame::finish(&mut hello, start, settings.max_frame).map_err(|_| {
-        CreateError::InvalidOption {
-            name: "max_frame",
-            reason: "too small for the handshake",
+    frame::finish(&mut hello, start, settings.max_frame).map_err(|e| {
+        if has_setup {
+            CreateError::SetupArgs {
+                slot,
+                message: e.to_string(),
+            }
+        } else {
+            CreateError::InvalidOption {
+                name: "max_frame",
+                reason: "too small for the handshake",
+            }
         }
     })?;
     Ok(hello.into_boxed_slice())

@@ -6,7 +6,7 @@
 //!
 //! | tag    | direction | message | body                                                   |
 //! |--------|-----------|---------|--------------------------------------------------------|
-//! | `0x01` | to worker | Hello   | version u16, max frame u32, serializer name (u8 len)    |
+//! | `0x01` | to worker | Hello   | version u16, max frame u32, serializer name (u8 len), then optionally 1 and the encoded set-up arguments |
 //! | `0x02` | to worker | Call    | call id u64, method (u16 len), encoded arguments       |
 //! | `0x03` | to worker | Call, queued | as Call; the worker reports Started when it starts it |
 //! | `0x04` | to worker | Stop    | empty: the polite stop; no calls follow                |
@@ -68,7 +68,7 @@ use bytes::{Buf, Bytes};
 use std::fmt;
 
 /// Version of the wire protocol; the handshake refuses a worker that speaks another.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 const TAG_HELLO: u8 = 0x01;
 const TAG_CALL: u8 = 0x02;
@@ -183,6 +183,8 @@ pub(crate) struct Hello {
     pub(crate) version: u16,
     pub(crate) max_frame: u32,
     pub(crate) serializer: String,
+    /// The set-up arguments (`FarmOptions::setup_args`), encoded, if the farm has any.
+    pub(crate) setup: Option<Bytes>,
 }
 
 /// A message from the farm to a worker.
@@ -243,6 +245,10 @@ pub(crate) fn encode_hello(hello: &Hello, out: &mut Vec<u8>) {
     out.extend_from_slice(&hello.max_frame.to_le_bytes());
     out.push(name.len() as u8);
     out.extend_from_slice(name);
+    if let Some(setup) = &hello.setup {
+        out.push(1);
+        out.extend_from_slice(setup);
+    }
 }
 
 /// Writes a Call's header; the caller appends the encoded arguments right after it.
@@ -414,14 +420,21 @@ pub(crate) fn decode_to_worker(mut p: Bytes) -> Result<ToWorker, ProtocolError> 
             let version = p.get_u16_le();
             let max_frame = p.get_u32_le();
             let n = p.get_u8() as usize;
-            if p.remaining() != n {
+            if p.remaining() < n {
                 return Err(malformed("hello"));
             }
-            let serializer = String::from_utf8(p.to_vec()).map_err(|_| malformed("hello"))?;
+            let name = p.split_to(n);
+            let serializer = String::from_utf8(name.to_vec()).map_err(|_| malformed("hello"))?;
+            let setup = match p.first() {
+                None => None,
+                Some(1) => Some(p.slice(1..)),
+                Some(_) => return Err(malformed("hello")),
+            };
             Ok(ToWorker::Hello(Hello {
                 version,
                 max_frame,
                 serializer,
+                setup,
             }))
         }
         tag @ (TAG_CALL | TAG_CALL_QUEUED | TAG_BATCH | TAG_BATCH_QUEUED) => {
@@ -661,6 +674,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             max_frame: 1234,
             serializer: "cbor".into(),
+            setup: None,
         };
         let mut out = Vec::new();
         encode_hello(&hello, &mut out);
@@ -668,6 +682,20 @@ mod tests {
             decode_to_worker(out.into()).unwrap(),
             ToWorker::Hello(hello)
         );
+        for setup in [&b""[..], b"\x01\x02"] {
+            let hello = Hello {
+                version: PROTOCOL_VERSION,
+                max_frame: 1234,
+                serializer: "json".into(),
+                setup: Some(Bytes::copy_from_slice(setup)),
+            };
+            let mut out = Vec::new();
+            encode_hello(&hello, &mut out);
+            assert_eq!(
+                decode_to_worker(out.into()).unwrap(),
+                ToWorker::Hello(hello)
+            );
+        }
 
         let mut out = Vec::new();
         encode_call_head(7, "add", &mut out);
@@ -864,7 +892,7 @@ mod tests {
             b"\x02\0",
             b"\x85\0\0",
             b"\x05\0",
-            b"\x81\x06\0\0\0\0\0\x01\0\x05\0",
+            b"\x81\x07\0\0\0\0\0\x01\0\x05\0",
         ] {
             assert!(
                 decode_from_worker(Bytes::copy_from_slice(bad)).is_err(),

@@ -64,23 +64,61 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::{self, Display};
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// The name of the default method on the wire.
 pub const DEFAULT_METHOD: &str = "";
 
 /// A worker: a table of handlers, served over stdin/stdout to the farm that started it.
-pub struct Worker<S: Serializer = Builtin> {
+///
+/// `St` is the state its [`setup`](Worker::setup) builds (`()` without one), which the
+/// handlers registered with [`method_with`](Worker::method_with) and its siblings are given.
+pub struct Worker<S: Serializer = Builtin, St = ()> {
     serializer: S,
     handlers: HashMap<String, Handler<S>>,
     threads: usize,
+    /// Set by the set-up before the worker reports ready (at once when there is none).
+    state: SharedState<St>,
+    setup: Option<Setup<S>>,
 }
 
-impl fmt::Debug for Worker<Builtin> {
+/// A set-up's argument when the farm gave none: `()` if it decodes from `()`, else from
+/// `None` (a non-self-describing format such as Postcard encodes the two differently).
+fn decode_nothing<S: Serializer, A: DeserializeOwned>(
+    serializer: &S,
+) -> Result<A, crate::serializer::SerializeError> {
+    let mut bytes = Vec::new();
+    serializer.encode(&(), &mut bytes)?;
+    serializer.decode(&bytes).or_else(|first| {
+        bytes.clear();
+        serializer.encode(&None::<()>, &mut bytes)?;
+        serializer.decode(&bytes).map_err(|_| first)
+    })
+}
+
+/// Where the set-up leaves the state, for every handler that takes it.
+type SharedState<St> = Arc<OnceLock<Arc<St>>>;
+
+/// The state the set-up built. Handlers run only after the set-up succeeded (the worker
+/// reports ready only then), so it is always there; were it not, the handler's panic would
+/// be caught and answered as `CallError::Panic`.
+fn state_of<St>(state: &SharedState<St>) -> &Arc<St> {
+    match state.get() {
+        Some(state) => state,
+        None => panic!("workfarm: a handler ran before the worker's set-up"),
+    }
+}
+
+/// A set-up, type-erased: decodes its arguments (`None`: the farm sent none) with the
+/// farm's serializer, runs, and stores the state; or says why it could not.
+pub(crate) type Setup<S> = Box<dyn FnOnce(&S, Option<&[u8]>) -> Result<(), String> + Send>;
+
+impl<St> fmt::Debug for Worker<Builtin, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Worker")
             .field("methods", &self.handlers.keys().collect::<Vec<_>>())
             .field("threads", &self.threads)
+            .field("setup", &self.setup.is_some())
             .finish()
     }
 }
@@ -197,9 +235,92 @@ impl<S: Serializer> Worker<S> {
             serializer,
             handlers: HashMap::new(),
             threads: 1,
+            state: Arc::new(OnceLock::from(Arc::new(()))),
+            setup: None,
         }
     }
 
+    /// Runs `f` once in each worker process, after the farm's handshake and before the
+    /// worker reports ready, and hands what it returns to the handlers registered with
+    /// [`method_with`](Worker::method_with) (and its siblings): load a model, open a
+    /// connection, read a per-worker token. ProcessPoolExecutor's `initializer`,
+    /// jest-worker's `setupArgs`.
+    ///
+    /// `f` gets the farm's set-up arguments ([`FarmOptions::setup_args`], or its slot's
+    /// [`PerWorker::setup_args`]) decoded as `A`; with none given, `A` is decoded from `()`
+    /// (so `()` or `Option<T>` need none). The farm's
+    /// [`startup_timeout`](crate::FarmOptions::startup_timeout) covers the set-up, and
+    /// [`Farm::ready`](crate::Farm::ready) waits for it. A set-up that fails (returns
+    /// `Err`, panics, or gets arguments that do not decode) is a start failure: the worker
+    /// tells the farm why and exits, and the farm reports it as
+    /// [`CallError::WorkerStart`](crate::CallError::WorkerStart) naming the worker (its
+    /// slot and pid) and the message, backing off before it starts that slot again.
+    ///
+    /// ```no_run
+    /// use workfarm::worker::Worker;
+    ///
+    /// struct Model {
+    ///     weights: Vec<f64>,
+    /// }
+    ///
+    /// fn main() {
+    ///     Worker::new()
+    ///         .setup(|path: Option<String>| -> Result<Model, std::io::Error> {
+    ///             let path = path.unwrap_or_else(|| "model.bin".into());
+    ///             let bytes = std::fs::read(path)?;
+    ///             Ok(Model { weights: bytes.iter().map(|&b| f64::from(b)).collect() })
+    ///         })
+    ///         .method_with("score", |model: &Model, x: f64| model.weights.iter().sum::<f64>() * x)
+    ///         .serve()
+    ///         .expect("started by a farm");
+    /// }
+    /// ```
+    ///
+    /// [`FarmOptions::setup_args`]: crate::FarmOptions::setup_args
+    /// [`PerWorker::setup_args`]: crate::PerWorker::setup_args
+    #[must_use]
+    pub fn setup<A, St, E, F>(self, f: F) -> Worker<S, St>
+    where
+        A: DeserializeOwned,
+        St: Send + Sync + 'static,
+        E: Display,
+        F: FnOnce(A) -> Result<St, E> + Send + 'static,
+    {
+        let state = Arc::new(OnceLock::new());
+        let filled = state.clone();
+        let setup: Setup<S> = Box::new(move |serializer: &S, args: Option<&[u8]>| {
+            let decoded = match args {
+                Some(bytes) => serializer.decode(bytes),
+                None => decode_nothing(serializer),
+            };
+            let args: A = decoded.map_err(|e| {
+                let hint = if args.is_none() {
+                    " (the farm gave none: set FarmOptions::setup_args)"
+                } else {
+                    ""
+                };
+                format!(
+                    "set-up arguments do not decode as {}: {e}{hint}",
+                    std::any::type_name::<A>()
+                )
+            })?;
+            let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(args)))
+                .map_err(|p| format!("set-up panicked: {}", handler::panic_message(&*p)))?
+                .map_err(|e| format!("set-up failed: {e}"))?;
+            let _ = filled.set(Arc::new(made));
+            Ok(())
+        });
+        Worker {
+            serializer: self.serializer,
+            handlers: self.handlers,
+            threads: self.threads,
+            state,
+            setup: Some(setup),
+        }
+    }
+}
+
+impl<S: Serializer, St: Send + Sync + 'static> Worker<S, St> {
     /// Runs up to `n` sync handlers in parallel, each on a thread of its own. Default: 1
     /// (one thread, like a Node worker).
     #[must_use]
@@ -229,6 +350,68 @@ impl<S: Serializer> Worker<S> {
         F: Fn(A) -> T + Send + Sync + 'static,
     {
         let handler = sync_handler(move |a| Ok::<T, Infallible>(f(a)));
+        self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Registers a sync method given the worker's state (what [`setup`](Worker::setup)
+    /// built).
+    #[must_use]
+    pub fn method_with<A, T, F>(self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        T: Serialize,
+        F: Fn(&St, A) -> T + Send + Sync + 'static,
+    {
+        self.try_method_with(name, move |state: &St, a: A| {
+            Ok::<T, Infallible>(f(state, a))
+        })
+    }
+
+    /// Registers a sync method given the worker's state, that returns a `Result` (as
+    /// [`try_method`](Worker::try_method)).
+    #[must_use]
+    pub fn try_method_with<A, T, E, F>(mut self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        T: Serialize,
+        E: Display + 'static,
+        F: Fn(&St, A) -> Result<T, E> + Send + Sync + 'static,
+    {
+        let state = self.state.clone();
+        let handler = sync_handler(move |a| f(state_of(&state), a));
+        self.handlers.insert(name.to_owned(), handler);
+        self
+    }
+
+    /// Registers an async method given the worker's state (shared: the future may
+    /// outlive the call that started it).
+    #[must_use]
+    pub fn method_async_with<A, T, F, Fut>(self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        T: Serialize,
+        F: Fn(Arc<St>, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        self.try_method_async_with(name, move |state: Arc<St>, a: A| {
+            let future = f(state, a);
+            async move { Ok::<T, Infallible>(future.await) }
+        })
+    }
+
+    /// Registers an async method given the worker's state, that returns a `Result`.
+    #[must_use]
+    pub fn try_method_async_with<A, T, E, F, Fut>(mut self, name: &str, f: F) -> Self
+    where
+        A: DeserializeOwned,
+        T: Serialize,
+        E: Display + 'static,
+        F: Fn(Arc<St>, A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let state = self.state.clone();
+        let handler = async_handler(move |a| f(state_of(&state).clone(), a));
         self.handlers.insert(name.to_owned(), handler);
         self
     }
@@ -325,7 +508,9 @@ impl<S: Serializer> Worker<S> {
             run()
         }
     }
+}
 
+impl<S: Serializer, St> Worker<S, St> {
     /// The names of the async methods, announced in the handshake.
     fn async_methods(&self) -> Vec<String> {
         self.handlers

@@ -338,8 +338,8 @@ struct Server<S: Serializer> {
 
 /// Serves `worker` on the farm's pipes until the farm closes `input`, then returns once every
 /// call has been answered.
-pub(super) fn serve<S: Serializer>(
-    worker: Worker<S>,
+pub(super) fn serve<S: Serializer, St>(
+    mut worker: Worker<S, St>,
     input: OwnedFd,
     output: OwnedFd,
     started_by_farm: bool,
@@ -368,7 +368,8 @@ pub(super) fn serve<S: Serializer>(
         file: Mutex::new(File::from(output)),
         ring: to_farm.map(|ring| Mutex::new(Producer::new(ring))),
     });
-    let (serializer, max_frame) = handshake(&worker, &mut input, &output, shared_memory)?;
+    let setup = worker.setup.take();
+    let (serializer, max_frame) = handshake(&worker, setup, &mut input, &output, shared_memory)?;
     input.decoder = FrameDecoder::new(max_frame);
     let mut server = Server::start(worker, serializer, max_frame, output, slots)?;
     let served = server.run(&mut input);
@@ -397,9 +398,11 @@ fn inherited_shared_memory() -> Option<(Ring, Ring, Slots)> {
     ))
 }
 
-/// Reads the farm's Hello and answers Ready, or Fatal if this worker cannot serve it.
-fn handshake<S: Serializer>(
-    worker: &Worker<S>,
+/// Reads the farm's Hello, runs the set-up, and answers Ready; or Fatal if this worker
+/// cannot serve the farm, or its set-up failed.
+fn handshake<S: Serializer, St>(
+    worker: &Worker<S, St>,
+    setup: Option<super::Setup<S>>,
     input: &mut Input,
     output: &Output,
     shared_memory: bool,
@@ -422,6 +425,11 @@ fn handshake<S: Serializer>(
             "farm speaks protocol version {}, worker speaks {PROTOCOL_VERSION}",
             hello.version
         )
+    } else if let Some(failure) = selected
+        .as_ref()
+        .and_then(|serializer| run_setup(setup, serializer, hello.setup.as_deref()))
+    {
+        failure
     } else if let Some(serializer) = selected {
         let ready = Ready {
             version: PROTOCOL_VERSION,
@@ -448,8 +456,8 @@ fn handshake<S: Serializer>(
 }
 
 impl<S: Serializer> Server<S> {
-    fn start(
-        worker: Worker<S>,
+    fn start<St>(
+        worker: Worker<S, St>,
         serializer: S,
         max_frame: usize,
         output: Arc<Output>,
@@ -684,6 +692,25 @@ impl<S: Serializer> Server<S> {
 fn refuse_backing_off(id: u64, left: std::time::Duration, max_frame: usize, out: &mut Vec<u8>) {
     let failure = Failure::refused(Some(left), "backing off after an earlier refusal");
     error_frame(id, &failure, max_frame, out);
+}
+
+/// Runs the worker's set-up with the farm's arguments: why it failed, if it did. A farm that
+/// passes arguments to a worker without a set-up is refused: they would be ignored, which
+/// is a configuration mistake the user should hear of.
+fn run_setup<S: Serializer>(
+    setup: Option<super::Setup<S>>,
+    serializer: &S,
+    args: Option<&[u8]>,
+) -> Option<String> {
+    match setup {
+        Some(setup) => setup(serializer, args).err(),
+        None if args.is_some() => Some(
+            "the farm passed set-up arguments (FarmOptions::setup_args or PerWorker::setup_args) \
+             but this worker has no Worker::setup"
+                .to_owned(),
+        ),
+        None => None,
+    }
 }
 
 fn protocol_started(id: u64, max_frame: usize, out: &mut Vec<u8>) {

@@ -112,6 +112,42 @@ fn only_on(slots: &[usize]) -> Result<Option<usize>, workfarm::worker::Refuse> {
     }
 }
 
+/// What the set-up may be asked to do (`FarmOptions::setup_args` / `PerWorker::setup_args`).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SetupArgs {
+    token: Option<String>,
+    fail: Option<String>,
+    panic: bool,
+    delay_ms: u64,
+}
+
+/// What the set-up built, as `state` reports it.
+#[derive(Serialize, Clone)]
+struct State {
+    token: Option<String>,
+    slot: Option<usize>,
+    pid: u32,
+    env_token: Option<String>,
+}
+
+fn setup(args: Option<SetupArgs>) -> Result<State, String> {
+    let args = args.unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(args.delay_ms));
+    if args.panic {
+        panic!("set-up panicked on purpose");
+    }
+    if let Some(message) = args.fail {
+        return Err(message);
+    }
+    Ok(State {
+        token: args.token,
+        slot: Worker::slot(),
+        pid: std::process::id(),
+        env_token: std::env::var("TOKEN").ok(),
+    })
+}
+
 fn main() {
     // `workfarm-worker --<scenario> ...`: act as a parent that owns a farm of copies of
     // itself (for tests that kill, interrupt or starve the parent); see `parent.rs`.
@@ -153,6 +189,14 @@ fn main() {
     }
 
     let worker = Worker::new()
+        // Set-up: by default (no arguments) it does nothing; tests pass `SetupArgs` to make
+        // it slow, fail or panic, and `state` reports what it built.
+        .setup(setup)
+        .method_with("state", |state: &State, ()| state.clone())
+        .method_async_with(
+            "state_async",
+            |state: std::sync::Arc<State>, ()| async move { (*state).clone() },
+        )
         // The default method: returns its argument.
         .default_method(|x: serde_json::Value| x)
         .method("echo", |x: serde_json::Value| x)

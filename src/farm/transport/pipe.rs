@@ -278,7 +278,7 @@ fn spawn(
     let (stdin_read, stdin_write) = crate::sys::pipe()?;
     let identity = crate::sys::file_identity(stdin_read.as_raw_fd()).unwrap_or_default();
     let shared = shared_memory();
-    let mut cmd = command(spec, stdin_read, &identity);
+    let mut cmd = command(spec, slot, stdin_read, &identity);
     cmd.env(launch::SLOT_ENV, slot.to_string());
     if let Some((to_worker, to_farm, slots)) = &shared {
         let fds = vec![to_worker.raw_fd(), to_farm.raw_fd(), slots.raw_fd()];
@@ -363,10 +363,16 @@ fn shared_memory() -> Option<(Ring, Ring, Slots)> {
 
 /// The worker's command line: its stdin the pipe made for it, named by `identity` in its
 /// environment (how it knows a farm started it); its own process group; the farm's pid.
-fn command(spec: &Settings, stdin: std::os::fd::OwnedFd, identity: &str) -> Command {
+fn command(spec: &Settings, slot: usize, stdin: std::os::fd::OwnedFd, identity: &str) -> Command {
     let mut cmd = Command::new(&spec.program);
+    let own = spec.slots.get(slot);
     cmd.args(&spec.args)
+        .args(own.into_iter().flat_map(|o| &o.args))
         .envs(spec.envs.iter().map(|(k, v)| (k, v)))
+        .envs(
+            own.into_iter()
+                .flat_map(|o| o.envs.iter().map(|(k, v)| (k, v))),
+        )
         .env(launch::WORKER_ENV, identity)
         .env(launch::PARENT_PID_ENV, std::process::id().to_string())
         .stdin(Stdio::from(stdin))

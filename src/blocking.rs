@@ -212,6 +212,11 @@ impl<S: Serializer> Farm<S> {
         self.block_on(self.as_async().status())
     }
 
+    /// What the farm has done so far. See [`crate::Farm::stats`].
+    pub fn stats(&self) -> crate::Stats {
+        self.block_on(self.as_async().stats())
+    }
+
     /// Blocks until every worker has finished its handshake. See [`crate::Farm::ready`].
     pub fn ready(&self) -> Result<(), CallError> {
         self.block_on(self.as_async().ready())

@@ -17,8 +17,9 @@ pub mod worker;
 pub use error::{CallError, CreateError, ExitInfo, Refusal, Sidelined};
 pub use event::{Event, WorkerId};
 pub use farm::{
-    kill_all, Broadcast, CallBuilder, CallFuture, CallHandle, CallInfo, CancelHandle, Farm, Load,
-    Map, MapUnordered, Status, WithInfo, WorkerState, WorkerStatus,
+    kill_all, Broadcast, CallBuilder, CallCounts, CallFuture, CallHandle, CallInfo, CancelHandle,
+    Farm, Latency, Load, Map, MapUnordered, SlotStats, Stats, Status, WithInfo, WorkerCounts,
+    WorkerState, WorkerStatus,
 };
 pub use options::{FarmOptions, PerWorker, StderrMode};
 pub use protocol::PROTOCOL_VERSION;

@@ -210,6 +210,9 @@ pub(crate) struct Call {
     pub(crate) frame: Box<[u8]>,
     /// Attempts started so far: times a worker began running it.
     pub(crate) attempts: u32,
+    /// When the farm took it, on the statistics clock (see `stats::Book::now`); it fills
+    /// what would be padding.
+    pub(crate) taken: u32,
     /// Broadcast calls run on this worker only and are never retried elsewhere.
     pub(crate) pinned: Option<WorkerId>,
     /// What earlier attempts left behind (`None` until one fails).
@@ -271,6 +274,7 @@ impl Call {
         Call {
             frame,
             attempts: 0,
+            taken: 0,
             pinned,
             retry: None,
             opts: None,

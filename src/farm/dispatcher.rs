@@ -15,6 +15,7 @@ use super::policy::refusal::{self, Backoffs};
 use super::policy::retry::{Attempt, RetryPolicy, Verdict};
 use super::policy::startup::{self, Ending, Startup};
 use super::policy::timers::{Timer, Timers};
+use super::stats::{Book, Ended, StopReason};
 use super::transport::{Inbound, Link, Transport};
 use super::workers::{Cancelled, Caps, Emptied, Kind, Worker, Workers};
 use super::Load;
@@ -50,6 +51,7 @@ pub(crate) enum Command {
         replies: oneshot::Sender<Result<BroadcastReceivers, CallError>>,
     },
     Status(oneshot::Sender<Status>),
+    Stats(oneshot::Sender<super::Stats>),
     /// Answer once every worker is online, or no worker can start, or the farm stops.
     Ready(oneshot::Sender<Result<(), CallError>>),
     Shutdown(oneshot::Sender<()>),
@@ -101,6 +103,8 @@ pub(crate) struct Inputs {
     pub(crate) load_watched: Arc<AtomicBool>,
     /// Calls the workers can hold at once, for the farm's handles.
     pub(crate) capacity: Arc<std::sync::atomic::AtomicUsize>,
+    /// Where the statistics are left when the farm stops.
+    pub(crate) final_stats: Arc<std::sync::Mutex<Option<super::Stats>>>,
 }
 
 pub(crate) struct Dispatcher<T: Transport> {
@@ -131,6 +135,9 @@ pub(crate) struct Dispatcher<T: Transport> {
     bounds: Bounds,
     /// Workers the pool wants now, within `bounds`.
     size: usize,
+    /// Statistics (`Farm::stats`).
+    book: Book,
+    final_stats: Arc<std::sync::Mutex<Option<super::Stats>>>,
     load: watch::Sender<Load>,
     load_watched: Arc<AtomicBool>,
     capacity: Arc<std::sync::atomic::AtomicUsize>,
@@ -166,6 +173,8 @@ impl<T: Transport> Dispatcher<T> {
             quarantine: Quarantine::new(settings.quarantine, settings.workers),
             size: bounds.start,
             bounds,
+            book: Book::new(settings.workers),
+            final_stats: inputs.final_stats,
             retry: RetryPolicy {
                 max_retries: settings.max_retries,
                 retry_handler_errors: settings.retry_handler_errors,
@@ -233,6 +242,7 @@ impl<T: Transport> Dispatcher<T> {
             tokio::select! {
                 biased;
                 _ = self.inbound.recv_many(&mut inbound, 64) => {
+                    self.book.tick();
                     for message in inbound.drain(..) {
                         self.on_inbound(message);
                     }
@@ -252,14 +262,20 @@ impl<T: Transport> Dispatcher<T> {
                 }
                 n = self.calls.recv_many(&mut calls, room.clamp(1, 1024)), if calls_open && room > 0 => {
                     calls_open = n > 0;
+                    self.book.tick();
                     for call in calls.drain(..) {
                         self.on_call(call);
                     }
                 }
-                () = &mut sleep, if deadline.is_some() => self.fire_timers(),
+                () = &mut sleep, if deadline.is_some() => {
+                    self.book.tick();
+                    self.fire_timers();
+                }
             }
             self.after_turn();
         }
+        let report = self.book.report();
+        *self.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(());
         }
@@ -398,6 +414,9 @@ impl<T: Transport> Dispatcher<T> {
             Command::Status(tx) => {
                 let _ = tx.send(self.status());
             }
+            Command::Stats(tx) => {
+                let _ = tx.send(self.book.report());
+            }
             Command::Ready(tx) => {
                 self.ready_waiters.push(tx);
                 // Idle-reaped workers are replaced on demand; waiting for them is demand.
@@ -438,7 +457,8 @@ impl<T: Transport> Dispatcher<T> {
         let Some(worker) = held else {
             if let Some(call) = self.take_queued(id) {
                 let ran = call.attempts > 0;
-                call.reply.send(Err(error(ran)));
+                let slot = last_slot(&call);
+                self.fail(call, error(ran), slot);
             }
             return;
         };
@@ -461,11 +481,13 @@ impl<T: Transport> Dispatcher<T> {
             None => {}
             Some(Cancelled::Withdrawn(call)) => {
                 let ran = call.attempts > 0;
-                call.reply.send(Err(error(ran)));
+                self.fail(call, error(ran), Some(worker.slot()));
             }
             Some(Cancelled::Detached { reply, started, .. }) if why == CancelWhy::Expired => {
                 // Too late to take back: it runs, and its result is discarded.
-                reply.send(Err(error(started)));
+                let error = error(started);
+                self.book.failed(Some(worker.slot()), &error);
+                reply.send(Err(error));
             }
             Some(Cancelled::Detached {
                 reply,
@@ -481,6 +503,7 @@ impl<T: Transport> Dispatcher<T> {
                     alone,
                     "call cancelled"
                 );
+                self.book.failed(Some(worker.slot()), &CallError::Cancelled);
                 reply.send(Err(CallError::Cancelled));
                 if started {
                     // Nobody waits for it: its deadline no longer matters, its timeout does.
@@ -538,22 +561,33 @@ impl<T: Transport> Dispatcher<T> {
         None
     }
 
-    fn on_call(&mut self, call: Call) {
-        if self.mode != Mode::Running {
-            call.reply.send(Err(CallError::ShutDown));
+    fn on_call(&mut self, mut call: Call) {
+        let refused = if self.mode != Mode::Running {
+            CallError::ShutDown
         } else if call.reply.is_closed() {
             // The caller gave up while the call waited.
+            return;
         } else if call.expired() {
-            call.reply.send(Err(CallError::Deadline { ran: false }));
+            CallError::Deadline { ran: false }
         } else if let Some(message) = self.startup.failing() {
-            let message = message.to_owned();
-            call.reply.send(Err(CallError::WorkerStart { message }));
+            CallError::WorkerStart {
+                message: message.to_owned(),
+            }
         } else if let Some(slots) = self.all_sidelined() {
-            call.reply.send(Err(CallError::Quarantined { slots }));
+            CallError::Quarantined { slots }
         } else {
             tracing::trace!(call = call.id(), method = call.method(), "call taken");
+            call.taken = self.book.now();
             self.queue.push_back(call);
-        }
+            return;
+        };
+        self.fail(call, refused, None);
+    }
+
+    /// Settles `call` with `error`, counting it under `slot` (where its last attempt ran).
+    fn fail(&mut self, call: Call, error: CallError, slot: Option<usize>) {
+        self.book.failed(slot, &error);
+        call.reply.send(Err(error));
     }
 
     /// Pins one copy of the call to each live worker.
@@ -566,7 +600,9 @@ impl<T: Transport> Dispatcher<T> {
             let (reply, rx) = Reply::new(None);
             worker.pinned.retain(|c| !c.reply.is_closed());
             if worker.broadcasts_waiting() >= MAX_PINNED {
-                reply.send(Err(CallError::QueueFull { limit: MAX_PINNED }));
+                let error = CallError::QueueFull { limit: MAX_PINNED };
+                self.book.failed(Some(worker.slot), &error);
+                reply.send(Err(error));
             } else {
                 let call = Call::new(frame.into(), Some(worker.id), reply);
                 worker.pinned.push_back(call);
@@ -599,6 +635,7 @@ impl<T: Transport> Dispatcher<T> {
                 continue;
             };
             for call in w.pinned.drain(..) {
+                self.book.failed(Some(w.slot), &CallError::ShutDown);
                 call.reply.send(Err(CallError::ShutDown));
             }
             if w.held() == 0 {
@@ -632,7 +669,7 @@ impl<T: Transport> Dispatcher<T> {
                     worker: id,
                     call: call.id(),
                 });
-                call.reply.send(Err(CallError::ShutDown));
+                self.fail(call, CallError::ShutDown, Some(id.slot()));
             }
             self.stop(id, true);
         }
@@ -664,11 +701,12 @@ impl<T: Transport> Dispatcher<T> {
     /// Fails every call not yet handed to a worker, and refuses new ones from now on.
     fn fail_queued(&mut self) {
         for call in self.drain_queue() {
-            call.reply.send(Err(CallError::ShutDown));
+            let slot = last_slot(&call);
+            self.fail(call, CallError::ShutDown, slot);
         }
         self.calls.close();
         while let Ok(call) = self.calls.try_recv() {
-            call.reply.send(Err(CallError::ShutDown));
+            self.fail(call, CallError::ShutDown, None);
         }
     }
 
@@ -774,7 +812,8 @@ impl<T: Transport> Dispatcher<T> {
         if front.expired() {
             if let Some(call) = self.queue.pop_front() {
                 let ran = call.attempts > 0;
-                call.reply.send(Err(CallError::Deadline { ran }));
+                let slot = last_slot(&call);
+                self.fail(call, CallError::Deadline { ran }, slot);
             }
             return true;
         }
@@ -801,7 +840,8 @@ impl<T: Transport> Dispatcher<T> {
                 if front.expired() {
                     if let Some(call) = self.keyed[slot].pop_front() {
                         let ran = call.attempts > 0;
-                        call.reply.send(Err(CallError::Deadline { ran }));
+                        let last = last_slot(&call);
+                        self.fail(call, CallError::Deadline { ran }, last);
                     }
                     continue;
                 }
@@ -830,7 +870,8 @@ impl<T: Transport> Dispatcher<T> {
             if call.expired() {
                 if let Some(call) = self.parked.remove(i) {
                     let ran = call.attempts > 0;
-                    call.reply.send(Err(CallError::Deadline { ran }));
+                    let slot = last_slot(&call);
+                    self.fail(call, CallError::Deadline { ran }, slot);
                 }
                 continue;
             }
@@ -903,7 +944,11 @@ impl<T: Transport> Dispatcher<T> {
         if self.written.last() != Some(&id) {
             self.written.push(id);
         }
-        let started = w.hand(call, kind);
+        let (slot, taken) = (w.slot, call.taken);
+        let started = w.hand(call, kind, self.book.now());
+        if started {
+            self.book.started(slot, taken);
+        }
         let ttl_reached =
             !pinned && w.state == WorkerState::Online && self.recycle.ttl_reached(w.handed);
         self.timers.cancel(Timer::Idle(id));
@@ -1015,6 +1060,7 @@ impl<T: Transport> Dispatcher<T> {
         let Some(w) = self.workers.get(id) else {
             return;
         };
+        w.stop_reason.get_or_insert(StopReason::Recycled);
         w.state = WorkerState::Retiring;
         let drained = w.is_drained();
         self.emit(why);
@@ -1074,6 +1120,7 @@ impl<T: Transport> Dispatcher<T> {
         self.emit(Event::Spawned { worker: id, pid });
         self.timers
             .set(Timer::Startup(id), self.settings.startup_timeout);
+        self.book.spawned(slot);
         let mut worker = Worker::new(id, slot, link);
         // A replacement in a slot that backs off waits for the back-off too.
         worker.paused = self.backoffs.until(slot).is_some();
@@ -1135,7 +1182,13 @@ impl<T: Transport> Dispatcher<T> {
                 let Some(w) = self.workers.get(id) else {
                     return;
                 };
-                if w.start(call) {
+                if w.start(call, self.book.now()) {
+                    let taken = w.call(call).map_or(0, |c| c.taken);
+                    let slot = w.slot;
+                    self.book.started(slot, taken);
+                    let Some(w) = self.workers.get(id) else {
+                        return;
+                    };
                     let limit = match w.call(call) {
                         Some(c) => limit_for(&self.settings, c),
                         None => self.settings.timeout,
@@ -1169,6 +1222,7 @@ impl<T: Transport> Dispatcher<T> {
         let Some(mut call) = w.take(call) else { return };
         // The table's id: it carries the worker's slot.
         let id = w.id;
+        let slot_of_refusal = w.slot;
         // Not an attempt: it did not run to an answer.
         call.attempts = call.attempts.saturating_sub(1);
         self.timers.cancel(Timer::CallTimeout {
@@ -1185,6 +1239,7 @@ impl<T: Transport> Dispatcher<T> {
             backoff: retry_after,
             reason,
         };
+        self.book.refused(slot_of_refusal);
         call.retry_mut().refused(refusal, now);
         self.park(call, now);
     }
@@ -1245,7 +1300,8 @@ impl<T: Transport> Dispatcher<T> {
         }
         if call.expired() {
             let ran = call.attempts > 0;
-            call.reply.send(Err(CallError::Deadline { ran }));
+            let slot = last_slot(&call);
+            self.fail(call, CallError::Deadline { ran }, slot);
             return;
         }
         let first = call
@@ -1274,7 +1330,8 @@ impl<T: Transport> Dispatcher<T> {
                     .as_ref()
                     .map(|r| r.refusals.clone())
                     .unwrap_or_default();
-                call.reply.send(Err(CallError::Refused { refusals }));
+                let slot = refusals.last().and_then(|r| r.worker).map(WorkerId::slot);
+                self.fail(call, CallError::Refused { refusals }, slot);
             }
             refusal::Next::Wait => match call.key() {
                 Some(key) => {
@@ -1297,7 +1354,10 @@ impl<T: Transport> Dispatcher<T> {
         let Some(w) = self.workers.get(id) else {
             return;
         };
-        let Some(call) = w.take(call) else { return };
+        let Some((call, since)) = w.take_timed(call) else {
+            return;
+        };
+        let slot = w.slot;
         let first_answer = !std::mem::replace(&mut w.answered, true);
         if first_answer {
             self.startup.proved();
@@ -1310,6 +1370,10 @@ impl<T: Transport> Dispatcher<T> {
         });
         let pid = w.link.pid();
         self.emit_call_done(id, call.id(), outcome.is_ok());
+        self.book.answered(slot, since);
+        if outcome.is_ok() {
+            self.book.succeeded(slot);
+        }
         match outcome {
             Ok(body) if call.opts.as_ref().is_some_and(|o| o.made.is_some()) => {
                 let info = call.opts.as_ref().and_then(|opts| {
@@ -1520,6 +1584,7 @@ impl<T: Transport> Dispatcher<T> {
             pid,
             exit,
         });
+        let by_farm = w.state == WorkerState::Stopping;
         let life = startup::Life {
             start_failure: w.start_failure.take(),
             online_for: w.online_since.map(|t| t.elapsed()),
@@ -1535,11 +1600,27 @@ impl<T: Transport> Dispatcher<T> {
         };
         let emptied = w.empty();
         self.settle_emptied(id, emptied, Charge::Running(died(true)), died(false));
+        let program = self.transport.describe();
+        let stop_reason = w.stop_reason;
+        let ending = startup::judge_exit(life, &program, exit, stderr_tail);
         if self.mode != Mode::Running {
+            let how = match ending {
+                _ if by_farm => Ended::Stopped(StopReason::ShutDown),
+                Ending::Stopped => Ended::Stopped(StopReason::ShutDown),
+                Ending::FailedStart(_) => Ended::FailedToStart,
+                Ending::Crashed { .. } => Ended::Crashed,
+            };
+            self.book.ended(w.slot, how);
             return;
         }
-        let program = self.transport.describe();
-        let ending = startup::judge_exit(life, &program, exit, stderr_tail);
+        self.book.ended(
+            w.slot,
+            match &ending {
+                Ending::FailedStart(_) => Ended::FailedToStart,
+                Ending::Crashed { .. } => Ended::Crashed,
+                Ending::Stopped => Ended::Stopped(stop_reason.unwrap_or(StopReason::ForACall)),
+            },
+        );
         if !matches!(ending, Ending::Stopped) {
             self.count_crash(w.slot, exit);
         }
@@ -1575,9 +1656,10 @@ impl<T: Transport> Dispatcher<T> {
         self.timers.set(Timer::Release(slot), backoff);
         if let Some(slots) = self.all_sidelined() {
             for call in self.drain_queue() {
-                call.reply.send(Err(CallError::Quarantined {
+                let error = CallError::Quarantined {
                     slots: slots.clone(),
-                }));
+                };
+                self.fail(call, error, None);
             }
             for waiter in self.ready_waiters.drain(..) {
                 let _ = waiter.send(Err(CallError::Quarantined {
@@ -1605,7 +1687,7 @@ impl<T: Transport> Dispatcher<T> {
             pinned,
         } = emptied;
         for call in pinned {
-            call.reply.send(Err(waiting_error.clone()));
+            self.fail(call, waiting_error.clone(), Some(id.slot()));
         }
         let record = matches!(waiting_error, CallError::WorkerDied { .. });
         // Newest first, each to the front of the queue: they leave it oldest first.
@@ -1649,6 +1731,7 @@ impl<T: Transport> Dispatcher<T> {
         match self.retry.failed(&error, self.attempt_of(&call)) {
             Verdict::RequeueCharged | Verdict::RequeueFree => {
                 tracing::debug!(call = call.id(), attempt = call.attempts, %error, "retrying call");
+                self.book.retried(worker.slot());
                 let retry = call.retry_mut();
                 retry.avoid = Some(worker);
                 retry.failures.push(error);
@@ -1657,7 +1740,7 @@ impl<T: Transport> Dispatcher<T> {
             Verdict::Settle => {
                 let earlier = call.retry.take().map(|r| r.failures).unwrap_or_default();
                 let error = self.retry.final_error(error, call.attempts, earlier);
-                call.reply.send(Err(error));
+                self.fail(call, error, Some(worker.slot()));
             }
         }
     }
@@ -1667,12 +1750,19 @@ impl<T: Transport> Dispatcher<T> {
     fn displace(&mut self, mut call: Call, error: CallError, record: bool) {
         match self.retry.displaced(self.attempt_of(&call)) {
             Verdict::Settle if self.mode != Mode::Running => {
-                call.reply.send(Err(CallError::ShutDown))
+                let slot = last_slot(&call);
+                self.fail(call, CallError::ShutDown, slot);
             }
             Verdict::Settle => {
                 let earlier = call.retry.take().map(|r| r.failures).unwrap_or_default();
-                call.reply
-                    .send(Err(self.retry.final_error(error, call.attempts, earlier)));
+                let slot = last_slot(&call).or_else(|| match &error {
+                    CallError::WorkerDied { worker, .. } | CallError::Protocol { worker, .. } => {
+                        Some(worker.slot())
+                    }
+                    _ => None,
+                });
+                let error = self.retry.final_error(error, call.attempts, earlier);
+                self.fail(call, error, slot);
             }
             Verdict::RequeueFree | Verdict::RequeueCharged => {
                 tracing::trace!(call = call.id(), "re-queued free");
@@ -1704,7 +1794,7 @@ impl<T: Transport> Dispatcher<T> {
         }
         if verdict.fail_calls {
             for call in self.drain_queue() {
-                call.reply.send(Err(error.clone()));
+                self.fail(call, error.clone(), None);
             }
             // Calls still in the channel are taken (and failed) by the next turns.
         }
@@ -1726,13 +1816,15 @@ impl<T: Transport> Dispatcher<T> {
         match timer {
             Timer::CallTimeout { worker, call } => self.on_call_timeout(worker, call),
             Timer::Idle(id) => {
+                let may_shrink = self.bounds.may_shrink(self.workers.live());
                 let Some(w) = self.workers.get(id) else {
                     return;
                 };
                 if w.state == WorkerState::Online && w.is_drained() {
-                    if !self.bounds.may_shrink(self.workers.live()) {
+                    if !may_shrink {
                         return;
                     }
+                    w.stop_reason.get_or_insert(StopReason::Idle);
                     tracing::debug!(worker = id.as_u64(), "idle time reached");
                     self.emit(Event::IdleReached { worker: id });
                     // Not replaced until calls need it: the point is to give memory back.
@@ -1806,7 +1898,7 @@ impl<T: Transport> Dispatcher<T> {
         );
         self.drop_worker(id, Charge::Nobody);
         if culprit.expired() {
-            culprit.reply.send(Err(CallError::Deadline { ran: true }));
+            self.fail(culprit, CallError::Deadline { ran: true }, Some(id.slot()));
         } else {
             self.fail_running(culprit, CallError::Timeout { after }, id);
         }
@@ -1883,6 +1975,11 @@ fn limit_for(settings: &Settings, call: &Call) -> Option<Duration> {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The slot where `call` last failed, if it did (for the statistics).
+fn last_slot(call: &Call) -> Option<usize> {
+    call.avoid().map(WorkerId::slot)
 }
 
 /// The handshake for a worker of `slot`.

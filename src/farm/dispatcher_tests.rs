@@ -250,6 +250,7 @@ fn farm_unstarted(options: FarmOptions) -> Harness {
         load: tokio::sync::watch::channel(crate::farm::Load::default()).0,
         load_watched: Arc::new(AtomicBool::new(true)),
         capacity: Arc::default(),
+        final_stats: Arc::default(),
     };
     let state = Shared::default();
     let transport = FakeTransport(state.clone());

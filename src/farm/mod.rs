@@ -6,6 +6,7 @@ mod dispatcher;
 mod map;
 mod policy;
 mod registry;
+mod stats;
 mod transport;
 mod workers;
 
@@ -13,6 +14,7 @@ pub use call::CallInfo;
 pub use call_builder::{CallBuilder, CallFuture, CallHandle, CancelHandle, WithInfo};
 pub use map::{Map, MapUnordered};
 pub use registry::kill_all;
+pub use stats::{CallCounts, Latency, SlotStats, Stats, WorkerCounts};
 
 use crate::error::{CallError, CreateError};
 use crate::event::{Event, WorkerId};
@@ -105,6 +107,8 @@ pub(crate) struct Core {
     load_watched: Arc<AtomicBool>,
     /// Calls the workers can hold at once, kept by the dispatcher (the default bound of a map).
     capacity: Arc<AtomicUsize>,
+    /// The statistics the dispatcher left when it stopped.
+    final_stats: Arc<Mutex<Option<Stats>>>,
 }
 
 /// Where a plain call's future starts from.
@@ -381,7 +385,9 @@ impl<S: Serializer> Farm<S> {
         let (load_tx, load) = watch::channel(Load::default());
         let load_watched = Arc::new(AtomicBool::new(false));
         let capacity = Arc::new(AtomicUsize::new(settings.workers));
+        let final_stats = Arc::new(Mutex::new(None));
         let inputs = Inputs {
+            final_stats: final_stats.clone(),
             calls: calls_rx,
             commands: commands_rx,
             events: events.clone(),
@@ -418,6 +424,7 @@ impl<S: Serializer> Farm<S> {
             load,
             load_watched,
             capacity,
+            final_stats,
         });
         registry::register(&core);
         Ok(Farm { core, serializer })
@@ -840,6 +847,35 @@ impl<S: Serializer> Farm<S> {
             .request(Command::Ready)
             .await
             .unwrap_or(Err(CallError::ShutDown))
+    }
+
+    /// What the farm has done so far: calls by outcome, workers by how they ended, run and
+    /// wait times, per pool slot and in total (see [`Stats`]). Counts survive worker
+    /// replacement; after the farm stopped, the final figures.
+    ///
+    /// ```no_run
+    /// # async fn demo(farm: workfarm::Farm) {
+    /// let stats = farm.stats().await;
+    /// println!(
+    ///     "{} ok, {} failed, p99 run {:?}, {} workers started",
+    ///     stats.total.calls.succeeded,
+    ///     stats.total.calls.failed,
+    ///     stats.total.run_time.p99,
+    ///     stats.total.workers.spawned,
+    /// );
+    /// # }
+    /// ```
+    pub async fn stats(&self) -> Stats {
+        match self.core.request(Command::Stats).await {
+            Some(stats) => stats,
+            None => self
+                .core
+                .final_stats
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_default(),
+        }
     }
 
     /// A snapshot of the workers and the queue. Empty once the farm has stopped.

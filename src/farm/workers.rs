@@ -80,6 +80,8 @@ struct Held {
     started: bool,
     /// Its place in the worker's slot table while it waits: the farm may take it back.
     slot: Option<(u16, u32)>,
+    /// When its handler started, on the statistics clock.
+    since: u32,
 }
 
 impl Held {
@@ -167,6 +169,8 @@ pub(crate) struct Worker<L> {
     pub(crate) answered: bool,
     /// Set when the farm stopped it as a start failure: why.
     pub(crate) start_failure: Option<String>,
+    /// Why the farm stopped it, for the statistics.
+    pub(crate) stop_reason: Option<super::stats::StopReason>,
     /// Its frame stream ended: it takes no calls, and counts as live until it exits (so it
     /// is replaced then, as any worker that died).
     pub(crate) closed: bool,
@@ -200,6 +204,7 @@ impl<L> Worker<L> {
             online_since: None,
             answered: false,
             start_failure: None,
+            stop_reason: None,
             closed: false,
             paused: false,
         }
@@ -413,7 +418,7 @@ impl<L> Worker<L> {
 
     /// Sends it `call`, a call of `kind`; whether the call starts on arrival (else it waits
     /// in the worker until the worker reports it started).
-    pub(crate) fn hand(&mut self, mut call: Call, kind: Kind) -> bool
+    pub(crate) fn hand(&mut self, mut call: Call, kind: Kind, now: u32) -> bool
     where
         L: super::transport::Link,
     {
@@ -461,6 +466,7 @@ impl<L> Worker<L> {
             kind,
             started: starts,
             slot,
+            since: now,
         };
         // Counted by the same test that uncounts it (`start`, `forget`, `withdraw`).
         if held.movable() {
@@ -476,14 +482,16 @@ impl<L> Worker<L> {
         }
     }
 
-    /// The worker reports that call `id` started; whether that is news.
-    pub(crate) fn start(&mut self, id: u64) -> bool {
+    /// The worker reports that call `id` started (`now`, on the statistics clock); whether
+    /// that is news.
+    pub(crate) fn start(&mut self, id: u64, now: u32) -> bool {
         let Some(held) = self.calls.get_mut(&id) else {
             return false;
         };
         if held.started {
             return false;
         }
+        held.since = now;
         if held.movable() {
             self.movable = self.movable.saturating_sub(1);
         }
@@ -543,6 +551,11 @@ impl<L> Worker<L> {
     /// answered without a `Started` ran all the same (say, its arguments did not decode):
     /// that counts as an attempt.
     pub(crate) fn take(&mut self, id: u64) -> Option<Call> {
+        self.take_timed(id).map(|(call, _)| call)
+    }
+
+    /// As [`take`](Self::take), with when its handler started (statistics clock).
+    pub(crate) fn take_timed(&mut self, id: u64) -> Option<(Call, u32)> {
         let held = self.calls.remove(&id)?;
         self.forget(&held);
         self.progress += 1;
@@ -550,7 +563,7 @@ impl<L> Worker<L> {
         if !held.started {
             call.attempts = call.attempts.saturating_add(1);
         }
-        Some(call)
+        Some((call, held.since))
     }
 
     /// Uncounts a call taken out. The counts match the table by construction; saturating

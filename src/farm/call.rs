@@ -287,6 +287,12 @@ impl Call {
         self.opts.as_ref().and_then(|o| o.key)
     }
 
+    /// Whether it was cancelled while it ran: the caller has its outcome already (and the
+    /// statistics counted it), the worker's answer is discarded.
+    pub(crate) fn settled(&self) -> bool {
+        self.opts.as_ref().is_some_and(|o| o.cancelled)
+    }
+
     /// Whether it has a deadline and that has passed.
     pub(crate) fn expired(&self) -> bool {
         self.opts.as_ref().is_some_and(|o| o.expired())

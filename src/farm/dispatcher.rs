@@ -105,6 +105,8 @@ pub(crate) struct Inputs {
     pub(crate) capacity: Arc<std::sync::atomic::AtomicUsize>,
     /// Where the statistics are left when the farm stops.
     pub(crate) final_stats: Arc<std::sync::Mutex<Option<super::Stats>>>,
+    /// The statistics clock's start, shared with the callers who stamp their calls.
+    pub(crate) epoch: std::time::Instant,
 }
 
 pub(crate) struct Dispatcher<T: Transport> {
@@ -173,7 +175,7 @@ impl<T: Transport> Dispatcher<T> {
             quarantine: Quarantine::new(settings.quarantine, settings.workers),
             size: bounds.start,
             bounds,
-            book: Book::new(settings.workers),
+            book: Book::new(settings.workers, inputs.epoch),
             final_stats: inputs.final_stats,
             retry: RetryPolicy {
                 max_retries: settings.max_retries,
@@ -561,7 +563,7 @@ impl<T: Transport> Dispatcher<T> {
         None
     }
 
-    fn on_call(&mut self, mut call: Call) {
+    fn on_call(&mut self, call: Call) {
         let refused = if self.mode != Mode::Running {
             CallError::ShutDown
         } else if call.reply.is_closed() {
@@ -577,7 +579,6 @@ impl<T: Transport> Dispatcher<T> {
             CallError::Quarantined { slots }
         } else {
             tracing::trace!(call = call.id(), method = call.method(), "call taken");
-            call.taken = self.book.now();
             self.queue.push_back(call);
             return;
         };
@@ -586,7 +587,9 @@ impl<T: Transport> Dispatcher<T> {
 
     /// Settles `call` with `error`, counting it under `slot` (where its last attempt ran).
     fn fail(&mut self, call: Call, error: CallError, slot: Option<usize>) {
-        self.book.failed(slot, &error);
+        if !call.settled() {
+            self.book.failed(slot, &error);
+        }
         call.reply.send(Err(error));
     }
 
@@ -604,7 +607,8 @@ impl<T: Transport> Dispatcher<T> {
                 self.book.failed(Some(worker.slot), &error);
                 reply.send(Err(error));
             } else {
-                let call = Call::new(frame.into(), Some(worker.id), reply);
+                let mut call = Call::new(frame.into(), Some(worker.id), reply);
+                call.taken = self.book.now();
                 worker.pinned.push_back(call);
             }
             receivers.push((worker.id, rx));
@@ -1371,7 +1375,7 @@ impl<T: Transport> Dispatcher<T> {
         let pid = w.link.pid();
         self.emit_call_done(id, call.id(), outcome.is_ok());
         self.book.answered(slot, since);
-        if outcome.is_ok() {
+        if outcome.is_ok() && !call.settled() {
             self.book.succeeded(slot);
         }
         match outcome {
@@ -1735,6 +1739,8 @@ impl<T: Transport> Dispatcher<T> {
                 let retry = call.retry_mut();
                 retry.avoid = Some(worker);
                 retry.failures.push(error);
+                // The next attempt's wait starts now.
+                call.taken = self.book.now();
                 self.queue.push_front(call);
             }
             Verdict::Settle => {

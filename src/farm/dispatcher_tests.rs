@@ -251,6 +251,7 @@ fn farm_unstarted(options: FarmOptions) -> Harness {
         load_watched: Arc::new(AtomicBool::new(true)),
         capacity: Arc::default(),
         final_stats: Arc::default(),
+        epoch: std::time::Instant::now(),
     };
     let state = Shared::default();
     let transport = FakeTransport(state.clone());

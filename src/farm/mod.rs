@@ -109,6 +109,8 @@ pub(crate) struct Core {
     capacity: Arc<AtomicUsize>,
     /// The statistics the dispatcher left when it stopped.
     final_stats: Arc<Mutex<Option<Stats>>>,
+    /// The statistics clock's start: calls are stamped with it when submitted.
+    epoch: std::time::Instant,
 }
 
 /// Where a plain call's future starts from.
@@ -191,6 +193,7 @@ impl Core {
         let (reply, rx) = Reply::new(place.map(Place::share));
         let mut call = Call::new(frame, None, reply);
         call.opts = opts;
+        call.taken = stats::stamp(self.epoch);
         self.calls.send(call).map_err(|_| CallError::ShutDown)?;
         Ok(rx)
     }
@@ -386,7 +389,9 @@ impl<S: Serializer> Farm<S> {
         let load_watched = Arc::new(AtomicBool::new(false));
         let capacity = Arc::new(AtomicUsize::new(settings.workers));
         let final_stats = Arc::new(Mutex::new(None));
+        let epoch = std::time::Instant::now();
         let inputs = Inputs {
+            epoch,
             final_stats: final_stats.clone(),
             calls: calls_rx,
             commands: commands_rx,
@@ -425,6 +430,7 @@ impl<S: Serializer> Farm<S> {
             load_watched,
             capacity,
             final_stats,
+            epoch,
         });
         registry::register(&core);
         Ok(Farm { core, serializer })

@@ -152,6 +152,12 @@ impl SlotBook {
     }
 }
 
+/// Now on the statistics clock started at `epoch`: µs, truncated to 32 bits. Callers stamp
+/// their calls with it when they submit them, so wait times include the time in the channel.
+pub(crate) fn stamp(epoch: Instant) -> u32 {
+    epoch.elapsed().as_micros() as u32
+}
+
 fn histogram() -> Histogram<u64> {
     // Two significant digits: 1% error, a few KiB per histogram. Constant, valid bounds:
     // this cannot fail.
@@ -178,9 +184,9 @@ impl std::fmt::Debug for Book {
 }
 
 impl Book {
-    pub(crate) fn new(slots: usize) -> Self {
+    pub(crate) fn new(slots: usize, epoch: Instant) -> Self {
         Book {
-            epoch: Instant::now(),
+            epoch,
             now_us: 0,
             slots: (0..slots).map(|_| SlotBook::new()).collect(),
             unplaced: CallCounts::default(),
@@ -189,7 +195,7 @@ impl Book {
 
     /// Reads the clock for this turn.
     pub(crate) fn tick(&mut self) {
-        self.now_us = self.epoch.elapsed().as_micros() as u32;
+        self.now_us = stamp(self.epoch);
     }
 
     /// The turn's clock, to stamp a call with.
@@ -387,7 +393,7 @@ mod tests {
 
     #[test]
     fn counts_add_up_per_slot_and_in_total() {
-        let mut book = Book::new(2);
+        let mut book = Book::new(2, Instant::now());
         book.tick();
         let t = book.now();
         book.started(0, t);

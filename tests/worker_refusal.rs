@@ -9,13 +9,12 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use support::*;
 use tokio::time::Instant;
-use workfarm::{CallError, Event, Farm};
+use workfarm::{CallError, Event, Farm, PerWorker};
 
 #[derive(Deserialize, Debug)]
 struct Served {
     slot: Option<usize>,
     pid: u32,
-    #[allow(dead_code)]
     token: Option<String>,
     at_ns: u128,
 }
@@ -24,14 +23,33 @@ fn quota(limited: &[usize], every: u32, backoff_ms: u64) -> serde_json::Value {
     serde_json::json!({ "limited": limited, "every": every, "backoff_ms": backoff_ms })
 }
 
+/// As [`quota`], each served call taking `work_ms`.
+fn quota_working(
+    limited: &[usize],
+    every: u32,
+    backoff_ms: u64,
+    work_ms: u64,
+) -> serde_json::Value {
+    serde_json::json!({
+        "limited": limited, "every": every, "backoff_ms": backoff_ms, "work_ms": work_ms
+    })
+}
+
 #[tokio::test]
 async fn two_slots_that_refuse_for_500_ms_after_every_3_calls_lose_no_call_and_charge_none() {
-    // max_retries(0): a refusal charged as a retry would fail its call.
-    let farm = Farm::create(options(4).max_retries(0)).unwrap();
+    // max_retries(0): a refusal charged as a retry would fail its call. Each slot has its
+    // own access token, as each worker of disperse.js calls its API with its own.
+    let farm = Farm::create(
+        options(4)
+            .max_retries(0)
+            .per_worker(|slot| PerWorker::new().env("TOKEN", format!("token-{slot}"))),
+    )
+    .unwrap();
     all_online(&farm, 4).await;
     let mut events = farm.events();
     let backoff = Duration::from_millis(500);
-    let args = quota(&[1, 3], 3, 500);
+    // 10 ms a call: the 200 take over a second, so the limited slots refuse again and again.
+    let args = quota_working(&[1, 3], 3, 500, 10);
     let handles: Vec<_> = (0..200)
         .map(|_| farm.call::<_, Served>("quota", args.clone()).start())
         .collect();
@@ -40,6 +58,12 @@ async fn two_slots_that_refuse_for_500_ms_after_every_3_calls_lose_no_call_and_c
         let (value, info) = handle.with_info().await.expect("every call succeeds");
         assert_eq!(info.attempts, 1, "a refused call is not charged");
         assert_eq!(Some(info.worker.slot()), value.slot);
+        let token = format!("token-{}", info.worker.slot());
+        assert_eq!(
+            value.token.as_deref(),
+            Some(token.as_str()),
+            "its slot's token"
+        );
         served.push(value);
     }
     assert_eq!(served.len(), 200);
@@ -55,8 +79,9 @@ async fn two_slots_that_refuse_for_500_ms_after_every_3_calls_lose_no_call_and_c
     }
     for slot in [1, 3] {
         assert!(
-            !refusals[&slot].is_empty(),
-            "slot {slot} never refused: the test proves nothing"
+            refusals[&slot].len() >= 2,
+            "slot {slot} refused {:?}: the test proves little",
+            refusals[&slot]
         );
     }
     for slot in [0, 2] {
@@ -86,6 +111,17 @@ async fn two_slots_that_refuse_for_500_ms_after_every_3_calls_lose_no_call_and_c
     assert!(backing_off >= 2, "each back-off is announced");
     let pids: HashSet<u32> = served.iter().map(|c| c.pid).collect();
     assert_eq!(pids.len(), 4, "no worker was stopped for refusing");
+    // No busy loop: a refusal reached the farm for each logged one, and for each call that
+    // was already waiting in a worker when it began to back off (refused unrun there, once);
+    // fewer in all than there were calls. Bouncing between two refusing slots for 500 ms
+    // would make thousands.
+    let stats = farm.stats().await;
+    let logged: usize = refusals.values().map(Vec::len).sum();
+    let c = stats.total.calls;
+    // 200 calls and the broadcast's 4.
+    assert_eq!((c.succeeded, c.failed, c.retried), (204, 0, 0), "{c:?}");
+    assert!(c.refusals >= logged as u64, "{c:?} vs {logged} logged");
+    assert!(c.refusals < 200, "refusals bounced: {c:?}");
     farm.shutdown().await;
 }
 

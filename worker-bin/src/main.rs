@@ -43,6 +43,9 @@ struct Quota {
     limited: Vec<usize>,
     every: u32,
     backoff_ms: u64,
+    /// Time each served call takes (the API call it stands for).
+    #[serde(default)]
+    work_ms: u64,
 }
 
 /// One call `quota` served: where and when (Unix time, ns; comparable across workers).
@@ -78,6 +81,7 @@ fn quota(q: &Quota) -> Result<Served, workfarm::worker::Refuse> {
         }
         state.0 += 1;
     }
+    std::thread::sleep(Duration::from_millis(q.work_ms));
     Ok(Served {
         slot,
         pid: std::process::id(),

@@ -217,6 +217,11 @@ impl<S: Serializer> Farm<S> {
         self.block_on(self.as_async().stats())
     }
 
+    /// The last lines of slot `slot`'s stderr. See [`crate::Farm::stderr`].
+    pub fn stderr(&self, slot: usize) -> Vec<crate::StderrLine> {
+        self.as_async().stderr(slot)
+    }
+
     /// Blocks until every worker has finished its handshake. See [`crate::Farm::ready`].
     pub fn ready(&self) -> Result<(), CallError> {
         self.block_on(self.as_async().ready())

@@ -16,8 +16,8 @@ pub enum StderrMode {
     /// Copied to the parent's stderr as it comes.
     #[default]
     Forward,
-    /// Each line becomes a `tracing` event (level INFO, target `workfarm::worker`, with the
-    /// worker's `pid`).
+    /// Each line becomes a `tracing` event (level INFO, target `workfarm::worker`, with
+    /// fields `worker` (its number), `slot` and `pid`).
     Log,
     /// Dropped.
     Discard,
@@ -60,6 +60,8 @@ pub(crate) struct Settings {
     pub(crate) envs: Vec<(OsString, OsString)>,
     pub(crate) cwd: Option<PathBuf>,
     pub(crate) stderr: StderrMode,
+    /// Lines of stderr kept per slot for `Farm::stderr`.
+    pub(crate) stderr_capture: usize,
     /// The most workers, and the number of pool slots.
     pub(crate) workers: usize,
     /// The fewest workers kept (see [`FarmOptions::min_workers`]); `None`: start `workers`,
@@ -177,6 +179,7 @@ impl FarmOptions<Json> {
                 envs: Vec::new(),
                 cwd: None,
                 stderr: StderrMode::Forward,
+                stderr_capture: 100,
                 workers: num_cpus::get(),
                 min_workers: None,
                 max_refusal_wait: Duration::from_secs(30),
@@ -302,6 +305,13 @@ impl<S: Serializer> FarmOptions<S> {
     /// Where workers' stderr goes. Default: [`StderrMode::Forward`] (the parent's stderr).
     pub fn stderr(mut self, mode: StderrMode) -> Self {
         self.settings.stderr = mode;
+        self
+    }
+
+    /// Lines of stderr kept per pool slot for [`Farm::stderr`](crate::Farm::stderr), in
+    /// every [`StderrMode`]; 0 keeps none. Default: 100 (a line is at most 4 KiB).
+    pub fn stderr_capture(mut self, lines: usize) -> Self {
+        self.settings.stderr_capture = lines;
         self
     }
 

@@ -295,6 +295,7 @@ mod stderr_modes {
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
+            .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
             .finish();
         let _guard = tracing::subscriber::set_default(subscriber);
@@ -306,6 +307,7 @@ mod stderr_modes {
         .unwrap();
         let n: usize = farm.run_method("chatty", 300usize).await.unwrap();
         assert_eq!(n, 300);
+        let pid: u32 = farm.run_method("pid", ()).await.unwrap();
         farm.shutdown().await;
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         let worker_lines = text
@@ -314,6 +316,14 @@ mod stderr_modes {
             .count();
         // chatty(300) prints 3 lines to stdout (redirected to stderr) and 3 to stderr.
         assert_eq!(worker_lines, 6, "{text}");
+        // Each names its worker: number, slot and pid.
+        let pid = format!("pid={pid}");
+        assert!(
+            text.lines()
+                .filter(|l| l.contains("workfarm::worker"))
+                .all(|l| l.contains("worker=1") && l.contains("slot=0") && l.contains(&pid)),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 
 mod call;
 mod call_builder;
+mod capture;
 mod dispatcher;
 mod map;
 mod policy;
@@ -12,6 +13,7 @@ mod workers;
 
 pub use call::CallInfo;
 pub use call_builder::{CallBuilder, CallFuture, CallHandle, CancelHandle, WithInfo};
+pub use capture::StderrLine;
 pub use map::{Map, MapUnordered};
 pub use registry::kill_all;
 pub use stats::{CallCounts, Latency, SlotStats, Stats, WorkerCounts};
@@ -111,6 +113,8 @@ pub(crate) struct Core {
     final_stats: Arc<Mutex<Option<Stats>>>,
     /// The statistics clock's start: calls are stamped with it when submitted.
     epoch: std::time::Instant,
+    /// The last lines of each slot's stderr.
+    stderr: Arc<capture::StderrCapture>,
 }
 
 /// Where a plain call's future starts from.
@@ -401,7 +405,11 @@ impl<S: Serializer> Farm<S> {
             load_watched: load_watched.clone(),
             capacity: capacity.clone(),
         };
-        let transport = Pipes::new(settings.clone());
+        let stderr = Arc::new(capture::StderrCapture::new(
+            settings.workers,
+            settings.stderr_capture,
+        ));
+        let transport = Pipes::new(settings.clone(), stderr.clone());
         let mut dispatcher = Dispatcher::new(settings.clone(), hellos, transport, inputs);
         let program = &settings.program;
         dispatcher
@@ -431,6 +439,7 @@ impl<S: Serializer> Farm<S> {
             capacity,
             final_stats,
             epoch,
+            stderr,
         });
         registry::register(&core);
         Ok(Farm { core, serializer })
@@ -853,6 +862,27 @@ impl<S: Serializer> Farm<S> {
             .request(Command::Ready)
             .await
             .unwrap_or(Err(CallError::ShutDown))
+    }
+
+    /// The last lines the workers of pool slot `slot` wrote to their stderr, oldest first,
+    /// with the worker and pid that wrote each (jest-worker's `getStderr()`). The lines
+    /// survive the worker: a replacement adds to its slot's lines, so what a crashed worker
+    /// said before it died is here. At most [`FarmOptions::stderr_capture`] lines per slot
+    /// (100 by default), whatever the [`StderrMode`](crate::StderrMode); none for a slot
+    /// the farm does not have. Lines reach it as the farm reads them, shortly after the
+    /// worker writes them.
+    ///
+    /// [`FarmOptions::stderr_capture`]: crate::FarmOptions::stderr_capture
+    ///
+    /// ```no_run
+    /// # fn demo(farm: &workfarm::Farm) {
+    /// for line in farm.stderr(0) {
+    ///     println!("[slot 0, pid {}] {}", line.pid, line.line);
+    /// }
+    /// # }
+    /// ```
+    pub fn stderr(&self, slot: usize) -> Vec<StderrLine> {
+        self.core.stderr.lines(slot)
     }
 
     /// What the farm has done so far: calls by outcome, workers by how they ended, run and

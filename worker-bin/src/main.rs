@@ -314,6 +314,14 @@ fn main() {
             let _ = std::io::stdout().flush();
             n
         })
+        // Writes `n` lines "`tag` i" to stderr; returns its slot and pid.
+        .method("stderr_lines", |(tag, n): (String, usize)| {
+            let mut err = std::io::stderr().lock();
+            for i in 0..n {
+                let _ = writeln!(err, "{tag} {i}");
+            }
+            (Worker::slot(), std::process::id())
+        })
         // Returns a string of `n` bytes (for frame-cap tests).
         .method("big", |n: usize| "y".repeat(n))
         // Leaks `mib` MiB of touched memory (for memory-limit tests); returns its pid.

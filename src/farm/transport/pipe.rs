@@ -14,6 +14,7 @@ use super::stderr::forward_stderr;
 use super::{Inbound, Link, Transport};
 use crate::error::ExitInfo;
 use crate::event::WorkerId;
+use crate::farm::capture::StderrCapture;
 use crate::options::Settings;
 use crate::protocol::frame::{self, FrameDecoder};
 use crate::protocol::{decode_from_worker, launch, Direction, FromWorker};
@@ -44,11 +45,12 @@ const DRAIN_GRACE: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub(crate) struct Pipes {
     settings: Arc<Settings>,
+    capture: Arc<StderrCapture>,
 }
 
 impl Pipes {
-    pub(crate) fn new(settings: Arc<Settings>) -> Self {
-        Pipes { settings }
+    pub(crate) fn new(settings: Arc<Settings>, capture: Arc<StderrCapture>) -> Self {
+        Pipes { settings, capture }
     }
 }
 
@@ -62,7 +64,14 @@ impl Transport for Pipes {
         hello: &[u8],
         inbound: &mpsc::UnboundedSender<Inbound>,
     ) -> std::io::Result<WorkerLink> {
-        spawn(&self.settings, worker, slot, hello, inbound.clone())
+        spawn(
+            &self.settings,
+            &self.capture,
+            worker,
+            slot,
+            hello,
+            inbound.clone(),
+        )
     }
 
     fn describe(&self) -> String {
@@ -270,6 +279,7 @@ fn stop_frame() -> Vec<u8> {
 /// Starts a worker process and its tasks; `hello` is the first frame it is sent.
 fn spawn(
     spec: &Settings,
+    capture: &Arc<StderrCapture>,
     worker: WorkerId,
     slot: usize,
     hello: &[u8],
@@ -315,6 +325,7 @@ fn spawn(
         worker,
         pid,
         spec.stderr,
+        capture.clone(),
         inbound.clone(),
     ));
     tokio::spawn(supervise(Supervised {

@@ -1,5 +1,6 @@
 //! A worker's stderr: drained as it comes (so the worker never blocks on it), passed on as
-//! the farm's [`StderrMode`] says, and its last lines kept for error reports.
+//! the farm's [`StderrMode`] says, its lines captured for `Farm::stderr`, and its last
+//! lines kept for error reports.
 //!
 //! Forwarded lines go through one thread per process that writes them to our stderr, with
 //! a bounded queue in front of it: when our stderr does not keep up (a pipe nobody reads, a
@@ -9,11 +10,12 @@
 
 use super::Inbound;
 use crate::event::WorkerId;
+use crate::farm::capture::StderrCapture;
 use crate::options::StderrMode;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::process::ChildStderr;
@@ -34,6 +36,7 @@ pub(super) async fn forward_stderr(
     worker: WorkerId,
     pid: u32,
     mode: StderrMode,
+    capture: Arc<StderrCapture>,
     inbound: mpsc::UnboundedSender<Inbound>,
 ) -> Vec<String> {
     let mut buf = vec![0u8; 16 * 1024];
@@ -48,22 +51,28 @@ pub(super) async fn forward_stderr(
         if let Some(forward) = &mut forward {
             forward.feed(chunk);
         }
-        tail.feed(chunk, |line| {
-            if mode == StderrMode::Log {
-                tracing::info!(target: "workfarm::worker", pid, "{line}");
-            }
-        });
+        tail.feed(chunk, |line| on_line(line, worker, pid, mode, &capture));
     }
-    tail.finish(|line| {
-        if mode == StderrMode::Log {
-            tracing::info!(target: "workfarm::worker", pid, "{line}");
-        }
-    });
+    tail.finish(|line| on_line(line, worker, pid, mode, &capture));
     if let Some(forward) = &mut forward {
         forward.finish();
     }
     tracing::trace!(pid, "worker stderr closed");
     tail.lines.into()
+}
+
+/// A whole line of a worker's stderr: logged (in [`StderrMode::Log`]) and captured.
+fn on_line(line: &str, worker: WorkerId, pid: u32, mode: StderrMode, capture: &StderrCapture) {
+    if mode == StderrMode::Log {
+        tracing::info!(
+            target: "workfarm::worker",
+            worker = worker.as_u64(),
+            slot = worker.slot(),
+            pid,
+            "{line}"
+        );
+    }
+    capture.push(worker, pid, line);
 }
 
 /// One worker's stderr on its way to ours, in whole lines.

@@ -1186,17 +1186,10 @@ impl<T: Transport> Dispatcher<T> {
                 let Some(w) = self.workers.get(id) else {
                     return;
                 };
-                if w.start(call, self.book.now()) {
-                    let taken = w.call(call).map_or(0, |c| c.taken);
-                    let slot = w.slot;
-                    self.book.started(slot, taken);
-                    let Some(w) = self.workers.get(id) else {
-                        return;
-                    };
-                    let limit = match w.call(call) {
-                        Some(c) => limit_for(&self.settings, c),
-                        None => self.settings.timeout,
-                    };
+                let slot = w.slot;
+                if let Some(started) = w.start(call, self.book.now()) {
+                    let limit = limit_for(&self.settings, started);
+                    self.book.started(slot, started.taken);
                     self.arm_call_timeout(id, call, limit);
                 }
             }

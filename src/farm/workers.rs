@@ -12,28 +12,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Hashes call ids (farm-unique sequence numbers, never chosen by a user or a child) with
-/// one multiplication instead of SipHash: the table is touched twice per call.
-type CallIdHash = std::hash::BuildHasherDefault<CallIdHasher>;
-
-#[derive(Debug, Default)]
-pub(crate) struct CallIdHasher(u64);
-
-impl std::hash::Hasher for CallIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
+/// Call and worker ids are farm-chosen sequence numbers, never chosen by a user or a child
+/// (nobody can aim collisions at them), and both tables are looked up several times per
+/// call: FxHash, not SipHash.
+type IdHash = rustc_hash::FxBuildHasher;
 
 /// How a worker runs a method: sync handlers on its `threads`, async ones as they arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +28,8 @@ pub(crate) enum Kind {
 #[derive(Debug, Clone)]
 pub(crate) struct Caps {
     threads: usize,
-    async_methods: Arc<HashSet<String>>,
+    /// Looked up for every call sent: FxHash (the names come from the user's own worker).
+    async_methods: Arc<HashSet<String, rustc_hash::FxBuildHasher>>,
 }
 
 impl Caps {
@@ -131,7 +114,7 @@ pub(crate) struct Worker<L> {
     pub(crate) slot: usize,
     pub(crate) link: L,
     pub(crate) state: WorkerState,
-    calls: HashMap<u64, Held, CallIdHash>,
+    calls: HashMap<u64, Held, IdHash>,
     /// Sync calls held (running or waiting), of which running.
     sync_held: usize,
     sync_running: usize,
@@ -482,14 +465,12 @@ impl<L> Worker<L> {
         }
     }
 
-    /// The worker reports that call `id` started (`now`, on the statistics clock); whether
-    /// that is news.
-    pub(crate) fn start(&mut self, id: u64, now: u32) -> bool {
-        let Some(held) = self.calls.get_mut(&id) else {
-            return false;
-        };
+    /// The worker reports that call `id` started (`now`, on the statistics clock): the call,
+    /// if that is news.
+    pub(crate) fn start(&mut self, id: u64, now: u32) -> Option<&Call> {
+        let held = self.calls.get_mut(&id)?;
         if held.started {
-            return false;
+            return None;
         }
         held.since = now;
         if held.movable() {
@@ -512,7 +493,7 @@ impl<L> Worker<L> {
         let kind = held.kind;
         self.waiting = self.waiting.saturating_sub(1);
         self.count_start(kind);
-        true
+        self.calls.get(&id).map(|held| &held.call)
     }
 
     /// Whether call `id`'s handler has started here.
@@ -636,7 +617,7 @@ fn slot_frame(slot: u16, generation: u32) -> [u8; 11] {
 #[derive(Debug)]
 pub(crate) struct Workers<L> {
     list: Vec<Worker<L>>,
-    index: HashMap<WorkerId, usize>,
+    index: HashMap<WorkerId, usize, IdHash>,
     next_id: u64,
     caps: Option<Caps>,
 }
@@ -645,7 +626,7 @@ impl<L> Default for Workers<L> {
     fn default() -> Self {
         Workers {
             list: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             next_id: 0,
             caps: None,
         }

@@ -40,7 +40,8 @@ type Key = (Instant, u64);
 #[derive(Debug, Default)]
 pub(crate) struct Timers {
     queue: BTreeMap<Key, Timer>,
-    armed: HashMap<Timer, Key>,
+    /// FxHash: timers are keyed by farm-chosen ids, and two are touched per call.
+    armed: HashMap<Timer, Key, rustc_hash::FxBuildHasher>,
     seq: u64,
 }
 

@@ -140,6 +140,21 @@ pub enum CallError {
         /// What was wrong.
         message: String,
     },
+    /// A node of a farm across machines ([`Farm::connect`](crate::Farm::connect)) could not
+    /// run the call: its worker died there on the last attempt the budget allowed, or the
+    /// node's earlier deliveries of it never completed (the nodes died or lost their lease).
+    NodeLost {
+        /// The node, as it names itself (`host-pid-n`); empty when no node is known.
+        node: String,
+        /// What happened there.
+        message: String,
+    },
+    /// The engine between machines (Redis) failed or could not be reached; the call may or
+    /// may not have run.
+    Engine {
+        /// The engine's error.
+        message: String,
+    },
     /// The call failed on every attempt the retry policy allows.
     RetriesExhausted {
         /// How many times it was tried.
@@ -271,6 +286,11 @@ impl fmt::Display for CallError {
             CallError::Protocol { worker, message } => {
                 write!(f, "{worker} broke the protocol: {message}")
             }
+            CallError::NodeLost { node, message } if node.is_empty() => {
+                write!(f, "no node completed the call: {message}")
+            }
+            CallError::NodeLost { node, message } => write!(f, "node {node}: {message}"),
+            CallError::Engine { message } => write!(f, "engine error: {message}"),
             CallError::RetriesExhausted { attempts, last, .. } => {
                 write!(f, "call failed after {attempts} attempts; last: {last}")
             }
@@ -310,6 +330,8 @@ impl std::error::Error for CallError {
             | CallError::Quarantined { .. }
             | CallError::WorkerDied { .. }
             | CallError::Protocol { .. }
+            | CallError::NodeLost { .. }
+            | CallError::Engine { .. }
             | CallError::QueueFull { .. }
             | CallError::ShutDown
             | CallError::WorkerStart { .. }
@@ -430,6 +452,18 @@ pub enum CreateError {
         /// The encoder's message.
         message: String,
     },
+    /// The engine between machines (Redis) could not be reached, or refused the farm's set-up
+    /// ([`Farm::connect`](crate::Farm::connect), [`Node::start`](crate::remote::Node::start)).
+    Engine {
+        /// The engine's error.
+        message: String,
+    },
+    /// A node's workers could not start ([`Node::start`](crate::remote::Node::start)); the
+    /// message says why.
+    WorkerStart {
+        /// What went wrong.
+        message: String,
+    },
     /// `create` was called outside a tokio runtime.
     NoRuntime,
     /// [`blocking::Farm`](crate::blocking::Farm) could not start its runtime thread.
@@ -470,6 +504,8 @@ impl fmt::Display for CreateError {
             CreateError::SetupArgs { slot, message } => {
                 write!(f, "could not encode the set-up arguments of slot {slot}: {message}")
             }
+            CreateError::Engine { message } => write!(f, "engine error: {message}"),
+            CreateError::WorkerStart { message } => write!(f, "workers cannot start: {message}"),
             CreateError::NoRuntime => f.write_str(
                 "Farm::create must be called within a tokio runtime (or use workfarm::blocking::Farm)",
             ),
@@ -492,6 +528,8 @@ impl std::error::Error for CreateError {
             | CreateError::NotExecutable { .. }
             | CreateError::CurrentDirNotFound { .. }
             | CreateError::SetupArgs { .. }
+            | CreateError::Engine { .. }
+            | CreateError::WorkerStart { .. }
             | CreateError::NoRuntime
             | CreateError::RuntimeDriverMissing { .. } => None,
         }

@@ -9,6 +9,8 @@ pub mod event;
 mod farm;
 mod options;
 mod protocol;
+#[cfg(feature = "redis")]
+pub mod remote;
 pub mod serializer;
 mod shm;
 mod sys;

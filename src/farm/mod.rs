@@ -17,6 +17,8 @@ pub use capture::StderrLine;
 pub use map::{Map, MapUnordered};
 pub use registry::kill_all;
 pub use stats::{CallCounts, Latency, SlotStats, Stats, WorkerCounts};
+#[cfg(feature = "redis")]
+pub(crate) use {capture::StderrCapture, stats::Book};
 
 use crate::error::{CallError, CreateError};
 use crate::event::{Event, WorkerId};
@@ -25,8 +27,10 @@ use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
 use bytes::Bytes;
 use call::Answer;
-use call::{Call, CallOpts, Limiter, Outcome, Place, Reply};
-use dispatcher::{CancelWhy, Command, Dispatcher, Inputs};
+pub(crate) use call::Call;
+use call::{CallOpts, Limiter, Outcome, Place, Reply};
+pub(crate) use dispatcher::{CancelWhy, Command, Inputs};
+use dispatcher::Dispatcher;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::pin::Pin;
@@ -73,6 +77,17 @@ const EVENT_CAPACITY: usize = 4096;
 pub struct Farm<S: Serializer = Json> {
     core: Arc<Core>,
     serializer: S,
+}
+
+impl<S: Serializer> Farm<S> {
+    /// A farm whose calls another dispatcher serves (a farm across machines).
+    #[cfg(feature = "redis")]
+    pub(crate) fn from_core(core: Core, serializer: S) -> Self {
+        Farm {
+            core: Arc::new(core),
+            serializer,
+        }
+    }
 }
 
 impl<S: Serializer> Clone for Farm<S> {
@@ -141,6 +156,60 @@ enum Submitted {
 type Unsent = (Box<[u8]>, Option<Box<CallOpts>>);
 
 impl Core {
+    /// A farm's shared state, and the channels its dispatcher (local or remote) serves.
+    pub(crate) fn new(
+        max_concurrent_calls: Option<usize>,
+        max_frame: usize,
+        workers: usize,
+        stderr: Arc<capture::StderrCapture>,
+    ) -> (Core, Inputs) {
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (calls, calls_rx) = mpsc::unbounded_channel();
+        let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (load_tx, load) = watch::channel(Load::default());
+        let load_watched = Arc::new(AtomicBool::new(false));
+        let capacity = Arc::new(AtomicUsize::new(workers));
+        let final_stats = Arc::new(Mutex::new(None));
+        let epoch = std::time::Instant::now();
+        let inputs = Inputs {
+            epoch,
+            final_stats: final_stats.clone(),
+            calls: calls_rx,
+            commands: commands_rx,
+            events: events.clone(),
+            subscribed: subscribed.clone(),
+            load: load_tx,
+            load_watched: load_watched.clone(),
+            capacity: capacity.clone(),
+        };
+        let core = Core {
+            calls,
+            commands,
+            events,
+            first_events: Mutex::new(Some(first_events)),
+            subscribed,
+            limiter: max_concurrent_calls.map(|limit| {
+                Arc::new(Limiter {
+                    semaphore: Arc::new(Semaphore::new(limit)),
+                    limit,
+                    abandoned: AtomicUsize::new(0),
+                })
+            }),
+            next_call: AtomicU64::new(1),
+            frame_hint: AtomicUsize::new(64),
+            max_frame,
+            runtime: tokio::runtime::Handle::current(),
+            load,
+            load_watched,
+            capacity,
+            final_stats,
+            epoch,
+            stderr,
+        };
+        (core, inputs)
+    }
+
     fn capacity(&self) -> usize {
         self.capacity.load(Ordering::Relaxed)
     }
@@ -385,31 +454,17 @@ impl<S: Serializer> Farm<S> {
             .collect::<Result<Vec<_>, _>>()?;
         settings.slots = per_slot.into_iter().map(|config| config.spec).collect();
         let settings = Arc::new(settings);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (calls, calls_rx) = mpsc::unbounded_channel();
-        let (events, first_events) = broadcast::channel(EVENT_CAPACITY);
-        let subscribed = Arc::new(AtomicBool::new(false));
-        let (load_tx, load) = watch::channel(Load::default());
-        let load_watched = Arc::new(AtomicBool::new(false));
-        let capacity = Arc::new(AtomicUsize::new(settings.workers));
-        let final_stats = Arc::new(Mutex::new(None));
-        let epoch = std::time::Instant::now();
-        let inputs = Inputs {
-            epoch,
-            final_stats: final_stats.clone(),
-            calls: calls_rx,
-            commands: commands_rx,
-            events: events.clone(),
-            subscribed: subscribed.clone(),
-            load: load_tx,
-            load_watched: load_watched.clone(),
-            capacity: capacity.clone(),
-        };
         let stderr = Arc::new(capture::StderrCapture::new(
             settings.workers,
             settings.stderr_capture,
         ));
-        let transport = Pipes::new(settings.clone(), stderr.clone());
+        let (core, inputs) = Core::new(
+            settings.max_concurrent_calls,
+            settings.max_frame,
+            settings.workers,
+            stderr.clone(),
+        );
+        let transport = Pipes::new(settings.clone(), stderr);
         let mut dispatcher = Dispatcher::new(settings.clone(), hellos, transport, inputs);
         let program = &settings.program;
         dispatcher
@@ -417,30 +472,7 @@ impl<S: Serializer> Farm<S> {
             .map_err(|source| spawn_error(program, source))?;
         let span = tracing::debug_span!("farm", program = %program.display());
         tokio::spawn(dispatcher.run().instrument(span));
-        let core = Arc::new(Core {
-            calls,
-            commands,
-            events,
-            first_events: Mutex::new(Some(first_events)),
-            subscribed,
-            limiter: settings.max_concurrent_calls.map(|limit| {
-                Arc::new(Limiter {
-                    semaphore: Arc::new(Semaphore::new(limit)),
-                    limit,
-                    abandoned: AtomicUsize::new(0),
-                })
-            }),
-            next_call: AtomicU64::new(1),
-            frame_hint: AtomicUsize::new(64),
-            max_frame: settings.max_frame,
-            runtime: tokio::runtime::Handle::current(),
-            load,
-            load_watched,
-            capacity,
-            final_stats,
-            epoch,
-            stderr,
-        });
+        let core = Arc::new(core);
         registry::register(&core);
         Ok(Farm { core, serializer })
     }
@@ -697,6 +729,39 @@ impl<S: Serializer> Farm<S> {
                 "raw bytes",
             )
             .and_then(|frame| self.core.queue(frame, None, true))
+            .map_err(Box::new);
+        let core = self.core.clone();
+        async move {
+            let answer = core.outcome(submitted.map_err(|e| *e)?).await?;
+            Ok(answer.body)
+        }
+    }
+
+    /// As [`run_raw`](Self::run_raw), with a timeout and a retry budget for this call: how a
+    /// node runs the calls it pulls from another machine.
+    #[cfg(feature = "redis")]
+    pub(crate) fn run_raw_with(
+        &self,
+        method: &str,
+        args: &[u8],
+        timeout: Option<std::time::Duration>,
+        retries: u32,
+    ) -> impl Future<Output = Result<Bytes, CallError>> + Send + 'static {
+        let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
+        let mut opts = CallOpts::new();
+        opts.timeout = timeout;
+        opts.retries = Some(retries);
+        let submitted = self
+            .encode_call(
+                id,
+                method,
+                |_, buf| {
+                    buf.extend_from_slice(args);
+                    Ok(())
+                },
+                "raw bytes",
+            )
+            .and_then(|frame| self.core.queue(frame, Some(Box::new(opts)), true))
             .map_err(Box::new);
         let core = self.core.clone();
         async move {

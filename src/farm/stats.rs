@@ -241,12 +241,14 @@ impl Book {
             | CallError::UnknownMethod { .. }
             | CallError::BadArguments { .. } => &mut counts.handler,
             CallError::Timeout { .. } | CallError::Deadline { .. } => &mut counts.timed_out,
-            CallError::WorkerDied { .. } | CallError::Protocol { .. } => &mut counts.worker_lost,
+            CallError::WorkerDied { .. }
+            | CallError::Protocol { .. }
+            | CallError::NodeLost { .. } => &mut counts.worker_lost,
             CallError::Refused { .. } => &mut counts.refused,
             CallError::Cancelled => &mut counts.cancelled,
-            CallError::WorkerStart { .. } | CallError::Quarantined { .. } => {
-                &mut counts.unavailable
-            }
+            CallError::WorkerStart { .. }
+            | CallError::Quarantined { .. }
+            | CallError::Engine { .. } => &mut counts.unavailable,
             CallError::ShutDown => &mut counts.shut_down,
             _ => &mut counts.other,
         };

@@ -403,6 +403,20 @@ pub(crate) fn method_of_call_frame(frame: &[u8]) -> &str {
         .unwrap_or_default()
 }
 
+/// The encoded arguments inside a complete Call frame (length prefix included): what a
+/// farm across machines ships, with the id and method beside them. `None` for a frame that
+/// is not a plain Call (a batch, say).
+#[cfg(feature = "redis")]
+pub(crate) fn args_of_call_frame(frame: &[u8]) -> Option<&[u8]> {
+    const METHOD_LEN_AT: usize = frame::HEAD_LEN + 1 + 8;
+    if !matches!(frame.get(frame::HEAD_LEN), Some(&(TAG_CALL | TAG_CALL_QUEUED))) {
+        return None;
+    }
+    let len = frame.get(METHOD_LEN_AT..METHOD_LEN_AT + 2)?;
+    let len = u16::from_le_bytes([len[0], len[1]]) as usize;
+    frame.get(METHOD_LEN_AT + 2 + len..)
+}
+
 /// The method name of a decoded Call (checked as UTF-8 by [`decode_to_worker`]).
 pub(crate) fn method_name(method: &Bytes) -> &str {
     std::str::from_utf8(method).unwrap_or_default()

@@ -1,0 +1,636 @@
+//! The caller's side: [`Farm::connect`] gives a [`Farm`] whose calls are added to the
+//! farm's calls stream and settled from this caller's results stream. The call paths of
+//! `Farm` (encode, queue bound, futures, handles, cancel, map) are the local farm's: only
+//! the dispatcher behind the channels differs.
+
+use super::conn::{self, Backoff, COMMAND_TIMEOUT};
+use super::keys::{self, Keys};
+use super::wire::{self, ResultEntry, WIRE_VERSION};
+use crate::error::{CallError, CreateError};
+use crate::farm::{Book, Call, CancelWhy, Command, Core, Inputs, StderrCapture};
+use crate::serializer::{Json, Serializer};
+use crate::{Farm, Status};
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::streams::StreamReadReply;
+use redis::Client;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+/// How long a blocking read of results waits on the engine before it asks again.
+const RESULT_BLOCK: Duration = Duration::from_secs(1);
+/// Calls a caller may have outstanding by default (bounds `Farm::map`'s default window).
+const DEFAULT_CAPACITY: usize = 256;
+
+/// Settings for [`Farm::connect`]: which engine, which farm, and the defaults of its calls.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions<S = Json> {
+    url: String,
+    farm: String,
+    serializer: S,
+    max_retries: u32,
+    timeout: Option<Duration>,
+    connect_timeout: Duration,
+    engine_timeout: Duration,
+    max_concurrent_calls: Option<usize>,
+    max_frame: usize,
+}
+
+impl RemoteOptions<Json> {
+    /// Calls to farm `farm` through the Redis server at `url` (`redis://host:port`,
+    /// `rediss://…`, `redis+unix:///path/to/socket`).
+    pub fn new(url: impl Into<String>, farm: impl Into<String>) -> Self {
+        RemoteOptions {
+            url: url.into(),
+            farm: farm.into(),
+            serializer: Json,
+            max_retries: 3,
+            timeout: None,
+            connect_timeout: Duration::from_secs(5),
+            engine_timeout: Duration::from_secs(30),
+            max_concurrent_calls: None,
+            max_frame: crate::protocol::frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl<S: Serializer> RemoteOptions<S> {
+    /// The serializer of arguments and results; the nodes' must be the same.
+    pub fn serializer<S2: Serializer>(self, serializer: S2) -> RemoteOptions<S2> {
+        RemoteOptions {
+            url: self.url,
+            farm: self.farm,
+            serializer,
+            max_retries: self.max_retries,
+            timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
+            engine_timeout: self.engine_timeout,
+            max_concurrent_calls: self.max_concurrent_calls,
+            max_frame: self.max_frame,
+        }
+    }
+
+    /// Re-runs of a call whose node died, lost its lease, or whose worker there died or
+    /// timed out, all counted together. Default 3.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// Per call, from when its handler starts on a node (a call's own `timeout` overrides
+    /// it). Default: none.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Longest [`Farm::connect`] waits for the engine. Default 5 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long the engine may stay unreachable before the calls outstanding fail with
+    /// [`CallError::Engine`]. Default 30 s.
+    pub fn engine_timeout(mut self, timeout: Duration) -> Self {
+        self.engine_timeout = timeout;
+        self
+    }
+
+    /// Calls outstanding at once; beyond it `run` waits for a place and `try_run` fails
+    /// with `QueueFull`. Default: unbounded.
+    pub fn max_concurrent_calls(mut self, n: usize) -> Self {
+        self.max_concurrent_calls = Some(n);
+        self
+    }
+}
+
+impl<S: Serializer> Farm<S> {
+    /// A farm served by nodes on other machines ([`remote::Node`](crate::remote::Node), or
+    /// the `workfarm-node` binary) through the Redis server in `options` (feature `redis`).
+    /// The calls are the local farm's (`run`, `call(..)` with `timeout`, `retries`,
+    /// `deadline`, `cancel`, `tell`, `map`); see the README for what differs.
+    ///
+    /// # Errors
+    ///
+    /// [`CreateError::Engine`] when the server cannot be reached within the connect timeout
+    /// or refuses the farm's stream; [`CreateError::NoRuntime`] outside a tokio runtime.
+    pub async fn connect(options: RemoteOptions<S>) -> Result<Farm<S>, CreateError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(CreateError::NoRuntime);
+        }
+        let client = conn::client(&options.url)?;
+        let mut manager = conn::manager(&client, options.connect_timeout).await?;
+        let keys = Keys::new(&options.farm);
+        conn::ensure_group(&mut manager, &keys.calls())
+            .await
+            .map_err(|e| CreateError::Engine {
+                message: format!("cannot create the calls stream: {e}"),
+            })?;
+        let run_id = run_id(&mut manager).await;
+        let stderr = Arc::new(StderrCapture::new(0, 0));
+        let (core, inputs) = Core::new(
+            options.max_concurrent_calls,
+            options.max_frame,
+            DEFAULT_CAPACITY,
+            stderr,
+        );
+        let client_id = keys::unique_name();
+        let (results_tx, results_rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_results(
+            client.clone(),
+            manager.clone(),
+            keys.results(&client_id),
+            options.connect_timeout,
+            run_id,
+            results_tx,
+        ));
+        let caller = Caller {
+            keys,
+            client_id,
+            fmt: options.serializer.name().to_owned(),
+            max_retries: options.max_retries,
+            timeout: options.timeout,
+            engine_timeout: options.engine_timeout,
+            conn: manager,
+            outstanding: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            book: Book::new(0, inputs.epoch),
+            down_since: None,
+            duplicates: 0,
+            stopping: false,
+            waiters: Vec::new(),
+        };
+        tokio::spawn(caller.run(inputs, results_rx));
+        Ok(Farm::from_core(core, options.serializer))
+    }
+}
+
+/// A call added to the stream and not yet answered.
+struct Outstanding {
+    call: Call,
+    /// Its entry in the calls stream, deleted if the caller gives up before a node takes it.
+    entry: String,
+    deadline: Option<Instant>,
+}
+
+/// What the results reader tells the caller.
+enum FromReader {
+    Result(ResultEntry),
+    /// The engine could not be read.
+    Down(String),
+    /// It can be read again.
+    Up,
+    /// It came back without its data (a server restarted without persistence).
+    Lost,
+}
+
+struct Caller {
+    keys: Keys,
+    client_id: String,
+    fmt: String,
+    max_retries: u32,
+    timeout: Option<Duration>,
+    engine_timeout: Duration,
+    conn: ConnectionManager,
+    outstanding: HashMap<u64, Outstanding>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    book: Book,
+    down_since: Option<(Instant, String)>,
+    duplicates: u64,
+    stopping: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Caller {
+    async fn run(mut self, mut inputs: Inputs, mut results: mpsc::UnboundedReceiver<FromReader>) {
+        let mut calls = Vec::with_capacity(256);
+        let (mut calls_open, mut commands_open) = (true, true);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_deadline = self.deadlines.first().map(|&(at, _)| at);
+            tokio::select! {
+                biased;
+                Some(message) = results.recv() => self.on_reader(message),
+                n = inputs.calls.recv_many(&mut calls, 256), if calls_open => {
+                    calls_open = n > 0;
+                    let batch: Vec<Call> = calls.drain(..).collect();
+                    self.submit(batch).await;
+                }
+                command = inputs.commands.recv(), if commands_open => match command {
+                    Some(command) => self.on_command(command).await,
+                    None => commands_open = false,
+                },
+                () = sleep_until(next_deadline), if next_deadline.is_some() => self.expire(),
+                _ = tick.tick() => self.check_engine(),
+            }
+            self.book.tick();
+            let finished = self.stopping && self.outstanding.is_empty();
+            if finished || (!calls_open && !commands_open) {
+                break;
+            }
+        }
+        for (_, pending) in self.outstanding.drain() {
+            pending.call.reply.send(Err(CallError::ShutDown));
+        }
+        let report = self.book.report();
+        *inputs.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        let key = self.keys.results(&self.client_id);
+        let _ = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            redis::cmd("DEL").arg(&key).exec_async(&mut self.conn),
+        )
+        .await;
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        tracing::debug!(duplicates = self.duplicates, "remote farm stopped");
+    }
+
+    /// Adds `calls` to the calls stream, in one pipeline.
+    async fn submit(&mut self, calls: Vec<Call>) {
+        let stream = self.keys.calls();
+        let mut pipe = redis::pipe();
+        let mut sent = Vec::with_capacity(calls.len());
+        for call in calls {
+            if self.stopping {
+                self.settle(call, Err(CallError::ShutDown));
+                continue;
+            }
+            if call.reply.is_closed() {
+                continue;
+            }
+            if call.expired() {
+                self.settle(call, Err(CallError::Deadline { ran: false }));
+                continue;
+            }
+            let Some(args) = crate::protocol::args_of_call_frame(&call.frame) else {
+                let error = CallError::Engine {
+                    message: "batched map items (chunk_size) cannot travel across machines yet"
+                        .to_owned(),
+                };
+                self.settle(call, Err(error));
+                continue;
+            };
+            let opts = call.opts.as_deref();
+            let retries = opts.and_then(|o| o.retries).unwrap_or(self.max_retries);
+            let deadline = opts.and_then(|o| o.deadline);
+            let timeout = opts.and_then(|o| o.timeout).or(self.timeout);
+            let cmd = pipe.cmd("XADD");
+            cmd.arg(&stream)
+                .arg("*")
+                .arg("id")
+                .arg(call.id())
+                .arg("client")
+                .arg(&self.client_id)
+                .arg("method")
+                .arg(call.method())
+                .arg("fmt")
+                .arg(&self.fmt)
+                .arg("body")
+                .arg(args)
+                .arg("maxd")
+                .arg(retries.saturating_add(1))
+                .arg("v")
+                .arg(WIRE_VERSION);
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let at = keys::now_ms().saturating_add(left.as_millis() as u64);
+                cmd.arg("deadline").arg(at);
+            }
+            if let Some(timeout) = timeout {
+                cmd.arg("timeout").arg(timeout.as_millis().max(1) as u64);
+            }
+            sent.push((call, deadline));
+        }
+        if sent.is_empty() {
+            return;
+        }
+        let added = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            pipe.query_async::<Vec<String>>(&mut self.conn),
+        )
+        .await;
+        let entries = match added {
+            Ok(Ok(entries)) if entries.len() == sent.len() => entries,
+            Ok(Ok(_)) => {
+                return self.fail_all(sent, "the engine answered the submission oddly".into())
+            }
+            Ok(Err(e)) => return self.fail_all(sent, format!("could not submit: {e}")),
+            Err(_) => {
+                return self.fail_all(sent, format!("could not submit within {COMMAND_TIMEOUT:?}"))
+            }
+        };
+        for ((call, deadline), entry) in sent.into_iter().zip(entries) {
+            let id = call.id();
+            if let Some(at) = deadline {
+                self.deadlines.insert((at, id));
+            }
+            self.outstanding.insert(
+                id,
+                Outstanding {
+                    call,
+                    entry,
+                    deadline,
+                },
+            );
+        }
+    }
+
+    fn fail_all(&mut self, calls: Vec<(Call, Option<Instant>)>, message: String) {
+        tracing::warn!(%message, calls = calls.len(), "engine error");
+        for (call, _) in calls {
+            let error = CallError::Engine {
+                message: message.clone(),
+            };
+            self.settle(call, Err(error));
+        }
+    }
+
+    fn settle(&mut self, call: Call, outcome: Result<Bytes, CallError>) {
+        match &outcome {
+            Ok(_) => self.book.succeeded(0),
+            Err(e) => self.book.failed(None, e),
+        }
+        call.reply.send(outcome);
+    }
+
+    fn take(&mut self, id: u64) -> Option<Outstanding> {
+        let pending = self.outstanding.remove(&id)?;
+        if let Some(at) = pending.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        Some(pending)
+    }
+
+    fn on_reader(&mut self, message: FromReader) {
+        match message {
+            FromReader::Result(result) => {
+                let Some(pending) = self.take(result.id) else {
+                    // A second answer (a node that lost its lease finished too), or one for
+                    // a call this caller gave up on.
+                    self.duplicates += 1;
+                    return;
+                };
+                let call = pending.call;
+                let outcome = result.outcome.map(Bytes::from).map_err(|(kind, message)| {
+                    wire::decode_error(&kind, message, call.method(), &result.node)
+                });
+                tracing::trace!(call = result.id, node = %result.node, deliveries = result.deliveries, "result");
+                self.settle(call, outcome);
+            }
+            FromReader::Down(message) => {
+                if self.down_since.is_none() {
+                    tracing::warn!(%message, "engine unreachable");
+                    self.down_since = Some((Instant::now(), message));
+                }
+            }
+            FromReader::Up => self.down_since = None,
+            FromReader::Lost => {
+                let ids: Vec<u64> = self.outstanding.keys().copied().collect();
+                for id in ids {
+                    if let Some(pending) = self.take(id) {
+                        let error = CallError::Engine {
+                            message: "the engine restarted without its data; the call was lost"
+                                .to_owned(),
+                        };
+                        self.settle(pending.call, Err(error));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fails the calls outstanding once the engine has been unreachable too long.
+    fn check_engine(&mut self) {
+        let Some((since, message)) = &self.down_since else {
+            return;
+        };
+        if since.elapsed() < self.engine_timeout || self.outstanding.is_empty() {
+            return;
+        }
+        let message = format!(
+            "the engine has been unreachable for {:?}: {message}",
+            since.elapsed()
+        );
+        let ids: Vec<u64> = self.outstanding.keys().copied().collect();
+        for id in ids {
+            if let Some(pending) = self.take(id) {
+                let error = CallError::Engine {
+                    message: message.clone(),
+                };
+                self.settle(pending.call, Err(error));
+            }
+        }
+    }
+
+    /// Settles calls whose deadline passed (a node that takes one later does not run it).
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(pending) = self.outstanding.remove(&id) {
+                self.forget_entry(pending.entry);
+                self.settle(pending.call, Err(CallError::Deadline { ran: true }));
+            }
+        }
+    }
+
+    /// Deletes a call's entry, so a node that has not taken it never does (best effort).
+    fn forget_entry(&mut self, entry: String) {
+        let mut conn = self.conn.clone();
+        let stream = self.keys.calls();
+        tokio::spawn(async move {
+            let mut deleted = redis::cmd("XDEL");
+            deleted.arg(stream).arg(entry);
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn)).await;
+        });
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Cancel { call, why } => {
+                if let Some(pending) = self.take(call) {
+                    self.forget_entry(pending.entry);
+                    let error = match why {
+                        CancelWhy::Cancelled => CallError::Cancelled,
+                        CancelWhy::Expired => CallError::Deadline { ran: true },
+                    };
+                    self.settle(pending.call, Err(error));
+                }
+            }
+            Command::Broadcast { replies, .. } => {
+                let _ = replies.send(Err(CallError::Engine {
+                    message: "broadcast across machines is not implemented yet".to_owned(),
+                }));
+            }
+            Command::Status(tx) => {
+                let _ = tx.send(Status {
+                    workers: Vec::new(),
+                    queued: self.outstanding.len(),
+                });
+            }
+            Command::Stats(tx) => {
+                let _ = tx.send(self.book.report());
+            }
+            Command::Ready(tx) => {
+                let conn = self.conn.clone();
+                let nodes = self.keys.nodes();
+                tokio::spawn(async move {
+                    let _ = tx.send(wait_for_a_node(conn, nodes).await);
+                });
+            }
+            Command::Shutdown(tx) => {
+                self.stopping = true;
+                self.waiters.push(tx);
+            }
+            Command::Kill(tx) => {
+                self.stopping = true;
+                let ids: Vec<u64> = self.outstanding.keys().copied().collect();
+                for id in ids {
+                    if let Some(pending) = self.take(id) {
+                        self.forget_entry(pending.entry);
+                        self.settle(pending.call, Err(CallError::ShutDown));
+                    }
+                }
+                self.waiters.push(tx);
+            }
+            Command::Sweep | Command::Nudge => {}
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers `ready()`: once a node has beaten within the last 30 s.
+async fn wait_for_a_node(mut conn: ConnectionManager, nodes: String) -> Result<(), CallError> {
+    loop {
+        let since = keys::now_ms().saturating_sub(30_000);
+        let live = redis::cmd("ZCOUNT")
+            .arg(&nodes)
+            .arg(since)
+            .arg("+inf")
+            .query_async::<u64>(&mut conn)
+            .await;
+        match live {
+            Ok(n) if n > 0 => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.is_unrecoverable_error() => {
+                return Err(CallError::Engine {
+                    message: e.to_string(),
+                })
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The server's run id: it changes when the server restarts.
+async fn run_id(conn: &mut ConnectionManager) -> Option<String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+}
+
+/// Reads this caller's results stream on a connection of its own, forever, until the
+/// caller is gone; rebuilds the connection when it breaks.
+async fn read_results(
+    client: Client,
+    mut conn: ConnectionManager,
+    key: String,
+    connect_timeout: Duration,
+    mut run: Option<String>,
+    tx: mpsc::UnboundedSender<FromReader>,
+) {
+    let mut last = "0-0".to_owned();
+    let mut backoff = Backoff::new();
+    let mut reader = None;
+    let mut down = false;
+    while !tx.is_closed() {
+        let blocking = match reader.take() {
+            Some(c) => c,
+            None => match conn::blocking(&client, connect_timeout).await {
+                Ok(c) => c,
+                Err(e) => {
+                    down = true;
+                    let _ = tx.send(FromReader::Down(e.to_string()));
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        let mut blocking = blocking;
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(512)
+            .arg("BLOCK")
+            .arg(RESULT_BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(&last);
+        let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
+        match tokio::time::timeout(RESULT_BLOCK + COMMAND_TIMEOUT, read).await {
+            Ok(Ok(reply)) => {
+                if down {
+                    down = false;
+                    backoff.reset();
+                    let now = run_id(&mut conn).await;
+                    if run.is_some() && now.is_some() && now != run {
+                        let _ = tx.send(FromReader::Lost);
+                    }
+                    run = now.or(run);
+                    let _ = tx.send(FromReader::Up);
+                }
+                reader = Some(blocking);
+                let mut seen = Vec::new();
+                for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                    for entry in &stream.ids {
+                        last.clone_from(&entry.id);
+                        seen.push(entry.id.clone());
+                        match ResultEntry::parse(entry) {
+                            Some(result) => {
+                                let _ = tx.send(FromReader::Result(result));
+                            }
+                            None => tracing::warn!(entry = %entry.id, "malformed result entry"),
+                        }
+                    }
+                }
+                if !seen.is_empty() {
+                    let mut deleted = redis::cmd("XDEL");
+                    deleted.arg(&key).arg(&seen);
+                    let _ = tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn))
+                        .await;
+                }
+            }
+            Ok(Err(e)) => {
+                down = true;
+                let _ = tx.send(FromReader::Down(e.to_string()));
+                backoff.wait().await;
+            }
+            Err(_) => {
+                down = true;
+                let _ = tx.send(FromReader::Down("the engine stopped answering".to_owned()));
+                backoff.wait().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! What travels through the engine: a call entry in the calls stream, a result entry in a
+//! caller's results stream, and the mapping of errors to and from their wire form.
+
+use crate::error::CallError;
+use redis::streams::StreamId;
+use redis::Value;
+use std::time::Duration;
+
+/// Version of the entries below; a node answers entries of another version with an error.
+pub(crate) const WIRE_VERSION: &str = "1";
+
+/// A call as a node reads it.
+#[derive(Debug)]
+pub(crate) struct CallEntry {
+    /// The stream entry id (to ack and delete).
+    pub(crate) entry: String,
+    pub(crate) id: u64,
+    pub(crate) client: String,
+    pub(crate) method: String,
+    pub(crate) fmt: String,
+    pub(crate) body: Vec<u8>,
+    /// Deliveries allowed: the caller's `max_retries + 1`.
+    pub(crate) maxd: u32,
+    /// Unix ms after which the call must not start.
+    pub(crate) deadline: Option<u64>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) version: String,
+}
+
+fn bytes(entry: &StreamId, field: &str) -> Option<Vec<u8>> {
+    match entry.map.get(field)? {
+        Value::BulkString(b) => Some(b.clone()),
+        Value::SimpleString(s) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+fn text(entry: &StreamId, field: &str) -> Option<String> {
+    bytes(entry, field).and_then(|b| String::from_utf8(b).ok())
+}
+
+fn number(entry: &StreamId, field: &str) -> Option<u64> {
+    text(entry, field)?.parse().ok()
+}
+
+impl CallEntry {
+    /// Parses a calls-stream entry; `Err` with the client and id when they could be read
+    /// (so the node can answer) and what was wrong.
+    pub(crate) fn parse(entry: &StreamId) -> Result<Self, (Option<(String, u64)>, String)> {
+        let who = text(entry, "client").zip(number(entry, "id"));
+        let missing = |field: &str| (who.clone(), format!("call entry without `{field}`"));
+        Ok(CallEntry {
+            entry: entry.id.clone(),
+            id: number(entry, "id").ok_or_else(|| missing("id"))?,
+            client: text(entry, "client").ok_or_else(|| missing("client"))?,
+            method: text(entry, "method").ok_or_else(|| missing("method"))?,
+            fmt: text(entry, "fmt").ok_or_else(|| missing("fmt"))?,
+            body: bytes(entry, "body").ok_or_else(|| missing("body"))?,
+            maxd: number(entry, "maxd")
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| missing("maxd"))?,
+            deadline: number(entry, "deadline"),
+            timeout: number(entry, "timeout").map(Duration::from_millis),
+            version: text(entry, "v").unwrap_or_default(),
+        })
+    }
+}
+
+/// A result as a caller reads it.
+#[derive(Debug)]
+pub(crate) struct ResultEntry {
+    pub(crate) id: u64,
+    pub(crate) outcome: Result<Vec<u8>, (String, String)>,
+    pub(crate) node: String,
+    pub(crate) deliveries: u32,
+}
+
+impl ResultEntry {
+    pub(crate) fn parse(entry: &StreamId) -> Option<Self> {
+        let outcome = if text(entry, "ok")? == "1" {
+            Ok(bytes(entry, "body")?)
+        } else {
+            Err((text(entry, "kind")?, text(entry, "msg").unwrap_or_default()))
+        };
+        Some(ResultEntry {
+            id: number(entry, "id")?,
+            outcome,
+            node: text(entry, "node").unwrap_or_default(),
+            deliveries: number(entry, "deliveries")
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+        })
+    }
+}
+
+/// A failure's wire form: `(kind, message)`.
+pub(crate) fn encode_error(error: &CallError) -> (&'static str, String) {
+    match error {
+        CallError::Handler { message, .. } => ("handler", message.clone()),
+        CallError::Panic { message, .. } => ("panic", message.clone()),
+        CallError::UnknownMethod { .. } => ("unknown_method", String::new()),
+        CallError::BadArguments { message, .. } => ("bad_arguments", message.clone()),
+        CallError::Timeout { after } => ("timeout", after.as_millis().to_string()),
+        CallError::Deadline { ran } => ("deadline", u8::from(*ran).to_string()),
+        CallError::Cancelled => ("cancelled", String::new()),
+        CallError::Refused { .. } => ("refused", error.to_string()),
+        CallError::RetriesExhausted { attempts, last, .. } => {
+            let (kind, message) = encode_error(last);
+            ("retries_exhausted", format!("{attempts} {kind} {message}"))
+        }
+        CallError::WorkerStart { message } => ("unavailable", message.clone()),
+        other => ("lost", other.to_string()),
+    }
+}
+
+/// A failure from its wire form, for a call of `method` answered by `node`.
+pub(crate) fn decode_error(kind: &str, message: String, method: &str, node: &str) -> CallError {
+    let method = method.to_owned();
+    match kind {
+        "handler" => CallError::Handler { method, message },
+        "panic" => CallError::Panic { method, message },
+        "unknown_method" => CallError::UnknownMethod { method },
+        "bad_arguments" => CallError::BadArguments { method, message },
+        "timeout" => CallError::Timeout {
+            after: Duration::from_millis(message.parse().unwrap_or(0)),
+        },
+        "deadline" => CallError::Deadline {
+            ran: message == "1",
+        },
+        "cancelled" => CallError::Cancelled,
+        "unavailable" => CallError::WorkerStart { message },
+        "retries_exhausted" => {
+            let mut parts = message.splitn(3, ' ');
+            let attempts = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let last_kind = parts.next().unwrap_or("lost").to_owned();
+            let last_message = parts.next().unwrap_or_default().to_owned();
+            CallError::RetriesExhausted {
+                attempts,
+                last: Box::new(decode_error(&last_kind, last_message, &method, node)),
+                earlier: Vec::new(),
+            }
+        }
+        _ => CallError::NodeLost {
+            node: node.to_owned(),
+            message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_the_wire() {
+        let cases = [
+            CallError::Handler {
+                method: "m".into(),
+                message: "no".into(),
+            },
+            CallError::Timeout {
+                after: Duration::from_millis(250),
+            },
+            CallError::Deadline { ran: true },
+            CallError::RetriesExhausted {
+                attempts: 3,
+                last: Box::new(CallError::Panic {
+                    method: "m".into(),
+                    message: "boom with spaces".into(),
+                }),
+                earlier: Vec::new(),
+            },
+        ];
+        for error in cases {
+            let (kind, message) = encode_error(&error);
+            assert_eq!(decode_error(kind, message, "m", "n"), error);
+        }
+        let lost = decode_error("lost", "worker died".into(), "m", "n1");
+        assert!(matches!(lost, CallError::NodeLost { node, .. } if node == "n1"));
+    }
+}

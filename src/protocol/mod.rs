@@ -409,7 +409,10 @@ pub(crate) fn method_of_call_frame(frame: &[u8]) -> &str {
 #[cfg(feature = "redis")]
 pub(crate) fn args_of_call_frame(frame: &[u8]) -> Option<&[u8]> {
     const METHOD_LEN_AT: usize = frame::HEAD_LEN + 1 + 8;
-    if !matches!(frame.get(frame::HEAD_LEN), Some(&(TAG_CALL | TAG_CALL_QUEUED))) {
+    if !matches!(
+        frame.get(frame::HEAD_LEN),
+        Some(&(TAG_CALL | TAG_CALL_QUEUED))
+    ) {
         return None;
     }
     let len = frame.get(METHOD_LEN_AT..METHOD_LEN_AT + 2)?;

@@ -617,8 +617,8 @@ async fn read_results(
                 if !seen.is_empty() {
                     let mut deleted = redis::cmd("XDEL");
                     deleted.arg(&key).arg(&seen);
-                    let _ = tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn))
-                        .await;
+                    let _ =
+                        tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn)).await;
                 }
             }
             Ok(Err(e)) => {

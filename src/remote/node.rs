@@ -120,11 +120,9 @@ impl Node {
             })?;
         let workers = options.options.settings.workers;
         let farm = Farm::create(options.options)?;
-        farm.ready()
-            .await
-            .map_err(|e| CreateError::WorkerStart {
-                message: e.to_string(),
-            })?;
+        farm.ready().await.map_err(|e| CreateError::WorkerStart {
+            message: e.to_string(),
+        })?;
         let id = keys::unique_name();
         let state = Arc::new(Shared {
             owned: Mutex::new(HashMap::new()),
@@ -445,7 +443,12 @@ impl<S: Serializer> Puller<S> {
                 }
                 Err(error) => {
                     let (kind, message) = wire::encode_error(error);
-                    add.arg("ok").arg("0").arg("kind").arg(kind).arg("msg").arg(message);
+                    add.arg("ok")
+                        .arg("0")
+                        .arg("kind")
+                        .arg(kind)
+                        .arg("msg")
+                        .arg(message);
                 }
             }
             pipe.ignore();
@@ -462,12 +465,17 @@ impl<S: Serializer> Puller<S> {
             match tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => tracing::warn!(error = %e, entry, "cannot post a result"),
-                Err(_) => tracing::warn!(entry, "cannot post a result: the engine stopped answering"),
+                Err(_) => {
+                    tracing::warn!(entry, "cannot post a result: the engine stopped answering")
+                }
             }
             backoff.wait().await;
         }
         // The entry stays pending: once the lease runs out another node runs it again.
-        tracing::error!(entry, "result not posted; the call will be re-run elsewhere");
+        tracing::error!(
+            entry,
+            "result not posted; the call will be re-run elsewhere"
+        );
     }
 
     /// Announces the node (its liveness key and heartbeat).
@@ -588,7 +596,10 @@ impl<S: Serializer> Puller<S> {
             // A read cut short by the stop left a call pending here: deleting the consumer
             // would make it unclaimable. Its lease runs out and another node takes it.
             let mut pipe = redis::pipe();
-            pipe.cmd("ZREM").arg(self.keys.nodes()).arg(&self.id).ignore();
+            pipe.cmd("ZREM")
+                .arg(self.keys.nodes())
+                .arg(&self.id)
+                .ignore();
             pipe.cmd("DEL").arg(self.keys.node(&self.id)).ignore();
             let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await;
         }

@@ -244,6 +244,18 @@ fn main() {
         })
         // Appends `tag` as a line to `path` (each run leaves one line); returns it.
         .try_method("log_run", |(path, tag): (String, u64)| log_run(&path, tag))
+        // Appends its pid to `path`, then blocks `ms`: counts how often a long call ran.
+        .try_method("log_block", |(path, ms): (String, u64)| {
+            log_run(&path, u64::from(std::process::id()))?;
+            std::thread::sleep(Duration::from_millis(ms));
+            Ok::<u32, String>(std::process::id())
+        })
+        // SIGKILLs this worker's parent (the farm, or a node of a farm across machines).
+        .method("kill_parent", |()| -> () {
+            // SAFETY: getppid and kill have no memory effects.
+            unsafe { libc::kill(libc::getppid(), libc::SIGKILL) };
+            std::thread::sleep(Duration::from_secs(60));
+        })
         .try_method("fail", |message: String| Err::<(), _>(message))
         .try_method_async("fail_async", |message: String| async move {
             Err::<(), _>(message)

@@ -1,0 +1,406 @@
+//! Farms across machines, against a real `redis-server` (started by each test on a unix
+//! socket) and nodes as separate `workfarm-node` processes running the reference worker.
+//! Without `redis-server` the tests fail when `CI` is set and are skipped otherwise.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use support::*;
+use tokio::time::Instant;
+use workfarm::remote::RemoteOptions;
+use workfarm::{CallError, CreateError, Farm};
+
+/// A `redis-server` of the test's own, on a unix socket in a fresh directory.
+struct Redis {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Redis {
+    /// `None` (test skipped) when there is no `redis-server` outside CI.
+    fn start() -> Option<Redis> {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed (apt-get install -y redis-server)"
+            );
+            eprintln!("skipped: redis-server is not installed");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "workfarm-redis-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("r.sock");
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&socket)
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Redis {
+            child,
+            url: format!("redis+unix://{}", socket.display()),
+            dir,
+        })
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `workfarm-node` process (in a process group of its own), killed with its workers on
+/// drop.
+struct NodeProc(Child);
+
+impl NodeProc {
+    fn start(redis: &Redis, farm: &str, workers: usize, lease_ms: u64) -> NodeProc {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_workfarm-node"));
+        command
+            .args(["--redis", &redis.url, "--farm", farm])
+            .args(["--workers", &workers.to_string()])
+            .args(["--lease-ms", &lease_ms.to_string(), "--"])
+            .arg(worker_bin())
+            .process_group(0);
+        // SAFETY: prctl in the child before exec; no allocation, no locks. A node dies with
+        // the test thread that started it, even if the test is killed.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        };
+        let child = command.spawn().expect("start workfarm-node");
+        NodeProc(child)
+    }
+
+    /// SIGKILL to its process group (its workers follow: they die with their parent).
+    fn kill(&mut self) {
+        let group = -(self.0.id() as i32);
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(group, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM (a graceful stop), and its exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        self.0.wait().expect("wait for the node")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `n` nodes have registered with farm `farm`.
+async fn nodes_live(redis: &Redis, farm: &str, n: usize) {
+    let mut conn = redis.conn().await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        let live: usize = redis::cmd("ZCARD")
+            .arg(format!("wf:{{{farm}}}:nodes"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if live >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{live} of {n} nodes registered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Entries left in the calls stream, and calls pending in its group.
+async fn leftovers(redis: &Redis, farm: &str) -> (u64, u64) {
+    let mut conn = redis.conn().await;
+    let key = format!("wf:{{{farm}}}:calls");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg("nodes")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    (len, pending.count() as u64)
+}
+
+async fn connect(redis: &Redis, farm: &str) -> Farm {
+    trace_init();
+    Farm::connect(RemoteOptions::new(redis.url.clone(), farm))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn a_thousand_mixed_calls_through_two_nodes_each_settle_once_and_leave_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    let _a = NodeProc::start(&redis, "mixed", 2, 10_000);
+    let _b = NodeProc::start(&redis, "mixed", 2, 10_000);
+    nodes_live(&redis, "mixed", 2).await;
+    let farm = connect(&redis, "mixed").await;
+    farm.ready().await.unwrap();
+    let calls: Vec<_> = (0..1000i64)
+        .map(|i| {
+            let farm = farm.clone();
+            async move {
+                match i % 3 {
+                    0 => farm.run_method::<_, i64>("noop", i).await.map(|v| (i, v)),
+                    1 => farm
+                        .run_method::<_, i64>("add", (i, 1))
+                        .await
+                        .map(|v| (i, v - 1)),
+                    _ => match farm.run_method::<_, ()>("fail", format!("no {i}")).await {
+                        Err(CallError::Handler { message, .. }) if message == format!("no {i}") => {
+                            Ok((i, i))
+                        }
+                        other => panic!("call {i}: {other:?}"),
+                    },
+                }
+            }
+        })
+        .collect();
+    for result in futures::future::join_all(calls).await {
+        let (i, v) = result.expect("every call succeeds");
+        assert_eq!(i, v);
+    }
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 667);
+    assert_eq!(stats.total.calls.handler, 333);
+    assert_eq!(
+        leftovers(&redis, "mixed").await,
+        (0, 0),
+        "stream and pending list empty"
+    );
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_whose_node_is_killed_completes_on_the_other_node() {
+    let Some(redis) = Redis::start() else { return };
+    let runs = counter_file("remote-kill");
+    let mut a = NodeProc::start(&redis, "kill", 1, 1_500);
+    nodes_live(&redis, "kill", 1).await;
+    let farm = connect(&redis, "kill").await;
+    let path = runs.to_string_lossy().into_owned();
+    let call = tokio::spawn({
+        let farm = farm.clone();
+        let path = path.clone();
+        async move {
+            farm.run_method::<_, u32>("log_block", (path, 1_000u64))
+                .await
+        }
+    });
+    // Node A runs it (its worker logged its pid); then B joins and A dies.
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(&*runs)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "node A never ran the call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _b = NodeProc::start(&redis, "kill", 1, 1_500);
+    nodes_live(&redis, "kill", 2).await;
+    let killed = Instant::now();
+    a.kill();
+    let pid = tokio::time::timeout(SOON, call)
+        .await
+        .expect("settles")
+        .unwrap()
+        .expect("completes on node B");
+    let took = killed.elapsed();
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    let pids: Vec<&str> = logged.lines().collect();
+    assert_eq!(pids.len(), 2, "ran on A, then once on B: {pids:?}");
+    assert_eq!(pids[1], pid.to_string(), "the answer came from B's worker");
+    assert!(
+        took < Duration::from_secs(10),
+        "lease + re-run, took {took:?}"
+    );
+    assert_eq!(leftovers(&redis, "kill").await, (0, 0));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_longer_than_the_lease_is_not_stolen_by_an_idle_node() {
+    let Some(redis) = Redis::start() else { return };
+    let runs = counter_file("remote-lease");
+    let _a = NodeProc::start(&redis, "lease", 1, 600);
+    let _b = NodeProc::start(&redis, "lease", 1, 600);
+    nodes_live(&redis, "lease", 2).await;
+    let farm = connect(&redis, "lease").await;
+    let path = runs.to_string_lossy().into_owned();
+    // Five lease lengths, while the other node polls for orphans.
+    let pid: u32 = farm
+        .run_method("log_block", (path, 3_000u64))
+        .await
+        .unwrap();
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    assert_eq!(
+        logged.lines().collect::<Vec<_>>(),
+        [pid.to_string()],
+        "ran once"
+    );
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_poison_pill_that_kills_its_nodes_stops_after_max_retries_plus_one_deliveries() {
+    let Some(redis) = Redis::start() else { return };
+    let mut nodes: Vec<NodeProc> = (0..4)
+        .map(|_| NodeProc::start(&redis, "poison", 1, 500))
+        .collect();
+    nodes_live(&redis, "poison", 4).await;
+    let farm = Farm::connect(RemoteOptions::new(redis.url.clone(), "poison").max_retries(2))
+        .await
+        .unwrap();
+    let pill = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, ()>("kill_parent", ()).await }
+    });
+    // Other calls keep flowing meanwhile.
+    for i in 0..20i64 {
+        let v: i64 = tokio::time::timeout(SOON, farm.run_method("noop", i))
+            .await
+            .expect("other calls flow")
+            .unwrap();
+        assert_eq!(v, i);
+    }
+    let err = tokio::time::timeout(Duration::from_secs(60), pill)
+        .await
+        .expect("the pill settles")
+        .unwrap()
+        .unwrap_err();
+    match &err {
+        CallError::RetriesExhausted { attempts, .. } => assert_eq!(*attempts, 3, "{err}"),
+        other => panic!("expected RetriesExhausted, got {other:?}"),
+    }
+    let dead = nodes
+        .iter_mut()
+        .filter_map(|n| n.0.try_wait().ok().flatten())
+        .count();
+    assert_eq!(dead, 3, "exactly max_retries + 1 = 3 nodes died");
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn connecting_to_an_engine_that_is_not_there_is_a_typed_error_in_time() {
+    let started = Instant::now();
+    let err = Farm::connect(
+        RemoteOptions::new("redis+unix:///nonexistent/r.sock", "none")
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .err()
+    .expect("no engine");
+    assert!(matches!(err, CreateError::Engine { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_node_stopped_gracefully_finishes_its_calls_and_leaves() {
+    let Some(redis) = Redis::start() else { return };
+    let mut a = NodeProc::start(&redis, "graceful", 2, 10_000);
+    nodes_live(&redis, "graceful", 1).await;
+    let farm = connect(&redis, "graceful").await;
+    let calls: Vec<_> = (0..2)
+        .map(|_| {
+            let farm = farm.clone();
+            tokio::spawn(async move { farm.run_method::<_, u32>("block", 800u64).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = a.terminate();
+    assert!(status.success(), "{status:?}");
+    for call in calls {
+        call.await.unwrap().expect("finished before the node left");
+    }
+    let mut conn = redis.conn().await;
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("wf:{graceful}:nodes")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(members.is_empty(), "left the farm: {members:?}");
+    assert_eq!(
+        leftovers(&redis, "graceful").await,
+        (0, 0),
+        "nothing to redeliver"
+    );
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deadline_settles_the_call_at_its_deadline_and_a_late_node_does_not_run_it() {
+    let Some(redis) = Redis::start() else { return };
+    let farm = connect(&redis, "late").await;
+    let runs = counter_file("remote-late");
+    let path = runs.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let err = farm
+        .call::<_, u64>("log_run", (path, 1u64))
+        .deadline(Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A node that starts afterwards finds nothing to run.
+    let _a = NodeProc::start(&redis, "late", 1, 10_000);
+    nodes_live(&redis, "late", 1).await;
+    let v: i64 = farm.run_method("noop", 5).await.unwrap();
+    assert_eq!(v, 5);
+    assert!(!runs.exists(), "the expired call never ran");
+    assert_eq!(leftovers(&redis, "late").await, (0, 0));
+    farm.shutdown().await;
+}

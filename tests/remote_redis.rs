@@ -21,6 +21,28 @@ struct Redis {
     url: String,
 }
 
+fn redis_server(dir: &std::path::Path) -> Child {
+    let socket = dir.join("r.sock");
+    let _ = std::fs::remove_file(&socket);
+    let child = Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket"])
+        .arg(&socket)
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 impl Redis {
     /// `None` (test skipped) when there is no `redis-server` outside CI.
     fn start() -> Option<Redis> {
@@ -45,28 +67,19 @@ impl Redis {
                 .map_or(0, |d| d.as_nanos())
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let socket = dir.join("r.sock");
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = redis_server(&dir);
         Some(Redis {
             child,
-            url: format!("redis+unix://{}", socket.display()),
+            url: format!("redis+unix://{}", dir.join("r.sock").display()),
             dir,
         })
+    }
+
+    /// SIGKILL, then a new server on the same socket, without the old one's data.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = redis_server(&self.dir);
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -331,13 +344,14 @@ async fn a_poison_pill_that_kills_its_nodes_stops_after_max_retries_plus_one_del
 #[tokio::test]
 async fn connecting_to_an_engine_that_is_not_there_is_a_typed_error_in_time() {
     let started = Instant::now();
-    let err = Farm::connect(
+    let connected = Farm::connect(
         RemoteOptions::new("redis+unix:///nonexistent/r.sock", "none")
             .connect_timeout(Duration::from_secs(1)),
     )
-    .await
-    .err()
-    .expect("no engine");
+    .await;
+    let Err(err) = connected else {
+        panic!("connected to no engine")
+    };
     assert!(matches!(err, CreateError::Engine { .. }), "{err:?}");
     assert!(
         started.elapsed() < Duration::from_secs(8),
@@ -402,5 +416,123 @@ async fn a_deadline_settles_the_call_at_its_deadline_and_a_late_node_does_not_ru
     assert_eq!(v, 5);
     assert!(!runs.exists(), "the expired call never ran");
     assert_eq!(leftovers(&redis, "late").await, (0, 0));
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_frozen_past_its_lease_loses_the_call_and_the_caller_settles_once() {
+    let Some(redis) = Redis::start() else { return };
+    let runs = counter_file("remote-frozen");
+    let mut a = NodeProc::start(&redis, "frozen", 1, 600);
+    nodes_live(&redis, "frozen", 1).await;
+    let farm = connect(&redis, "frozen").await;
+    let path = runs.to_string_lossy().into_owned();
+    let call = tokio::spawn({
+        let farm = farm.clone();
+        async move {
+            farm.run_method::<_, u32>("log_block", (path, 1_500u64))
+                .await
+        }
+    });
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(&*runs)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "node A never ran the call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Freeze A (its worker runs on) well past its lease; B takes the call over.
+    // SAFETY: kill(2) has no memory effects.
+    unsafe { libc::kill(a.0.id() as i32, libc::SIGSTOP) };
+    let _b = NodeProc::start(&redis, "frozen", 1, 600);
+    let pid = tokio::time::timeout(SOON, call)
+        .await
+        .expect("settles")
+        .unwrap()
+        .expect("completes");
+    // SAFETY: as above.
+    unsafe { libc::kill(a.0.id() as i32, libc::SIGCONT) };
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    let pids: Vec<&str> = logged.lines().collect();
+    assert_eq!(pids.len(), 2, "ran on A and again on B: {pids:?}");
+    assert_eq!(pids[1], pid.to_string(), "settled by B's run");
+    // A woke up: its late answer (if any) is dropped; later calls still settle once each.
+    for i in 0..10i64 {
+        let v: i64 = farm.run_method("noop", i).await.unwrap();
+        assert_eq!(v, i);
+    }
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 11, "each call settled once");
+    a.kill();
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_timeout_stops_the_call_on_its_node() {
+    let Some(redis) = Redis::start() else { return };
+    let _a = NodeProc::start(&redis, "timeout", 1, 10_000);
+    nodes_live(&redis, "timeout", 1).await;
+    let farm = Farm::connect(RemoteOptions::new(redis.url.clone(), "timeout").max_retries(0))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = farm
+        .call::<_, u32>("block", 10_000u64)
+        .timeout(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CallError::Timeout { after } if after == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let v: i64 = farm.run_method("noop", 1).await.unwrap();
+    assert_eq!(v, 1, "the node replaced its stopped worker");
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_engine_that_restarts_without_its_data_loses_no_call() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let mut a = NodeProc::start(&redis, "restart", 1, 1_000);
+    nodes_live(&redis, "restart", 1).await;
+    let farm = connect(&redis, "restart").await;
+    let started: u32 = farm.run_method("pid", ()).await.unwrap();
+    // One call runs on the node, one waits in the stream behind it (one worker).
+    let running = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, u32>("block", 1_500u64).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, i64>("noop", 42).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    redis.restart();
+    // The caller notices the new server and submits both again; the node re-registers
+    // and serves them.
+    let ran = tokio::time::timeout(Duration::from_secs(30), running)
+        .await
+        .expect("never hangs")
+        .unwrap()
+        .expect("the running call settles with its result");
+    assert!(ran > 0 && started > 0);
+    let v = tokio::time::timeout(Duration::from_secs(30), queued)
+        .await
+        .expect("never hangs")
+        .unwrap()
+        .expect("the queued call was submitted again and ran");
+    assert_eq!(v, 42);
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 3, "each settled once");
+    a.kill();
     farm.shutdown().await;
 }

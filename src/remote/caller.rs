@@ -215,10 +215,10 @@ impl Caller {
             let next_deadline = self.deadlines.first().map(|&(at, _)| at);
             tokio::select! {
                 biased;
-                Some(message) = results.recv() => self.on_reader(message),
+                Some(message) = results.recv() => self.on_reader(message).await,
                 n = inputs.calls.recv_many(&mut calls, 256), if calls_open => {
                     calls_open = n > 0;
-                    let batch: Vec<Call> = calls.drain(..).collect();
+                    let batch = std::mem::replace(&mut calls, Vec::with_capacity(256));
                     self.submit(batch).await;
                 }
                 command = inputs.commands.recv(), if commands_open => match command {
@@ -367,7 +367,7 @@ impl Caller {
         Some(pending)
     }
 
-    fn on_reader(&mut self, message: FromReader) {
+    async fn on_reader(&mut self, message: FromReader) {
         match message {
             FromReader::Result(result) => {
                 let Some(pending) = self.take(result.id) else {
@@ -391,16 +391,20 @@ impl Caller {
             }
             FromReader::Up => self.down_since = None,
             FromReader::Lost => {
+                // A server that restarted without persistence lost the calls stream (and
+                // any result not yet read): submit every outstanding call again. A node
+                // still running one answers too; the second answer is dropped.
+                tracing::warn!(
+                    calls = self.outstanding.len(),
+                    "the engine restarted without its data; submitting the outstanding calls again"
+                );
+                let _ = conn::ensure_group(&mut self.conn, &self.keys.calls()).await;
                 let ids: Vec<u64> = self.outstanding.keys().copied().collect();
-                for id in ids {
-                    if let Some(pending) = self.take(id) {
-                        let error = CallError::Engine {
-                            message: "the engine restarted without its data; the call was lost"
-                                .to_owned(),
-                        };
-                        self.settle(pending.call, Err(error));
-                    }
-                }
+                let calls: Vec<Call> = ids
+                    .into_iter()
+                    .filter_map(|id| self.take(id).map(|p| p.call))
+                    .collect();
+                self.submit(calls).await;
             }
         }
     }
@@ -590,16 +594,6 @@ async fn read_results(
         let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
         match tokio::time::timeout(RESULT_BLOCK + COMMAND_TIMEOUT, read).await {
             Ok(Ok(reply)) => {
-                if down {
-                    down = false;
-                    backoff.reset();
-                    let now = run_id(&mut conn).await;
-                    if run.is_some() && now.is_some() && now != run {
-                        let _ = tx.send(FromReader::Lost);
-                    }
-                    run = now.or(run);
-                    let _ = tx.send(FromReader::Up);
-                }
                 reader = Some(blocking);
                 let mut seen = Vec::new();
                 for stream in reply.map(|r| r.keys).unwrap_or_default() {
@@ -619,6 +613,16 @@ async fn read_results(
                     deleted.arg(&key).arg(&seen);
                     let _ =
                         tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn)).await;
+                }
+                if down {
+                    down = false;
+                    backoff.reset();
+                    let now = run_id(&mut conn).await;
+                    if run.is_some() && now.is_some() && now != run {
+                        let _ = tx.send(FromReader::Lost);
+                    }
+                    run = now.or(run);
+                    let _ = tx.send(FromReader::Up);
                 }
             }
             Ok(Err(e)) => {

@@ -536,3 +536,42 @@ async fn an_engine_that_restarts_without_its_data_loses_no_call() {
     a.kill();
     farm.shutdown().await;
 }
+
+#[tokio::test]
+async fn calls_fail_with_a_typed_error_while_the_engine_is_gone() {
+    let Some(mut redis) = Redis::start() else {
+        return;
+    };
+    let _a = NodeProc::start(&redis, "gone", 1, 1_000);
+    nodes_live(&redis, "gone", 1).await;
+    let farm = Farm::connect(
+        RemoteOptions::new(redis.url.clone(), "gone").engine_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let outstanding = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, u32>("block", 3_000u64).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), outstanding)
+        .await
+        .expect("never hangs")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, CallError::Engine { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let new = tokio::time::timeout(SOON, farm.run_method::<_, i64>("noop", 1))
+        .await
+        .expect("a new call fails fast")
+        .unwrap_err();
+    assert!(matches!(new, CallError::Engine { .. }), "{new:?}");
+    farm.kill().await;
+}

@@ -575,3 +575,66 @@ async fn calls_fail_with_a_typed_error_while_the_engine_is_gone() {
     assert!(matches!(new, CallError::Engine { .. }), "{new:?}");
     farm.kill().await;
 }
+
+#[tokio::test]
+async fn a_broadcast_reaches_every_worker_of_every_live_node_and_reports_a_lost_one() {
+    let Some(redis) = Redis::start() else { return };
+    let mut nodes: Vec<NodeProc> = (0..3)
+        .map(|_| NodeProc::start(&redis, "bcast", 2, 1_000))
+        .collect();
+    nodes_live(&redis, "bcast", 3).await;
+    let farm = connect(&redis, "bcast").await;
+    let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert!(
+        pids.failures.is_empty() && pids.unreached.is_none(),
+        "{pids:?}"
+    );
+    let distinct: std::collections::HashSet<u32> = pids.successes.iter().map(|(_, p)| *p).collect();
+    assert_eq!(distinct.len(), 6, "3 nodes x 2 workers: {pids:?}");
+    // One node dies while the broadcast runs: its two workers are reported lost, the
+    // four others answer.
+    let runs = counter_file("remote-bcast");
+    let path = runs.to_string_lossy().into_owned();
+    let slow = tokio::spawn({
+        let farm = farm.clone();
+        async move {
+            farm.broadcast_method::<_, u32>("log_block", (path, 1_500u64))
+                .await
+        }
+    });
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(&*runs)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 6
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the broadcast did not reach 6 workers"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    nodes[0].kill();
+    // A node that joins now receives nothing of it.
+    let late = NodeProc::start(&redis, "bcast", 2, 1_000);
+    let result = tokio::time::timeout(SOON, slow)
+        .await
+        .expect("settles")
+        .unwrap();
+    assert_eq!(result.successes.len(), 4, "{result:?}");
+    assert_eq!(result.failures.len(), 2, "{result:?}");
+    assert!(
+        result
+            .failures
+            .iter()
+            .all(|(_, e)| matches!(e, CallError::NodeLost { .. })),
+        "{result:?}"
+    );
+    nodes_live(&redis, "bcast", 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    assert_eq!(logged.lines().count(), 6, "the late node ran none of it");
+    drop(late);
+    farm.shutdown().await;
+}

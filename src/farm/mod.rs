@@ -27,8 +27,10 @@ use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
 use bytes::Bytes;
 use call::Answer;
-pub(crate) use call::Call;
-use call::{CallOpts, Limiter, Outcome, Place, Reply};
+pub(crate) use call::{Call, Reply};
+use call::{CallOpts, Limiter, Outcome, Place};
+#[cfg(feature = "redis")]
+pub(crate) use dispatcher::BroadcastReceivers;
 use dispatcher::Dispatcher;
 pub(crate) use dispatcher::{CancelWhy, Command, Inputs};
 use serde::{de::DeserializeOwned, Serialize};

@@ -7,7 +7,8 @@ use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys};
 use super::wire::{self, ResultEntry, WIRE_VERSION};
 use crate::error::{CallError, CreateError};
-use crate::farm::{Book, Call, CancelWhy, Command, Core, Inputs, StderrCapture};
+use crate::event::WorkerId;
+use crate::farm::{Book, Call, CancelWhy, Command, Core, Inputs, Reply, StderrCapture};
 use crate::serializer::{Json, Serializer};
 use crate::{Farm, Status};
 use bytes::Bytes;
@@ -163,6 +164,8 @@ impl<S: Serializer> Farm<S> {
             duplicates: 0,
             stopping: false,
             waiters: Vec::new(),
+            broadcasts: HashMap::new(),
+            next_worker: 0,
         };
         tokio::spawn(caller.run(inputs, results_rx));
         Ok(Farm::from_core(core, options.serializer))
@@ -203,6 +206,10 @@ struct Caller {
     duplicates: u64,
     stopping: bool,
     waiters: Vec<oneshot::Sender<()>>,
+    /// Broadcasts waiting for nodes' answers: call id → node → its workers' replies.
+    broadcasts: HashMap<u64, HashMap<String, Vec<(WorkerId, Reply)>>>,
+    /// Numbers the remote workers a broadcast reaches (their `WorkerId`s).
+    next_worker: u64,
 }
 
 impl Caller {
@@ -226,16 +233,28 @@ impl Caller {
                     None => commands_open = false,
                 },
                 () = sleep_until(next_deadline), if next_deadline.is_some() => self.expire(),
-                _ = tick.tick() => self.check_engine(),
+                _ = tick.tick() => {
+                    self.check_engine();
+                    self.check_broadcasts().await;
+                }
             }
             self.book.tick();
-            let finished = self.stopping && self.outstanding.is_empty();
+            let finished =
+                self.stopping && self.outstanding.is_empty() && self.broadcasts.is_empty();
             if finished || (!calls_open && !commands_open) {
                 break;
             }
         }
         for (_, pending) in self.outstanding.drain() {
             pending.call.reply.send(Err(CallError::ShutDown));
+        }
+        for (_, reply) in self
+            .broadcasts
+            .drain()
+            .flat_map(|(_, nodes)| nodes)
+            .flat_map(|(_, w)| w)
+        {
+            reply.send(Err(CallError::ShutDown));
         }
         let report = self.book.report();
         *inputs.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
@@ -369,6 +388,9 @@ impl Caller {
 
     async fn on_reader(&mut self, message: FromReader) {
         match message {
+            FromReader::Result(result) if result.broadcast.is_some() => {
+                self.on_broadcast_answer(result);
+            }
             FromReader::Result(result) => {
                 let Some(pending) = self.take(result.id) else {
                     // A second answer (a node that lost its lease finished too), or one for
@@ -470,10 +492,9 @@ impl Caller {
                     self.settle(pending.call, Err(error));
                 }
             }
-            Command::Broadcast { replies, .. } => {
-                let _ = replies.send(Err(CallError::Engine {
-                    message: "broadcast across machines is not implemented yet".to_owned(),
-                }));
+            Command::Broadcast { frame, replies } => {
+                let sent = self.broadcast(&frame).await;
+                let _ = replies.send(sent);
             }
             Command::Status(tx) => {
                 let _ = tx.send(Status {
@@ -509,6 +530,184 @@ impl Caller {
             Command::Sweep | Command::Nudge => {}
         }
     }
+}
+
+impl Caller {
+    /// Sends a broadcast to the inbox of every live node; one reply per worker they have.
+    async fn broadcast(
+        &mut self,
+        frame: &[u8],
+    ) -> Result<crate::farm::BroadcastReceivers, CallError> {
+        if self.stopping {
+            return Err(CallError::ShutDown);
+        }
+        let id = crate::protocol::id_of_call_frame(frame);
+        let method = crate::protocol::method_of_call_frame(frame).to_owned();
+        let args = crate::protocol::args_of_call_frame(frame).ok_or_else(|| CallError::Engine {
+            message: "a malformed broadcast frame".to_owned(),
+        })?;
+        let nodes =
+            live_nodes(&mut self.conn, &self.keys)
+                .await
+                .map_err(|e| CallError::Engine {
+                    message: format!("cannot list the nodes: {e}"),
+                })?;
+        if nodes.is_empty() {
+            return Err(CallError::WorkerStart {
+                message: "no node is serving the farm".to_owned(),
+            });
+        }
+        let mut pipe = redis::pipe();
+        for (node, _) in &nodes {
+            pipe.cmd("XADD")
+                .arg(self.keys.inbox(node))
+                .arg("*")
+                .arg("id")
+                .arg(id)
+                .arg("client")
+                .arg(&self.client_id)
+                .arg("method")
+                .arg(&method)
+                .arg("fmt")
+                .arg(&self.fmt)
+                .arg("body")
+                .arg(args)
+                .arg("maxd")
+                .arg(1)
+                .arg("v")
+                .arg(WIRE_VERSION)
+                .ignore();
+        }
+        let sent = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut self.conn)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(CallError::Engine {
+                    message: format!("could not send the broadcast: {e}"),
+                })
+            }
+            Err(_) => {
+                return Err(CallError::Engine {
+                    message: "could not send the broadcast: the engine stopped answering"
+                        .to_owned(),
+                })
+            }
+        }
+        let mut receivers = Vec::new();
+        let mut waiting = HashMap::new();
+        for (node, workers) in nodes {
+            let mut replies = Vec::with_capacity(workers);
+            for slot in 0..workers {
+                self.next_worker += 1;
+                let n = std::num::NonZeroU64::MIN.saturating_add(self.next_worker - 1);
+                let worker = WorkerId::new(n, slot);
+                let (reply, rx) = Reply::new(None);
+                receivers.push((worker, rx));
+                replies.push((worker, reply));
+            }
+            waiting.insert(node, replies);
+        }
+        self.broadcasts.insert(id, waiting);
+        Ok(receivers)
+    }
+
+    /// One node answered a broadcast: each of its workers' outcome, by slot.
+    fn on_broadcast_answer(&mut self, result: ResultEntry) {
+        let Some(nodes) = self.broadcasts.get_mut(&result.id) else {
+            self.duplicates += 1;
+            return;
+        };
+        let Some(replies) = nodes.remove(&result.node) else {
+            self.duplicates += 1;
+            return;
+        };
+        if nodes.is_empty() {
+            self.broadcasts.remove(&result.id);
+        }
+        let outcomes = result
+            .broadcast
+            .as_deref()
+            .and_then(wire::decode_broadcast)
+            .unwrap_or_default();
+        let mut by_slot: HashMap<usize, wire::WorkerOutcome> = outcomes.into_iter().collect();
+        for (worker, reply) in replies {
+            let outcome = match by_slot.remove(&worker.slot()) {
+                Some(Ok(body)) => Ok(Bytes::from(body)),
+                Some(Err((kind, message))) => {
+                    Err(wire::decode_error(&kind, message, "", &result.node))
+                }
+                None => Err(CallError::NodeLost {
+                    node: result.node.clone(),
+                    message: "the node answered the broadcast without this worker".to_owned(),
+                }),
+            };
+            reply.send(outcome);
+        }
+    }
+
+    /// Fails the workers of nodes that stopped beating while a broadcast waited for them.
+    async fn check_broadcasts(&mut self) {
+        if self.broadcasts.is_empty() {
+            return;
+        }
+        let mut names: Vec<String> = self
+            .broadcasts
+            .values()
+            .flat_map(|nodes| nodes.keys().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut lost = Vec::new();
+        for node in names {
+            let alive = redis::cmd("EXISTS")
+                .arg(self.keys.node(&node))
+                .query_async::<u64>(&mut self.conn)
+                .await;
+            if matches!(alive, Ok(0)) {
+                lost.push(node);
+            }
+        }
+        for node in lost {
+            for nodes in self.broadcasts.values_mut() {
+                for (_, reply) in nodes.remove(&node).into_iter().flatten() {
+                    reply.send(Err(CallError::NodeLost {
+                        node: node.clone(),
+                        message: "the node stopped beating while the broadcast waited for it"
+                            .to_owned(),
+                    }));
+                }
+            }
+        }
+        self.broadcasts.retain(|_, nodes| !nodes.is_empty());
+    }
+}
+
+/// The nodes beating in the last 30 s whose liveness key is still there, with their
+/// worker counts.
+async fn live_nodes(
+    conn: &mut ConnectionManager,
+    keys: &Keys,
+) -> redis::RedisResult<Vec<(String, usize)>> {
+    let since = keys::now_ms().saturating_sub(30_000);
+    let names: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(keys.nodes())
+        .arg(since)
+        .arg("+inf")
+        .query_async(conn)
+        .await?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut get = redis::cmd("MGET");
+    for name in &names {
+        get.arg(keys.node(name));
+    }
+    let workers: Vec<Option<usize>> = get.query_async(conn).await?;
+    Ok(names
+        .into_iter()
+        .zip(workers)
+        .filter_map(|(name, workers)| Some((name, workers?)))
+        .collect())
 }
 
 async fn sleep_until(at: Option<Instant>) {

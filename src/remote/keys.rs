@@ -32,6 +32,11 @@ impl Keys {
         format!("{}node:{node}", self.prefix)
     }
 
+    /// A node's inbox: broadcasts addressed to it.
+    pub(crate) fn inbox(&self, node: &str) -> String {
+        format!("{}inbox:{node}", self.prefix)
+    }
+
     /// Members: node → last heartbeat (ms since the Unix epoch).
     pub(crate) fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

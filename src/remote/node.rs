@@ -136,6 +136,7 @@ impl Node {
             farm,
             state,
             capacity: options.max_in_flight.unwrap_or(workers).max(1),
+            workers,
             lease: options.lease,
             block: options.block,
             connect_timeout: options.connect_timeout,
@@ -185,6 +186,8 @@ struct Puller<S: Serializer> {
     farm: Farm<S>,
     state: Arc<Shared>,
     capacity: usize,
+    /// Its local workers: what a broadcast reaches here (the liveness key says it).
+    workers: usize,
     lease: Duration,
     block: Duration,
     connect_timeout: Duration,
@@ -195,14 +198,19 @@ impl<S: Serializer> Puller<S> {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let beats = tokio::spawn(this.clone().renew_forever());
+        let inbox = tokio::spawn(this.clone().serve_inbox());
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
         while !*stopped.borrow() {
+            // Listening before looking: a call that finishes in between still wakes us.
+            let done = this.state.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
             let free = this.capacity.saturating_sub(this.state.owned().len());
             if free == 0 {
                 tokio::select! {
-                    () = this.state.done.notified() => {}
+                    () = done => {}
                     _ = stopped.changed() => {}
                 }
                 continue;
@@ -285,6 +293,7 @@ impl<S: Serializer> Puller<S> {
             notified.await;
         }
         beats.abort();
+        inbox.abort();
         this.leave().await;
         this.farm.shutdown().await;
     }
@@ -484,7 +493,7 @@ impl<S: Serializer> Puller<S> {
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(self.keys.node(&self.id))
-            .arg(keys::now_ms())
+            .arg(self.workers)
             .arg("PX")
             .arg(self.lease.as_millis() as u64)
             .ignore();
@@ -574,7 +583,124 @@ impl<S: Serializer> Puller<S> {
             .ignore();
         pipe.cmd("ZREM").arg(self.keys.nodes()).arg(node).ignore();
         pipe.cmd("DEL").arg(self.keys.node(node)).ignore();
+        pipe.cmd("DEL").arg(self.keys.inbox(node)).ignore();
         let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(conn)).await;
+    }
+
+    /// Runs the broadcasts addressed to this node on every local worker, and answers each
+    /// once with every worker's outcome.
+    async fn serve_inbox(self: Arc<Self>) {
+        let inbox = self.keys.inbox(&self.id);
+        let mut last = "0-0".to_owned();
+        let mut backoff = Backoff::new();
+        let mut reader = None;
+        loop {
+            let mut blocking = match reader.take() {
+                Some(c) => c,
+                None => match conn::blocking(&self.client, self.connect_timeout).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        backoff.wait().await;
+                        continue;
+                    }
+                },
+            };
+            let mut xread = redis::cmd("XREAD");
+            xread
+                .arg("COUNT")
+                .arg(16)
+                .arg("BLOCK")
+                .arg(self.block.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&inbox)
+                .arg(&last);
+            let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
+            match tokio::time::timeout(self.block + COMMAND_TIMEOUT, read).await {
+                Ok(Ok(reply)) => {
+                    backoff.reset();
+                    reader = Some(blocking);
+                    for stream in reply.map(|r| r.keys).unwrap_or_default() {
+                        for entry in &stream.ids {
+                            last.clone_from(&entry.id);
+                            tokio::spawn(self.clone().broadcast(entry.clone()));
+                        }
+                    }
+                }
+                _ => backoff.wait().await,
+            }
+        }
+    }
+
+    async fn broadcast(self: Arc<Self>, entry: StreamId) {
+        let inbox = self.keys.inbox(&self.id);
+        let mut conn = self.conn.clone();
+        let _ = redis::cmd("XDEL")
+            .arg(&inbox)
+            .arg(&entry.id)
+            .exec_async(&mut conn)
+            .await;
+        let call = match CallEntry::parse(&entry) {
+            Ok(call) if call.fmt == self.farm.serializer().name() => call,
+            Ok(call) => {
+                let error = CallError::BadArguments {
+                    method: call.method.clone(),
+                    message: format!(
+                        "the call is encoded as {}, this node's workers speak {}",
+                        call.fmt,
+                        self.farm.serializer().name()
+                    ),
+                };
+                let outcomes: Vec<_> = (0..self.workers).map(|s| (s, Err(error.clone()))).collect();
+                self.post_broadcast(&call.client, call.id, &outcomes).await;
+                return;
+            }
+            Err(_) => return,
+        };
+        let result = self
+            .farm
+            .broadcast_raw(&call.method, bytes::Bytes::from(call.body))
+            .await;
+        let mut outcomes: Vec<(usize, Result<Vec<u8>, CallError>)> = result
+            .successes
+            .into_iter()
+            .map(|(w, body)| (w.slot(), Ok(body.to_vec())))
+            .chain(result.failures.into_iter().map(|(w, e)| (w.slot(), Err(e))))
+            .collect();
+        if let Some(why) = result.unreached {
+            outcomes = (0..self.workers).map(|s| (s, Err(why.clone()))).collect();
+        }
+        outcomes.sort_by_key(|(slot, _)| *slot);
+        self.post_broadcast(&call.client, call.id, &outcomes).await;
+    }
+
+    async fn post_broadcast(
+        &self,
+        client: &str,
+        id: u64,
+        outcomes: &[(usize, Result<Vec<u8>, CallError>)],
+    ) {
+        let results = self.keys.results(client);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&results)
+            .arg("*")
+            .arg("id")
+            .arg(id)
+            .arg("node")
+            .arg(&self.id)
+            .arg("ok")
+            .arg("b")
+            .arg("body")
+            .arg(wire::encode_broadcast(outcomes))
+            .ignore();
+        pipe.cmd("PEXPIRE")
+            .arg(&results)
+            .arg(self.result_ttl.as_millis() as u64)
+            .ignore();
+        let mut conn = self.conn.clone();
+        if let Err(e) = pipe.exec_async(&mut conn).await {
+            tracing::warn!(error = %e, "cannot post a broadcast's results");
+        }
     }
 
     /// Leaves the farm: its liveness and membership go, and so does its consumer once

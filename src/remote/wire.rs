@@ -71,18 +71,32 @@ impl CallEntry {
 pub(crate) struct ResultEntry {
     pub(crate) id: u64,
     pub(crate) outcome: Result<Vec<u8>, (String, String)>,
+    /// A broadcast's answer from one node: each of its workers' outcomes (see
+    /// [`encode_broadcast`]); `outcome` is then empty.
+    pub(crate) broadcast: Option<Vec<u8>>,
     pub(crate) node: String,
     pub(crate) deliveries: u32,
 }
 
 impl ResultEntry {
     pub(crate) fn parse(entry: &StreamId) -> Option<Self> {
-        let outcome = if text(entry, "ok")? == "1" {
-            Ok(bytes(entry, "body")?)
+        let ok = text(entry, "ok")?;
+        let broadcast = if ok == "b" {
+            Some(bytes(entry, "body")?)
+        } else {
+            None
+        };
+        let outcome = if ok == "1" || ok == "b" {
+            Ok(if ok == "1" {
+                bytes(entry, "body")?
+            } else {
+                Vec::new()
+            })
         } else {
             Err((text(entry, "kind")?, text(entry, "msg").unwrap_or_default()))
         };
         Some(ResultEntry {
+            broadcast,
             id: number(entry, "id")?,
             outcome,
             node: text(entry, "node").unwrap_or_default(),
@@ -147,8 +161,85 @@ pub(crate) fn decode_error(kind: &str, message: String, method: &str, node: &str
     }
 }
 
+/// One node's broadcast answer: for each of its workers (by slot), its result or failure.
+/// Layout: per worker `slot: u32`, `ok: u8`, then `body` (ok) or `kind` and `msg`, each as
+/// `len: u32` + bytes; all little-endian.
+pub(crate) fn encode_broadcast(outcomes: &[(usize, Result<Vec<u8>, CallError>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let put = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&u32::try_from(b.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(b);
+    };
+    for (slot, outcome) in outcomes {
+        out.extend_from_slice(&u32::try_from(*slot).unwrap_or(u32::MAX).to_le_bytes());
+        match outcome {
+            Ok(body) => {
+                out.push(1);
+                put(&mut out, body);
+            }
+            Err(error) => {
+                out.push(0);
+                let (kind, message) = encode_error(error);
+                put(&mut out, kind.as_bytes());
+                put(&mut out, message.as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// The outcomes in a node's broadcast answer, by slot; `None` if it is malformed.
+pub(crate) type WorkerOutcome = Result<Vec<u8>, (String, String)>;
+
+pub(crate) fn decode_broadcast(mut b: &[u8]) -> Option<Vec<(usize, WorkerOutcome)>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (head, rest) = b.split_at(n);
+        *b = rest;
+        Some(head)
+    }
+    fn u32_of(b: &mut &[u8]) -> Option<u32> {
+        Some(u32::from_le_bytes(take(b, 4)?.try_into().ok()?))
+    }
+    fn chunk(b: &mut &[u8]) -> Option<Vec<u8>> {
+        let len = u32_of(b)? as usize;
+        take(b, len).map(<[u8]>::to_vec)
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let slot = u32_of(&mut b)? as usize;
+        let (&ok, rest) = b.split_first()?;
+        b = rest;
+        let outcome = if ok == 1 {
+            Ok(chunk(&mut b)?)
+        } else {
+            let kind = String::from_utf8(chunk(&mut b)?).ok()?;
+            let message = String::from_utf8(chunk(&mut b)?).ok()?;
+            Err((kind, message))
+        };
+        out.push((slot, outcome));
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn broadcast_answers_survive_the_wire() {
+        let outcomes = vec![
+            (0, Ok(b"one".to_vec())),
+            (1, Err(CallError::Cancelled)),
+            (2, Ok(Vec::new())),
+        ];
+        let decoded = decode_broadcast(&encode_broadcast(&outcomes)).unwrap();
+        assert_eq!(decoded.len(), 3);
+        assert_eq!(decoded[0], (0, Ok(b"one".to_vec())));
+        assert_eq!(decoded[1], (1, Err(("cancelled".into(), String::new()))));
+        assert!(decode_broadcast(&[1, 0]).is_none(), "truncated");
+    }
+
     use super::*;
 
     #[test]

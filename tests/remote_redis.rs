@@ -164,6 +164,35 @@ async fn nodes_live(redis: &Redis, farm: &str, n: usize) {
     }
 }
 
+/// Waits until `n` calls are pending in the group (claimed by nodes).
+async fn pending_calls(redis: &Redis, farm: &str, n: u64) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (_, pending) = leftovers(redis, farm).await;
+        if pending >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pending} of {n} calls claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the calls stream holds `n` entries.
+async fn stream_len(redis: &Redis, farm: &str, n: u64) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (len, _) = leftovers(redis, farm).await;
+        if len >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{len} of {n} calls in the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Entries left in the calls stream, and calls pending in its group.
 async fn leftovers(redis: &Redis, farm: &str) -> (u64, u64) {
     let mut conn = redis.conn().await;
@@ -372,11 +401,15 @@ async fn a_node_stopped_gracefully_finishes_its_calls_and_leaves() {
             tokio::spawn(async move { farm.run_method::<_, u32>("block", 800u64).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pending_calls(&redis, "graceful", 2).await;
     let status = a.terminate();
     assert!(status.success(), "{status:?}");
     for call in calls {
-        call.await.unwrap().expect("finished before the node left");
+        tokio::time::timeout(SOON, call)
+            .await
+            .expect("settles")
+            .unwrap()
+            .expect("finished before the node left");
     }
     let mut conn = redis.conn().await;
     let members: Vec<String> = redis::cmd("ZRANGE")
@@ -409,13 +442,30 @@ async fn a_deadline_settles_the_call_at_its_deadline_and_a_late_node_does_not_ru
         .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
-    // A node that starts afterwards finds nothing to run.
+    // An entry already past its deadline when a node reads it (as if the caller were
+    // gone): the node answers without running it, and removes it.
+    let mut conn = redis.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg("wf:{late}:calls")
+        .arg("*")
+        .arg(&[
+            ("id", "999"),
+            ("client", "gone"),
+            ("method", "log_run"),
+            ("fmt", "json"),
+        ])
+        .arg("body")
+        .arg(serde_json::to_vec(&(runs.to_string_lossy(), 2u64)).unwrap())
+        .arg(&[("maxd", "4"), ("v", "1"), ("deadline", "1")])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let _a = NodeProc::start(&redis, "late", 1, 10_000);
     nodes_live(&redis, "late", 1).await;
     let v: i64 = farm.run_method("noop", 5).await.unwrap();
     assert_eq!(v, 5);
-    assert!(!runs.exists(), "the expired call never ran");
-    assert_eq!(leftovers(&redis, "late").await, (0, 0));
+    assert!(!runs.exists(), "neither expired call ran");
+    assert_eq!(leftovers(&redis, "late").await, (0, 0), "and both are gone");
     farm.shutdown().await;
 }
 
@@ -508,14 +558,16 @@ async fn an_engine_that_restarts_without_its_data_loses_no_call() {
     // One call runs on the node, one waits in the stream behind it (one worker).
     let running = tokio::spawn({
         let farm = farm.clone();
-        async move { farm.run_method::<_, u32>("block", 1_500u64).await }
+        async move { farm.run_method::<_, u32>("block", 3_000u64).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Longer than the caller's blocking read of results, so the restart is noticed by
+    // the reconnect, not by a result.
+    pending_calls(&redis, "restart", 1).await;
     let queued = tokio::spawn({
         let farm = farm.clone();
         async move { farm.run_method::<_, i64>("noop", 42).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream_len(&redis, "restart", 2).await;
     redis.restart();
     // The caller notices the new server and submits both again; the node re-registers
     // and serves them.

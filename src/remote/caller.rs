@@ -413,20 +413,49 @@ impl Caller {
             }
             FromReader::Up => self.down_since = None,
             FromReader::Lost => {
-                // A server that restarted without persistence lost the calls stream (and
-                // any result not yet read): submit every outstanding call again. A node
-                // still running one answers too; the second answer is dropped.
-                tracing::warn!(
-                    calls = self.outstanding.len(),
-                    "the engine restarted without its data; submitting the outstanding calls again"
-                );
-                let _ = conn::ensure_group(&mut self.conn, &self.keys.calls()).await;
+                // A new server (restarted, or failed over). Calls whose entry it does not
+                // have were lost with the old one's data: submit them again. A node still
+                // running one answers too; the second answer is dropped.
+                // The group first: calls added to a stream without it would wait unread.
+                let mut backoff = Backoff::new();
+                for _ in 0..5 {
+                    match conn::ensure_group(&mut self.conn, &self.keys.calls()).await {
+                        Ok(()) => break,
+                        Err(e) => tracing::warn!(error = %e, "cannot re-create the calls stream"),
+                    }
+                    backoff.wait().await;
+                }
+                let mut pipe = redis::pipe();
                 let ids: Vec<u64> = self.outstanding.keys().copied().collect();
-                let calls: Vec<Call> = ids
-                    .into_iter()
-                    .filter_map(|id| self.take(id).map(|p| p.call))
+                for id in &ids {
+                    let entry = &self.outstanding[id].entry;
+                    pipe.cmd("XRANGE")
+                        .arg(self.keys.calls())
+                        .arg(entry)
+                        .arg(entry);
+                }
+                let present: Vec<Vec<redis::Value>> = if ids.is_empty() {
+                    Vec::new()
+                } else {
+                    match tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async(&mut self.conn))
+                        .await
+                    {
+                        Ok(Ok(present)) => present,
+                        // Cannot tell: submit them all again (at least once, not lost).
+                        _ => vec![Vec::new(); ids.len()],
+                    }
+                };
+                let lost: Vec<Call> = ids
+                    .iter()
+                    .zip(present)
+                    .filter(|(_, found)| found.is_empty())
+                    .filter_map(|(id, _)| self.take(*id).map(|p| p.call))
                     .collect();
-                self.submit(calls).await;
+                tracing::warn!(
+                    lost = lost.len(),
+                    "a new engine server; submitting the calls it lost again"
+                );
+                self.submit(lost).await;
             }
         }
     }
@@ -446,6 +475,7 @@ impl Caller {
         let ids: Vec<u64> = self.outstanding.keys().copied().collect();
         for id in ids {
             if let Some(pending) = self.take(id) {
+                self.forget_entry(pending.entry);
                 let error = CallError::Engine {
                     message: message.clone(),
                 };
@@ -506,11 +536,7 @@ impl Caller {
                 let _ = tx.send(self.book.report());
             }
             Command::Ready(tx) => {
-                let conn = self.conn.clone();
-                let nodes = self.keys.nodes();
-                tokio::spawn(async move {
-                    let _ = tx.send(wait_for_a_node(conn, nodes).await);
-                });
+                tokio::spawn(wait_for_a_node(self.conn.clone(), self.keys.clone(), tx));
             }
             Command::Shutdown(tx) => {
                 self.stopping = true;
@@ -682,8 +708,8 @@ impl Caller {
     }
 }
 
-/// The nodes beating in the last 30 s whose liveness key is still there, with their
-/// worker counts.
+/// The nodes whose liveness key is still there (it expires with their lease), with their
+/// worker counts; members that beat in the last 30 s are the candidates.
 async fn live_nodes(
     conn: &mut ConnectionManager,
     keys: &Keys,
@@ -717,23 +743,27 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Answers `ready()`: once a node has beaten within the last 30 s.
-async fn wait_for_a_node(mut conn: ConnectionManager, nodes: String) -> Result<(), CallError> {
+/// Answers `ready()`: once a node's liveness key exists (or the caller stops waiting).
+async fn wait_for_a_node(
+    mut conn: ConnectionManager,
+    keys: Keys,
+    tx: oneshot::Sender<Result<(), CallError>>,
+) {
     loop {
-        let since = keys::now_ms().saturating_sub(30_000);
-        let live = redis::cmd("ZCOUNT")
-            .arg(&nodes)
-            .arg(since)
-            .arg("+inf")
-            .query_async::<u64>(&mut conn)
-            .await;
-        match live {
-            Ok(n) if n > 0 => return Ok(()),
+        if tx.is_closed() {
+            return;
+        }
+        match live_nodes(&mut conn, &keys).await {
+            Ok(nodes) if !nodes.is_empty() => {
+                let _ = tx.send(Ok(()));
+                return;
+            }
             Ok(_) => {}
             Err(e) if e.is_unrecoverable_error() => {
-                return Err(CallError::Engine {
+                let _ = tx.send(Err(CallError::Engine {
                     message: e.to_string(),
-                })
+                }));
+                return;
             }
             Err(_) => {}
         }
@@ -742,7 +772,7 @@ async fn wait_for_a_node(mut conn: ConnectionManager, nodes: String) -> Result<(
 }
 
 /// The server's run id: it changes when the server restarts.
-async fn run_id(conn: &mut ConnectionManager) -> Option<String> {
+async fn run_id(conn: &mut impl redis::aio::ConnectionLike) -> Option<String> {
     let info: String = redis::cmd("INFO")
         .arg("server")
         .query_async(conn)
@@ -793,7 +823,6 @@ async fn read_results(
         let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
         match tokio::time::timeout(RESULT_BLOCK + COMMAND_TIMEOUT, read).await {
             Ok(Ok(reply)) => {
-                reader = Some(blocking);
                 let mut seen = Vec::new();
                 for stream in reply.map(|r| r.keys).unwrap_or_default() {
                     for entry in &stream.ids {
@@ -814,15 +843,27 @@ async fn read_results(
                         tokio::time::timeout(COMMAND_TIMEOUT, deleted.exec_async(&mut conn)).await;
                 }
                 if down {
-                    down = false;
-                    backoff.reset();
-                    let now = run_id(&mut conn).await;
-                    if run.is_some() && now.is_some() && now != run {
-                        let _ = tx.send(FromReader::Lost);
+                    // Asked on this fresh connection: the shared one may still hold a
+                    // socket to the old server and fail its first command.
+                    match run_id(&mut blocking).await {
+                        Some(now) => {
+                            down = false;
+                            backoff.reset();
+                            if run.as_ref().is_some_and(|before| *before != now) {
+                                // A new server: its results stream starts from scratch.
+                                last = "0-0".to_owned();
+                                let _ = tx.send(FromReader::Lost);
+                            }
+                            run = Some(now);
+                            let _ = tx.send(FromReader::Up);
+                        }
+                        None => {
+                            backoff.wait().await;
+                            continue;
+                        }
                     }
-                    run = now.or(run);
-                    let _ = tx.send(FromReader::Up);
                 }
+                reader = Some(blocking);
             }
             Ok(Err(e)) => {
                 down = true;

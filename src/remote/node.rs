@@ -21,16 +21,57 @@ use tokio::time::Instant;
 /// Renews the leases this node still holds: per entry, only if the group says this node
 /// owns it, resets its idle time (`XCLAIM … JUSTID` does not count a delivery). Returns the
 /// entries still owned, so the node learns which ones it lost.
+/// `KEYS[1]` the calls stream; `ARGV[1]` the group, `ARGV[2]` this node, then the entries.
 const RENEW: &str = r"
 local owned = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == KEYS[2] then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], KEYS[2], 0, ARGV[i], 'JUSTID')
-    owned[#owned + 1] = ARGV[i]
+  if p[1] and p[1][2] == ARGV[2] then
+    local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    if #claimed > 0 then
+      owned[#owned + 1] = ARGV[i]
+    end
   end
 end
 return owned
+";
+
+/// Completes a call, only if no other node owns it now (a node that lost its lease must
+/// not ack the new owner's delivery): posts the result to the caller's stream and removes
+/// the entry, atomically. An entry pending nowhere (the server restarted without it) is
+/// still answered: its caller may be waiting. Returns 0 when another node owns it.
+/// `KEYS[1]` the calls stream, `KEYS[2]` the caller's results stream; `ARGV[1]` the group,
+/// `ARGV[2]` this node, `ARGV[3]` the entry, `ARGV[4]` the results' time to live (ms), then
+/// the result's fields and values (none: only remove the entry).
+const COMPLETE: &str = r"
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if type(p) == 'table' and p.err == nil and p[1] and p[1][2] ~= ARGV[2] then
+  return 0
+end
+if #ARGV > 4 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+";
+
+/// Forgets a node that is gone (its liveness key expired) once nothing is pending for it,
+/// atomically, so a call it takes meanwhile is never erased with it. `KEYS`: the calls
+/// stream, the members set, the node's liveness key, its inbox; `ARGV`: the group, the node.
+const FORGET: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('DEL', KEYS[4])
+if #p > 0 then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
 ";
 
 /// Settings of a [`Node`].
@@ -164,6 +205,19 @@ impl Node {
     }
 }
 
+/// Resolves once a stop is asked for; never if the [`Node`] handle was dropped without one
+/// (a dropped node keeps running).
+async fn stop_requested(stopped: &mut watch::Receiver<bool>) {
+    loop {
+        if *stopped.borrow_and_update() {
+            return;
+        }
+        if stopped.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// What the puller and the calls it runs share.
 struct Shared {
     /// Entries this node runs → the task running each.
@@ -202,6 +256,7 @@ impl<S: Serializer> Puller<S> {
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
+        let mut cursor = "0-0".to_owned();
         while !*stopped.borrow() {
             // Listening before looking: a call that finishes in between still wakes us.
             let done = this.state.done.notified();
@@ -211,17 +266,21 @@ impl<S: Serializer> Puller<S> {
             if free == 0 {
                 tokio::select! {
                     () = done => {}
-                    _ = stopped.changed() => {}
+                    () = stop_requested(&mut stopped) => {}
                 }
                 continue;
             }
             if last_orphan_check.elapsed() >= this.lease / 4 {
                 last_orphan_check = Instant::now();
-                match this.claim_orphans(free).await {
+                match this.claim_orphans(free, &mut cursor).await {
                     Ok(0) => {}
                     Ok(_) => continue,
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot claim orphaned calls");
+                        if conn::is_nogroup(&e) {
+                            let mut conn = this.conn.clone();
+                            let _ = conn::ensure_group(&mut conn, &this.keys.calls()).await;
+                        }
                         backoff.wait().await;
                         continue;
                     }
@@ -251,13 +310,10 @@ impl<S: Serializer> Puller<S> {
                 .arg(this.keys.calls())
                 .arg(">");
             let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
-            let read = tokio::time::timeout(this.block + COMMAND_TIMEOUT, read);
-            let outcome = tokio::select! {
-                outcome = read => outcome,
-                // The read is dropped: an entry it would have returned stays pending for
-                // this node, and another node claims it once the lease runs out.
-                _ = stopped.changed() => break,
-            };
+            // Not raced against a stop: a read cut short would leave the calls it took
+            // pending here until the lease ran out, and cost them a delivery. A stop waits
+            // for the read (at most `block`), and the calls it returns run.
+            let outcome = tokio::time::timeout(this.block + COMMAND_TIMEOUT, read).await;
             match outcome {
                 Ok(Ok(reply)) => {
                     backoff.reset();
@@ -271,7 +327,10 @@ impl<S: Serializer> Puller<S> {
                 Ok(Err(e)) if conn::is_nogroup(&e) => {
                     tracing::warn!("the calls stream is gone (engine restarted?); re-creating it");
                     let mut conn = this.conn.clone();
-                    let _ = conn::ensure_group(&mut conn, &this.keys.calls()).await;
+                    if let Err(e) = conn::ensure_group(&mut conn, &this.keys.calls()).await {
+                        tracing::warn!(error = %e, "cannot re-create the calls stream");
+                        backoff.wait().await;
+                    }
                     reader = Some(blocking);
                 }
                 Ok(Err(e)) => {
@@ -299,7 +358,13 @@ impl<S: Serializer> Puller<S> {
     }
 
     /// Claims calls whose lease ran out (their node died or froze): how many it took.
-    async fn claim_orphans(self: &Arc<Self>, free: usize) -> redis::RedisResult<usize> {
+    /// Each check goes on from `cursor` (XAUTOCLAIM scans a bounded part of the pending
+    /// list per call), back to the start when it has seen the whole list.
+    async fn claim_orphans(
+        self: &Arc<Self>,
+        free: usize,
+        cursor: &mut String,
+    ) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
         let calls = self.keys.calls();
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
@@ -307,11 +372,12 @@ impl<S: Serializer> Puller<S> {
             .arg(GROUP)
             .arg(&self.id)
             .arg(self.lease.as_millis() as u64)
-            .arg("0-0")
+            .arg(cursor.as_str())
             .arg("COUNT")
             .arg(free)
             .query_async(&mut conn)
             .await?;
+        cursor.clone_from(&reply.next_stream_id);
         for gone in &reply.deleted_ids {
             // Deleted while pending (its caller gave up): nothing to run.
             let _ = redis::cmd("XACK")
@@ -322,15 +388,22 @@ impl<S: Serializer> Puller<S> {
                 .await;
         }
         for entry in &reply.claimed {
-            let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+            let pending: Result<StreamPendingCountReply, _> = redis::cmd("XPENDING")
                 .arg(&calls)
                 .arg(GROUP)
                 .arg(&entry.id)
                 .arg(&entry.id)
                 .arg(1)
                 .query_async(&mut conn)
-                .await?;
-            let deliveries = pending.ids.first().map_or(1, |p| p.times_delivered);
+                .await;
+            // Not pending any more (its old owner just completed it), or unknown: skip it;
+            // a call still pending here is claimed again at a later check.
+            let Some(deliveries) = pending
+                .ok()
+                .and_then(|p| p.ids.first().map(|p| p.times_delivered))
+            else {
+                continue;
+            };
             tracing::info!(entry = %entry.id, deliveries, "claimed an orphaned call");
             self.take_call(entry, u32::try_from(deliveries).unwrap_or(u32::MAX))
                 .await;
@@ -412,12 +485,15 @@ impl<S: Serializer> Puller<S> {
                 }
                 other => other.map(|body| body.to_vec()),
             };
-            let still_ours = this.state.owned().remove(&call.entry).is_some();
+            // Still counted as held while the answer is posted, so a graceful stop waits
+            // for it.
+            let still_ours = this.state.owned().contains_key(&call.entry);
             if still_ours {
                 this.answer(&call.entry, who, deliveries, outcome).await;
             } else {
                 tracing::info!(entry = %call.entry, "lease lost: the result is another node's to give");
             }
+            this.state.owned().remove(&call.entry);
             this.state.done.notify_waiters();
         });
         owned.insert(entry_id, task.abort_handle());
@@ -433,13 +509,19 @@ impl<S: Serializer> Puller<S> {
         outcome: Result<Vec<u8>, CallError>,
     ) {
         let calls = self.keys.calls();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        if let Some((client, id)) = &who {
-            let results = self.keys.results(client);
-            let add = pipe.cmd("XADD");
-            add.arg(&results)
-                .arg("*")
+        let script = redis::Script::new(COMPLETE);
+        let mut invocation = script.key(&calls);
+        match &who {
+            Some((client, _)) => invocation.key(self.keys.results(client)),
+            None => invocation.key(&calls),
+        };
+        invocation
+            .arg(GROUP)
+            .arg(&self.id)
+            .arg(entry)
+            .arg(self.result_ttl.as_millis() as u64);
+        if let Some((_, id)) = &who {
+            invocation
                 .arg("id")
                 .arg(*id)
                 .arg("node")
@@ -448,11 +530,16 @@ impl<S: Serializer> Puller<S> {
                 .arg(deliveries);
             match &outcome {
                 Ok(body) => {
-                    add.arg("ok").arg("1").arg("body").arg(body.as_slice());
+                    invocation
+                        .arg("ok")
+                        .arg("1")
+                        .arg("body")
+                        .arg(body.as_slice());
                 }
                 Err(error) => {
                     let (kind, message) = wire::encode_error(error);
-                    add.arg("ok")
+                    invocation
+                        .arg("ok")
                         .arg("0")
                         .arg("kind")
                         .arg(kind)
@@ -460,19 +547,17 @@ impl<S: Serializer> Puller<S> {
                         .arg(message);
                 }
             }
-            pipe.ignore();
-            pipe.cmd("PEXPIRE")
-                .arg(&results)
-                .arg(self.result_ttl.as_millis() as u64)
-                .ignore();
         }
-        pipe.cmd("XACK").arg(&calls).arg(GROUP).arg(entry).ignore();
-        pipe.cmd("XDEL").arg(&calls).arg(entry).ignore();
         let mut backoff = Backoff::new();
         for _ in 0..5 {
             let mut conn = self.conn.clone();
-            match tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await {
-                Ok(Ok(())) => return,
+            let completed = invocation.invoke_async::<i64>(&mut conn);
+            match tokio::time::timeout(COMMAND_TIMEOUT, completed).await {
+                Ok(Ok(1)) => return,
+                Ok(Ok(_)) => {
+                    tracing::info!(entry, "lease lost: the result is another node's to give");
+                    return;
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, entry, "cannot post a result"),
                 Err(_) => {
                     tracing::warn!(entry, "cannot post a result: the engine stopped answering")
@@ -520,7 +605,7 @@ impl<S: Serializer> Puller<S> {
             if !held.is_empty() {
                 let mut conn = self.conn.clone();
                 let mut invocation = script.key(self.keys.calls());
-                invocation.key(&self.id).arg(GROUP);
+                invocation.arg(GROUP).arg(&self.id);
                 for entry in &held {
                     invocation.arg(entry);
                 }
@@ -557,34 +642,21 @@ impl<S: Serializer> Puller<S> {
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
-        for node in dead {
-            let pending: Result<StreamPendingCountReply, _> = redis::cmd("XPENDING")
-                .arg(self.keys.calls())
+        let script = redis::Script::new(FORGET);
+        for node in dead.into_iter().filter(|n| *n != self.id) {
+            let forgotten = script
+                .key(self.keys.calls())
+                .key(self.keys.nodes())
+                .key(self.keys.node(&node))
+                .key(self.keys.inbox(&node))
                 .arg(GROUP)
-                .arg("-")
-                .arg("+")
-                .arg(1)
                 .arg(&node)
-                .query_async(&mut conn)
+                .invoke_async::<i64>(&mut conn)
                 .await;
-            if pending.is_ok_and(|p| p.ids.is_empty()) {
-                self.forget_consumer(&mut conn, &node).await;
+            if let Err(e) = forgotten {
+                tracing::debug!(error = %e, node, "cannot forget a dead node");
             }
         }
-    }
-
-    async fn forget_consumer(&self, conn: &mut ConnectionManager, node: &str) {
-        let mut pipe = redis::pipe();
-        pipe.cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(self.keys.calls())
-            .arg(GROUP)
-            .arg(node)
-            .ignore();
-        pipe.cmd("ZREM").arg(self.keys.nodes()).arg(node).ignore();
-        pipe.cmd("DEL").arg(self.keys.node(node)).ignore();
-        pipe.cmd("DEL").arg(self.keys.inbox(node)).ignore();
-        let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(conn)).await;
     }
 
     /// Runs the broadcasts addressed to this node on every local worker, and answers each
@@ -707,27 +779,21 @@ impl<S: Serializer> Puller<S> {
     /// nothing is pending for it.
     async fn leave(&self) {
         let mut conn = self.conn.clone();
-        let pending: Result<StreamPendingCountReply, _> = redis::cmd("XPENDING")
-            .arg(self.keys.calls())
-            .arg(GROUP)
-            .arg("-")
-            .arg("+")
-            .arg(1)
-            .arg(&self.id)
-            .query_async(&mut conn)
+        let _ = redis::cmd("DEL")
+            .arg(self.keys.node(&self.id))
+            .exec_async(&mut conn)
             .await;
-        if pending.is_ok_and(|p| p.ids.is_empty()) {
-            self.forget_consumer(&mut conn, &self.id).await;
-        } else {
-            // A read cut short by the stop left a call pending here: deleting the consumer
-            // would make it unclaimable. Its lease runs out and another node takes it.
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZREM")
-                .arg(self.keys.nodes())
-                .arg(&self.id)
-                .ignore();
-            pipe.cmd("DEL").arg(self.keys.node(&self.id)).ignore();
-            let _ = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await;
+        let script = redis::Script::new(FORGET);
+        let mut invocation = script.key(self.keys.calls());
+        invocation
+            .key(self.keys.nodes())
+            .key(self.keys.node(&self.id))
+            .key(self.keys.inbox(&self.id))
+            .arg(GROUP)
+            .arg(&self.id);
+        let forgotten = invocation.invoke_async::<i64>(&mut conn);
+        if let Ok(Ok(0)) = tokio::time::timeout(COMMAND_TIMEOUT, forgotten).await {
+            tracing::warn!("left with calls still pending here; other nodes claim them");
         }
         tracing::info!("node left the farm");
     }

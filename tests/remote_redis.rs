@@ -105,9 +105,13 @@ struct NodeProc(Child);
 
 impl NodeProc {
     fn start(redis: &Redis, farm: &str, workers: usize, lease_ms: u64) -> NodeProc {
+        NodeProc::start_url(&redis.url, farm, workers, lease_ms)
+    }
+
+    fn start_url(url: &str, farm: &str, workers: usize, lease_ms: u64) -> NodeProc {
         let mut command = Command::new(env!("CARGO_BIN_EXE_workfarm-node"));
         command
-            .args(["--redis", &redis.url, "--farm", farm])
+            .args(["--redis", url, "--farm", farm])
             .args(["--workers", &workers.to_string()])
             .args(["--lease-ms", &lease_ms.to_string(), "--"])
             .arg(worker_bin())
@@ -688,5 +692,84 @@ async fn a_broadcast_reaches_every_worker_of_every_live_node_and_reports_a_lost_
     let logged = std::fs::read_to_string(&*runs).unwrap();
     assert_eq!(logged.lines().count(), 6, "the late node ran none of it");
     drop(late);
+    farm.shutdown().await;
+}
+
+/// The soak: `REMOTE_SOAK_CALLS` (100,000 by default) noop calls through three nodes, one
+/// of which is SIGKILLed and replaced every 300 ms: every call settles with its own value,
+/// and the stream and the pending list end empty.
+/// `cargo test --release --features redis --test remote_redis -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: minutes; run with --ignored"]
+async fn soak_calls_through_nodes_killed_every_300_ms() {
+    let Some(redis) = Redis::start() else { return };
+    let calls: i64 = std::env::var("REMOTE_SOAK_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100_000);
+    let nodes: Vec<NodeProc> = (0..3)
+        .map(|_| NodeProc::start(&redis, "soak", 2, 500))
+        .collect();
+    nodes_live(&redis, "soak", 3).await;
+    let farm = Farm::connect(RemoteOptions::new(redis.url.clone(), "soak").max_retries(20))
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = std::thread::spawn({
+        let stop = stop.clone();
+        let url = redis.url.clone();
+        let mut nodes = nodes;
+        move || {
+            let mut kills = 0u32;
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(300));
+                nodes[i].kill();
+                nodes[i] = NodeProc::start_url(&url, "soak", 2, 500);
+                kills += 1;
+                i = (i + 1) % nodes.len();
+            }
+            (kills, nodes)
+        }
+    });
+    let started = Instant::now();
+    let window = 2_000;
+    let mut next = 0i64;
+    while next < calls {
+        let end = (next + window).min(calls);
+        let batch: Vec<_> = (next..end)
+            .map(|i| farm.run_method::<_, i64>("noop", i))
+            .collect();
+        for (i, call) in (next..end).zip(futures::future::join_all(batch).await) {
+            assert_eq!(call.unwrap_or_else(|e| panic!("call {i}: {e}")), i);
+        }
+        next = end;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (kills, _nodes) = killer.join().unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "soak: {calls} calls in {took:?} ({:.0}/s) with {kills} nodes killed",
+        calls as f64 / took.as_secs_f64()
+    );
+    assert!(
+        kills >= 2,
+        "the soak killed too few nodes to prove anything"
+    );
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, calls as u64);
+    assert_eq!(stats.total.calls.failed, 0);
+    let deadline = Instant::now() + SOON;
+    loop {
+        let left = leftovers(&redis, "soak").await;
+        if left == (0, 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left in the stream and pending: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     farm.shutdown().await;
 }

@@ -773,3 +773,94 @@ async fn soak_calls_through_nodes_killed_every_300_ms() {
     }
     farm.shutdown().await;
 }
+
+/// Not a test on its own: the caller process of
+/// `a_caller_that_dies_leaves_its_calls_to_finish_and_its_results_to_expire`, which starts
+/// this test binary again to run it.
+#[tokio::test]
+#[ignore = "run by another test as a separate caller process"]
+async fn caller_process() {
+    let (Ok(url), Ok(path)) = (
+        std::env::var("REMOTE_CALLER_URL"),
+        std::env::var("REMOTE_CALLER_LOG"),
+    ) else {
+        return;
+    };
+    let farm = Farm::connect(RemoteOptions::new(url, "orphan"))
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..4)
+        .map(|_| farm.run_method::<_, u32>("log_block", (path.clone(), 1_000u64)))
+        .collect();
+    // Queued at once; then wait to be killed.
+    let _ = futures::future::join_all(calls).await;
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_dies_leaves_its_calls_to_finish_and_its_results_to_expire() {
+    let Some(redis) = Redis::start() else { return };
+    let _a = NodeProc::start(&redis, "orphan", 2, 10_000);
+    let _b = NodeProc::start(&redis, "orphan", 2, 10_000);
+    nodes_live(&redis, "orphan", 2).await;
+    let runs = counter_file("remote-orphan");
+    let mut caller = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "caller_process", "--ignored", "--nocapture"])
+        .env("REMOTE_CALLER_URL", &redis.url)
+        .env("REMOTE_CALLER_LOG", &*runs)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    pending_calls(&redis, "orphan", 4).await;
+    caller.kill().unwrap();
+    caller.wait().unwrap();
+    // Another caller is unaffected meanwhile.
+    let farm = connect(&redis, "orphan").await;
+    let v: i64 = tokio::time::timeout(SOON, farm.run_method("noop", 3))
+        .await
+        .expect("another caller's call settles")
+        .unwrap();
+    assert_eq!(v, 3);
+    // The dead caller's four calls finish, and their results wait to expire.
+    let deadline = Instant::now() + SOON;
+    while leftovers(&redis, "orphan").await != (0, 0) {
+        assert!(
+            Instant::now() < deadline,
+            "the dead caller's calls did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    assert_eq!(logged.lines().count(), 4, "each ran once");
+    let mut conn = redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("wf:{orphan}:res:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut expiring = 0;
+    for key in keys {
+        let len: u64 = redis::cmd("XLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if len == 4 {
+            assert!(
+                ttl > 0 && ttl <= 3_600_000,
+                "the dead caller's results expire: {ttl}"
+            );
+            expiring += 1;
+        }
+    }
+    assert_eq!(
+        expiring, 1,
+        "one results stream holds the dead caller's four results"
+    );
+    farm.shutdown().await;
+}

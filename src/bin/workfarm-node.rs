@@ -13,8 +13,26 @@ use workfarm::remote::{Node, NodeOptions};
 use workfarm::serializer::Builtin;
 use workfarm::FarmOptions;
 
-const USAGE: &str = "usage: workfarm-node --redis URL --farm NAME [--workers N] \
-    [--serializer json|cbor|postcard] [--lease-ms MS] [--max-in-flight N] -- PROGRAM [ARGS...]";
+const USAGE: &str = "\
+usage: workfarm-node --redis URL --farm NAME [options] -- PROGRAM [ARGS...]
+
+Serves the calls of farm NAME, made with Farm::connect on any machine, by running them on
+local workers: PROGRAM is your worker binary (built with workfarm::worker), unchanged.
+
+  --redis URL          the Redis server: redis://[user:password@]host:port, or
+                       redis+unix:///path/to/socket
+  --farm NAME          the farm's name (callers use the same)
+  --workers N          local worker processes (default: the number of CPUs)
+  --serializer FORMAT  json (default), cbor or postcard: the callers' serializer
+  --lease-ms MS        how long a call stays this node's without a renewal (default 10000)
+  --max-in-flight N    calls held at once (default: the number of workers)
+  -h, --help           this text
+
+SIGTERM or Ctrl-C stops it gracefully: it takes no new calls, finishes the ones it holds
+and leaves the farm. Logs go to stderr; RUST_LOG sets the level (default info).
+
+example:
+  workfarm-node --redis redis://127.0.0.1:6379 --farm pi --workers 4 -- ./target/release/my-worker";
 
 struct Args {
     url: String,
@@ -41,6 +59,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
             return Err("missing -- PROGRAM".to_owned());
         };
         match arg.as_str() {
+            "-h" | "--help" => return Err(String::new()),
             "--redis" => url = args.next(),
             "--farm" => farm = args.next(),
             "--workers" => workers = Some(number("--workers", args.next())? as usize),
@@ -77,11 +96,21 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
 async fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(args) => args,
+        Err(message) if message.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(message) => {
-            eprintln!("workfarm-node: {message}\n{USAGE}");
+            eprintln!("workfarm-node: {message}\n\n{USAGE}");
             return ExitCode::from(2);
         }
     };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let mut options = FarmOptions::new(&args.program)
         .args(&args.program_args)
         .serializer(args.serializer);
@@ -102,7 +131,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    eprintln!("workfarm-node: {} serving", node.id());
+    tracing::info!(node = node.id(), "serving");
     let (mut term, mut int) = match (
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
@@ -118,7 +147,7 @@ async fn main() -> ExitCode {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    eprintln!("workfarm-node: stopping");
+    tracing::info!("stopping: finishing the calls held, then leaving the farm");
     node.stop().await;
     ExitCode::SUCCESS
 }

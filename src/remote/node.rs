@@ -74,6 +74,40 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 ";
 
+/// How long a node's liveness key lives without a beat; it beats four times as often.
+/// Separate from the lease on a call: a node that stops beating loses its calls to a peer
+/// within about this long, however long the lease (a live node's call is never taken).
+const LIVENESS: Duration = Duration::from_secs(2);
+
+/// Claims the calls pending for nodes whose liveness key has expired (they died), for
+/// this node, whatever their idle time. `KEYS[1]` the calls stream; `ARGV[1]` the group,
+/// `ARGV[2]` this node, `ARGV[3]` the liveness keys' prefix, `ARGV[4]` the most to take.
+/// Returns entry ids and their delivery counts (after this claim), alternately.
+const CLAIM_DEAD: &str = r"
+local out = {}
+local alive = {}
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 200)
+for _, p in ipairs(pending) do
+  local owner = p[2]
+  if owner ~= ARGV[2] then
+    if alive[owner] == nil then
+      alive[owner] = redis.call('EXISTS', ARGV[3] .. owner)
+    end
+    if alive[owner] == 0 then
+      local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
+      if #claimed > 0 then
+        out[#out + 1] = p[1]
+        out[#out + 1] = p[4] + 1
+        if #out >= 2 * tonumber(ARGV[4]) then
+          break
+        end
+      end
+    end
+  end
+end
+return out
+";
+
 /// Settings of a [`Node`].
 #[derive(Debug, Clone)]
 pub struct NodeOptions<S = Json> {
@@ -97,7 +131,7 @@ impl<S: Serializer> NodeOptions<S> {
             farm: farm.into(),
             options,
             lease: Duration::from_secs(10),
-            block: Duration::from_secs(1),
+            block: Duration::from_millis(500),
             max_in_flight: None,
             connect_timeout: Duration::from_secs(5),
             result_ttl: Duration::from_secs(3600),
@@ -252,11 +286,13 @@ impl<S: Serializer> Puller<S> {
     async fn run(self, mut stopped: watch::Receiver<bool>) {
         let this = Arc::new(self);
         let beats = tokio::spawn(this.clone().renew_forever());
+        let heart = tokio::spawn(this.clone().beat_forever());
         let inbox = tokio::spawn(this.clone().serve_inbox());
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
         let mut cursor = "0-0".to_owned();
+        let mut last_dead_check = Instant::now() - LIVENESS;
         while !*stopped.borrow() {
             // Listening before looking: a call that finishes in between still wakes us.
             let done = this.state.done.notified();
@@ -269,6 +305,14 @@ impl<S: Serializer> Puller<S> {
                     () = stop_requested(&mut stopped) => {}
                 }
                 continue;
+            }
+            if last_dead_check.elapsed() >= LIVENESS / 4 {
+                last_dead_check = Instant::now();
+                match this.claim_from_dead(free).await {
+                    Ok(0) => {}
+                    Ok(_) => continue,
+                    Err(e) => tracing::debug!(error = %e, "cannot claim dead nodes' calls"),
+                }
             }
             if last_orphan_check.elapsed() >= this.lease / 4 {
                 last_orphan_check = Instant::now();
@@ -352,12 +396,55 @@ impl<S: Serializer> Puller<S> {
             notified.await;
         }
         beats.abort();
+        heart.abort();
         inbox.abort();
         this.leave().await;
         this.farm.shutdown().await;
     }
 
     /// Claims calls whose lease ran out (their node died or froze): how many it took.
+    /// Claims calls of nodes whose liveness key expired: how many it took.
+    async fn claim_from_dead(self: &Arc<Self>, free: usize) -> redis::RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let calls = self.keys.calls();
+        let claimed: Vec<String> = redis::Script::new(CLAIM_DEAD)
+            .key(&calls)
+            .arg(GROUP)
+            .arg(&self.id)
+            .arg(self.keys.node(""))
+            .arg(free)
+            .invoke_async(&mut conn)
+            .await?;
+        let mut taken = 0;
+        for pair in claimed.chunks(2) {
+            let [entry, deliveries] = pair else { continue };
+            let deliveries: u32 = deliveries.parse().unwrap_or(u32::MAX);
+            let found: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&calls)
+                .arg(entry)
+                .arg(entry)
+                .query_async(&mut conn)
+                .await?;
+            match found.ids.first() {
+                Some(call) => {
+                    tracing::info!(entry = %entry, deliveries, "took over a call of a dead node");
+                    self.take_call(call, deliveries).await;
+                    taken += 1;
+                }
+                None => {
+                    // Deleted meanwhile (its caller gave up): nothing to run.
+                    let _ = redis::cmd("XACK")
+                        .arg(&calls)
+                        .arg(GROUP)
+                        .arg(entry)
+                        .exec_async(&mut conn)
+                        .await;
+                }
+            }
+        }
+        Ok(taken)
+    }
+
     /// Each check goes on from `cursor` (XAUTOCLAIM scans a bounded part of the pending
     /// list per call), back to the start when it has seen the whole list.
     async fn claim_orphans(
@@ -580,7 +667,7 @@ impl<S: Serializer> Puller<S> {
             .arg(self.keys.node(&self.id))
             .arg(self.workers)
             .arg("PX")
-            .arg(self.lease.as_millis() as u64)
+            .arg(LIVENESS.as_millis() as u64)
             .ignore();
         pipe.cmd("ZADD")
             .arg(self.keys.nodes())
@@ -590,17 +677,23 @@ impl<S: Serializer> Puller<S> {
         pipe.exec_async(&mut conn).await
     }
 
-    /// Every third of the lease: beat, renew the leases held, drop the calls whose lease
-    /// was lost, and clear away nodes long dead.
+    /// Beats four times per [`LIVENESS`].
+    async fn beat_forever(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(LIVENESS / 4).await;
+            if let Err(e) = self.beat().await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }
+
+    /// Every third of the lease: renew the leases held, drop the calls whose lease was
+    /// lost, and clear away nodes long dead.
     async fn renew_forever(self: Arc<Self>) {
         let script = redis::Script::new(RENEW);
         let mut last_sweep = Instant::now();
         loop {
             tokio::time::sleep(self.lease / 3).await;
-            if let Err(e) = self.beat().await {
-                tracing::warn!(error = %e, "heartbeat failed");
-                continue;
-            }
             let held: Vec<String> = self.state.owned().keys().cloned().collect();
             if !held.is_empty() {
                 let mut conn = self.conn.clone();

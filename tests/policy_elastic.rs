@@ -96,7 +96,12 @@ async fn an_elastic_pool_grows_one_worker_per_waiting_call() {
         .into_iter()
         .filter(|e| matches!(e, Event::Spawned { .. }))
         .count();
-    assert_eq!(spawned, 2, "not grown past the calls waiting");
+    assert_eq!(
+        spawned,
+        2,
+        "not grown past the calls waiting: {:#?}",
+        farm.status().await
+    );
     assert_eq!(farm.status().await.workers.len(), 2);
     farm.shutdown().await;
 }

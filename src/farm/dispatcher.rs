@@ -351,9 +351,21 @@ impl<T: Transport> Dispatcher<T> {
             // Calls waiting inside busy workers wait too: an elastic pool grows for them
             // (a new worker takes them back as it comes online).
             let inside: usize = self.workers.iter().map(Worker::waiting).sum();
+            // Workers on their way: starting, and those the size already asks for that are
+            // not spawned yet (else each turn before they spawn would grow the pool again).
+            // And room already there: a call still in the channel while a worker is idle
+            // is taken next turn, not a reason to grow.
+            let live = self.workers.iter().filter(|w| w.is_live()).count();
+            let per_worker = self.settings.max_concurrent_calls_per_worker;
+            let free: usize = self
+                .workers
+                .iter()
+                .map(|w| w.free_slots(per_worker).min(w.free_threads()))
+                .fold(0, usize::saturating_add);
+            let coming = self.workers.starting() + self.size.saturating_sub(live);
             self.size = self
                 .bounds
-                .grow(self.size, waiting + inside, self.workers.starting());
+                .grow(self.size, waiting + inside, coming.saturating_add(free));
         }
         if waiting > 0 || self.size > size || self.keyed_queued() > 0 {
             self.ensure_workers();

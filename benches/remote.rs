@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --features redis --bench remote                 # 20,000 calls, default in-flight
 //! cargo bench --features redis --bench remote -- 20000 64     # 64 calls in flight per node
+//! REMOTE_BENCH_COMMANDSTATS=1 cargo bench ...               # and the engine's per-command costs
 //! ```
 
 use std::process::{Command, Stdio};
@@ -26,6 +27,17 @@ fn worker_bin() -> std::path::PathBuf {
         .expect("cargo build");
     assert!(status.success());
     profile.join("workfarm-worker")
+}
+
+/// A command's answer through `redis-cli` (for the engine's own per-command statistics).
+fn redis_cli(socket: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-s")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn main() {
@@ -67,12 +79,19 @@ fn main() {
             let v: i64 = farm.run_method("noop", i).await.expect("warm-up");
             assert_eq!(v, i);
         }
+        let stats = std::env::var_os("REMOTE_BENCH_COMMANDSTATS").is_some();
+        if stats {
+            redis_cli(&socket, &["CONFIG", "RESETSTAT"]);
+        }
         let started = Instant::now();
         let futures: Vec<_> = (0..calls).map(|i| farm.run_method::<_, i64>("noop", i)).collect();
         for (i, f) in futures.into_iter().enumerate() {
             assert_eq!(f.await.expect("noop"), i as i64);
         }
         let rate = calls as f64 / started.elapsed().as_secs_f64();
+        if stats {
+            eprintln!("{}", redis_cli(&socket, &["INFO", "commandstats"]));
+        }
         let mut latencies = Vec::new();
         for i in 0..500i64 {
             let t = Instant::now();

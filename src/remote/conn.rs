@@ -51,9 +51,19 @@ pub(crate) async fn blocking(
     client: &Client,
     connect_timeout: Duration,
 ) -> redis::RedisResult<MultiplexedConnection> {
+    dedicated(client, connect_timeout, None).await
+}
+
+/// A connection of its own (not shared, not re-opened behind the caller's back: what the
+/// engine's list of clients shows of it is this process's).
+pub(crate) async fn dedicated(
+    client: &Client,
+    connect_timeout: Duration,
+    response_timeout: Option<Duration>,
+) -> redis::RedisResult<MultiplexedConnection> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect_timeout))
-        .set_response_timeout(None);
+        .set_response_timeout(response_timeout);
     client
         .get_multiplexed_async_connection_with_config(&config)
         .await

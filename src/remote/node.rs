@@ -3,18 +3,21 @@
 
 use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys, GROUP};
-use super::wire::{self, CallEntry, WIRE_VERSION};
+use super::wire::{self, Beat, CallEntry, WIRE_VERSION};
 use crate::error::{CallError, CreateError};
 use crate::options::FarmOptions;
 use crate::serializer::{Json, Serializer};
 use crate::Farm;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamPendingReply, StreamReadReply,
+};
 use redis::Client;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -36,26 +39,50 @@ end
 return owned
 ";
 
-/// Completes a call, only if no other node owns it now (a node that lost its lease must
-/// not ack the new owner's delivery): posts the result to the caller's stream and removes
-/// the entry, atomically. An entry pending nowhere (the server restarted without it) is
-/// still answered: its caller may be waiting. Returns 0 when another node owns it.
-/// `KEYS[1]` the calls stream, `KEYS[2]` the caller's results stream; `ARGV[1]` the group,
-/// `ARGV[2]` this node, `ARGV[3]` the entry, `ARGV[4]` the results' time to live (ms), then
-/// the result's fields and values (none: only remove the entry).
-const COMPLETE: &str = r"
-local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if type(p) == 'table' and p.err == nil and p[1] and p[1][2] ~= ARGV[2] then
+/// Acknowledges answered entries and lets the stream go of them: trimmed away (cheap: whole
+/// blocks at a time) up to the oldest entry still pending or not yet read, and deleted one
+/// by one (`XDEL`, some microseconds each) only while such an entry has held the trimming
+/// back for longer than `ARGV[2]` ms, so a long call does not make the stream grow.
+/// `KEYS[1]` the calls stream; `ARGV[1]` the group, `ARGV[2]` that hold-back, then the
+/// entries.
+const SETTLE: &str = r"
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local bound_ms, bound_seq
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, last
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+  end
+  if name == ARGV[1] and last then
+    bound_ms, bound_seq = parse(last)
+    bound_seq = bound_seq + 1
+  end
+end
+if not bound_ms then
   return 0
 end
-if #ARGV > 4 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+if p[1] > 0 then
+  local ms, seq = parse(p[2])
+  if ms < bound_ms or (ms == bound_ms and seq < bound_seq) then
+    bound_ms, bound_seq = ms, seq
+  end
 end
-redis.pcall('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%d-%d', bound_ms, bound_seq))
+local now = redis.call('TIME')
+if bound_ms < tonumber(now[1]) * 1000 - tonumber(ARGV[2]) then
+  redis.call('XDEL', KEYS[1], unpack(ARGV, 3))
+end
 return 1
 ";
+
+/// How long the oldest unfinished call may hold back the trimming of the calls stream
+/// before the calls answered after it are deleted one by one.
+const TRIM_HOLD_BACK: Duration = Duration::from_secs(5);
 
 /// Forgets a node that is gone (its liveness key expired) once nothing is pending for it,
 /// atomically, so a call it takes meanwhile is never erased with it. `KEYS`: the calls
@@ -79,34 +106,99 @@ return 1
 /// within about this long, however long the lease (a live node's call is never taken).
 const LIVENESS: Duration = Duration::from_secs(2);
 
-/// Claims the calls pending for nodes whose liveness key has expired (they died), for
-/// this node, whatever their idle time. `KEYS[1]` the calls stream; `ARGV[1]` the group,
-/// `ARGV[2]` this node, `ARGV[3]` the liveness keys' prefix, `ARGV[4]` the most to take.
-/// Returns entry ids and their delivery counts (after this claim), alternately.
+/// Claims, for this node, the calls pending for nodes found dead: pairs of a node and how it
+/// was found, `k` (its liveness key expired: checked again here, so a node that beat
+/// meanwhile keeps its calls) or `c` (its connection to the engine is gone). `KEYS[1]` the
+/// calls stream; `ARGV[1]` the group, `ARGV[2]` this node, `ARGV[3]` the liveness keys'
+/// prefix, `ARGV[4]` the most to take, then the pairs. Returns entry ids and their delivery
+/// counts (after this claim), alternately.
 const CLAIM_DEAD: &str = r"
 local out = {}
-local alive = {}
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 200)
-for _, p in ipairs(pending) do
-  local owner = p[2]
-  if owner ~= ARGV[2] then
-    if alive[owner] == nil then
-      alive[owner] = redis.call('EXISTS', ARGV[3] .. owner)
+local most = tonumber(ARGV[4])
+for i = 5, #ARGV, 2 do
+  local owner, how = ARGV[i], ARGV[i + 1]
+  if owner ~= ARGV[2] and (how == 'c' or redis.call('EXISTS', ARGV[3] .. owner) == 0) then
+    local left = most - #out / 2
+    if left <= 0 then
+      break
     end
-    if alive[owner] == 0 then
+    for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', left, owner)) do
       local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
       if #claimed > 0 then
         out[#out + 1] = p[1]
         out[#out + 1] = p[4] + 1
-        if #out >= 2 * tonumber(ARGV[4]) then
-          break
-        end
       end
     end
   end
 end
 return out
 ";
+
+/// How often a node with room looks for dead nodes' calls.
+const DEAD_CHECK: Duration = Duration::from_millis(150);
+/// How long a node's connection must stay gone before it counts as dead: longer than a
+/// beat, so a node that reconnected has re-announced itself by then.
+const GONE_FOR: Duration = Duration::from_millis(300);
+/// How long after the engine started nodes are not judged by their connections: after a
+/// restart every node's heart reconnects at its next beat (every half second), and one that
+/// cannot within this long has let its liveness key expire anyway.
+const PRESENCE_GRACE: Duration = LIVENESS;
+
+/// Most answers posted in one pipeline.
+const POST_BATCH: usize = 256;
+
+/// How much work a node may hold beyond one call per worker: what its workers finish in
+/// this long at their recent pace. Calls of 5 ms or longer are therefore held one per
+/// worker (a node claims only what it can start); noop-sized calls are held by the dozen,
+/// so reads and posts carry many calls each.
+const PREFETCH_HORIZON: Duration = Duration::from_millis(10);
+/// The most calls a node holds per worker, whatever their pace.
+const MAX_HELD_PER_WORKER: usize = 64;
+
+/// A node's recent pace (calls answered per second), which sets how many it holds.
+struct Pace {
+    at: Instant,
+    answered: u64,
+    per_s: f64,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Pace {
+            at: Instant::now(),
+            answered: 0,
+            per_s: 0.0,
+        }
+    }
+
+    /// Calls to hold, given the count answered so far: one per worker, plus what they
+    /// answer within [`PREFETCH_HORIZON`] at the pace of the last tenths of a second.
+    fn capacity(&mut self, workers: usize, answered: u64) -> usize {
+        let elapsed = self.at.elapsed();
+        if elapsed >= Duration::from_millis(100) {
+            let now = (answered - self.answered) as f64 / elapsed.as_secs_f64();
+            self.per_s = (self.per_s + now) / 2.0;
+            self.at = Instant::now();
+            self.answered = answered;
+        }
+        let extra = (self.per_s * PREFETCH_HORIZON.as_secs_f64()) as usize;
+        workers.max(1) + extra.min(workers.max(1) * (MAX_HELD_PER_WORKER - 1))
+    }
+}
+
+/// A call's outcome on its way to the engine.
+struct Answer {
+    entry: String,
+    who: Option<(String, u64)>,
+    deliveries: u32,
+    outcome: Result<Vec<u8>, CallError>,
+}
+
+enum ToPoster {
+    Answer(Answer),
+    /// Answers once everything sent before it is posted.
+    Flush(oneshot::Sender<()>),
+}
 
 /// Settings of a [`Node`].
 #[derive(Debug, Clone)]
@@ -202,7 +294,10 @@ impl Node {
         let state = Arc::new(Shared {
             owned: Mutex::new(HashMap::new()),
             done: Notify::new(),
+            answered: AtomicU64::new(0),
+            presence: Mutex::new(None),
         });
+        let (answers, to_post) = mpsc::unbounded_channel();
         let node = Puller {
             id: id.clone(),
             keys,
@@ -210,19 +305,26 @@ impl Node {
             conn: manager,
             farm,
             state,
-            capacity: options.max_in_flight.unwrap_or(workers).max(1),
+            max_in_flight: options.max_in_flight.map(|n| n.max(1)),
             workers,
+            answers,
             lease: options.lease,
             block: options.block,
             connect_timeout: options.connect_timeout,
             result_ttl: options.result_ttl,
         };
-        node.beat().await.map_err(|e| CreateError::Engine {
-            message: format!("cannot register the node: {e}"),
-        })?;
+        let heart = node
+            .connect_heart()
+            .await
+            .map_err(|e| CreateError::Engine {
+                message: format!("cannot register the node: {e}"),
+            })?;
         let (stop, stopped) = watch::channel(false);
         let span = tracing::info_span!("node", id = %id);
-        let task = tokio::spawn(tracing::Instrument::instrument(node.run(stopped), span));
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            node.run(stopped, to_post, heart),
+            span,
+        ));
         Ok(Node { id, stop, task })
     }
 
@@ -258,9 +360,57 @@ struct Shared {
     owned: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     /// A call finished: there is room again.
     done: Notify,
+    /// Calls answered so far: the node's pace, which sets how many it holds.
+    answered: AtomicU64,
+    /// The engine's id for this node's heartbeat connection, and when it opened: peers take
+    /// this node for dead once that connection is gone.
+    presence: Mutex<Option<(u64, Instant)>>,
+}
+
+/// How long the engine has been up (`None` when it will not say).
+async fn uptime(conn: &mut ConnectionManager) -> Option<Duration> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let seconds = info
+        .lines()
+        .find_map(|line| line.strip_prefix("uptime_in_seconds:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
+/// Nodes whose heartbeat connection was missing from the engine, with that connection and
+/// since when.
+#[derive(Default)]
+struct Suspects(HashMap<String, (u64, Instant)>);
+
+/// How a node was found dead.
+#[derive(Debug, Clone, Copy)]
+enum Death {
+    /// Its liveness key expired.
+    Expired,
+    /// Its heartbeat connection is gone.
+    Disconnected,
+}
+
+impl Death {
+    fn code(self) -> &'static str {
+        match self {
+            Death::Expired => "k",
+            Death::Disconnected => "c",
+        }
+    }
 }
 
 impl Shared {
+    fn presence(&self) -> std::sync::MutexGuard<'_, Option<(u64, Instant)>> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn owned(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::task::AbortHandle>> {
         self.owned.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -273,7 +423,10 @@ struct Puller<S: Serializer> {
     conn: ConnectionManager,
     farm: Farm<S>,
     state: Arc<Shared>,
-    capacity: usize,
+    /// The user's fixed bound on calls held, if any; else [`Pace`] sets it.
+    max_in_flight: Option<usize>,
+    /// Outcomes on their way to the engine, posted in batches.
+    answers: mpsc::UnboundedSender<ToPoster>,
     /// Its local workers: what a broadcast reaches here (the liveness key says it).
     workers: usize,
     lease: Duration,
@@ -283,22 +436,34 @@ struct Puller<S: Serializer> {
 }
 
 impl<S: Serializer> Puller<S> {
-    async fn run(self, mut stopped: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        mut stopped: watch::Receiver<bool>,
+        to_post: mpsc::UnboundedReceiver<ToPoster>,
+        heart: MultiplexedConnection,
+    ) {
         let this = Arc::new(self);
+        let poster = tokio::spawn(this.clone().post_answers(to_post));
+        let mut pace = Pace::new();
         let beats = tokio::spawn(this.clone().renew_forever());
-        let heart = tokio::spawn(this.clone().beat_forever());
+        let heart = tokio::spawn(this.clone().beat_forever(heart));
         let inbox = tokio::spawn(this.clone().serve_inbox());
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
         let mut cursor = "0-0".to_owned();
-        let mut last_dead_check = Instant::now() - LIVENESS;
+        let mut last_dead_check = Instant::now() - DEAD_CHECK;
+        let mut suspects = Suspects::default();
         while !*stopped.borrow() {
             // Listening before looking: a call that finishes in between still wakes us.
             let done = this.state.done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            let free = this.capacity.saturating_sub(this.state.owned().len());
+            let capacity = match this.max_in_flight {
+                Some(n) => n,
+                None => pace.capacity(this.workers, this.state.answered.load(Ordering::Relaxed)),
+            };
+            let free = capacity.saturating_sub(this.state.owned().len());
             if free == 0 {
                 tokio::select! {
                     () = done => {}
@@ -306,9 +471,9 @@ impl<S: Serializer> Puller<S> {
                 }
                 continue;
             }
-            if last_dead_check.elapsed() >= LIVENESS / 4 {
+            if last_dead_check.elapsed() >= DEAD_CHECK {
                 last_dead_check = Instant::now();
-                match this.claim_from_dead(free).await {
+                match this.claim_from_dead(free, &mut suspects).await {
                     Ok(0) => {}
                     Ok(_) => continue,
                     Err(e) => tracing::debug!(error = %e, "cannot claim dead nodes' calls"),
@@ -395,6 +560,11 @@ impl<S: Serializer> Puller<S> {
             }
             notified.await;
         }
+        let (flushed, flush) = oneshot::channel();
+        if this.answers.send(ToPoster::Flush(flushed)).is_ok() {
+            let _ = flush.await;
+        }
+        poster.abort();
         beats.abort();
         heart.abort();
         inbox.abort();
@@ -402,19 +572,32 @@ impl<S: Serializer> Puller<S> {
         this.farm.shutdown().await;
     }
 
-    /// Claims calls whose lease ran out (their node died or froze): how many it took.
-    /// Claims calls of nodes whose liveness key expired: how many it took.
-    async fn claim_from_dead(self: &Arc<Self>, free: usize) -> redis::RedisResult<usize> {
+    /// Claims calls of dead nodes (see [`Self::dead_nodes`]): how many it took.
+    async fn claim_from_dead(
+        self: &Arc<Self>,
+        free: usize,
+        suspects: &mut Suspects,
+    ) -> redis::RedisResult<usize> {
+        let dead = self.dead_nodes(suspects).await?;
+        if dead.is_empty() {
+            return Ok(0);
+        }
         let mut conn = self.conn.clone();
         let calls = self.keys.calls();
-        let claimed: Vec<String> = redis::Script::new(CLAIM_DEAD)
-            .key(&calls)
+        let script = redis::Script::new(CLAIM_DEAD);
+        let mut invocation = script.key(&calls);
+        invocation
             .arg(GROUP)
             .arg(&self.id)
             .arg(self.keys.node(""))
-            .arg(free)
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(free);
+        for (node, how) in &dead {
+            invocation.arg(node).arg(how.code());
+        }
+        let claimed: Vec<String> = invocation.invoke_async(&mut conn).await?;
+        for (node, how) in &dead {
+            tracing::debug!(node, ?how, "a dead node's calls are claimed");
+        }
         let mut taken = 0;
         for pair in claimed.chunks(2) {
             let [entry, deliveries] = pair else { continue };
@@ -508,7 +691,7 @@ impl<S: Serializer> Puller<S> {
                     node: self.id.clone(),
                     message,
                 };
-                self.answer(&entry.id, who, deliveries, Err(error)).await;
+                self.answer(&entry.id, who, deliveries, Err(error));
                 return;
             }
         };
@@ -547,7 +730,7 @@ impl<S: Serializer> Puller<S> {
             None
         };
         if let Some(error) = refused {
-            self.answer(&call.entry, who, deliveries, Err(error)).await;
+            self.answer(&call.entry, who, deliveries, Err(error));
             return;
         }
         let left = call
@@ -572,61 +755,98 @@ impl<S: Serializer> Puller<S> {
                 }
                 other => other.map(|body| body.to_vec()),
             };
-            // Still counted as held while the answer is posted, so a graceful stop waits
-            // for it.
+            // Still held until the answer is posted (the poster lets it go), so a graceful
+            // stop waits for it.
             let still_ours = this.state.owned().contains_key(&call.entry);
             if still_ours {
-                this.answer(&call.entry, who, deliveries, outcome).await;
+                this.answer(&call.entry, who, deliveries, outcome);
             } else {
                 tracing::info!(entry = %call.entry, "lease lost: the result is another node's to give");
+                this.state.done.notify_waiters();
             }
-            this.state.owned().remove(&call.entry);
-            this.state.done.notify_waiters();
         });
         owned.insert(entry_id, task.abort_handle());
     }
 
-    /// Posts the outcome of entry `entry` to its caller and removes the entry, in one
-    /// transaction. A call whose caller is unknown is only removed.
-    async fn answer(
+    /// Hands the outcome of entry `entry` to the poster. A call whose caller is unknown is
+    /// only removed.
+    fn answer(
         &self,
         entry: &str,
         who: Option<(String, u64)>,
         deliveries: u32,
         outcome: Result<Vec<u8>, CallError>,
     ) {
-        let calls = self.keys.calls();
-        let script = redis::Script::new(COMPLETE);
-        let mut invocation = script.key(&calls);
-        match &who {
-            Some((client, _)) => invocation.key(self.keys.results(client)),
-            None => invocation.key(&calls),
+        let answer = Answer {
+            entry: entry.to_owned(),
+            who,
+            deliveries,
+            outcome,
         };
-        invocation
-            .arg(GROUP)
-            .arg(&self.id)
-            .arg(entry)
-            .arg(self.result_ttl.as_millis() as u64);
-        if let Some((_, id)) = &who {
-            invocation
+        // The poster lives as long as the puller: a send fails only once the node stopped.
+        let _ = self.answers.send(ToPoster::Answer(answer));
+    }
+
+    /// Posts answers as they come, each batch in one pipeline, then lets their calls go.
+    async fn post_answers(self: Arc<Self>, mut to_post: mpsc::UnboundedReceiver<ToPoster>) {
+        let mut batch = Vec::with_capacity(POST_BATCH);
+        while to_post.recv_many(&mut batch, POST_BATCH).await > 0 {
+            let mut answers = Vec::with_capacity(batch.len());
+            let mut flushed = Vec::new();
+            for message in batch.drain(..) {
+                match message {
+                    ToPoster::Answer(answer) => answers.push(answer),
+                    ToPoster::Flush(tx) => flushed.push(tx),
+                }
+            }
+            if !answers.is_empty() {
+                self.post(&answers).await;
+                let mut owned = self.state.owned();
+                for answer in &answers {
+                    owned.remove(&answer.entry);
+                }
+                drop(owned);
+                self.state
+                    .answered
+                    .fetch_add(answers.len() as u64, Ordering::Relaxed);
+                self.state.done.notify_waiters();
+            }
+            for tx in flushed {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Posts each answer to its caller's results stream, then acknowledges and deletes the
+    /// entries, in one pipeline (in that order: a node that dies in between has its calls
+    /// run again, and the caller drops the second answer). Whichever delivery of a call
+    /// finishes first answers it; a node that lost its lease and finished anyway answers
+    /// too, and its acknowledgement ends the new owner's run (its renewal finds the entry
+    /// gone).
+    async fn post(&self, answers: &[Answer]) {
+        let calls = self.keys.calls();
+        let mut pipe = redis::pipe();
+        let mut callers: Vec<&str> = Vec::new();
+        for answer in answers {
+            let Some((client, id)) = &answer.who else {
+                continue;
+            };
+            let cmd = pipe.cmd("XADD");
+            cmd.arg(self.keys.results(client))
+                .arg("*")
                 .arg("id")
                 .arg(*id)
                 .arg("node")
                 .arg(&self.id)
                 .arg("deliveries")
-                .arg(deliveries);
-            match &outcome {
+                .arg(answer.deliveries);
+            match &answer.outcome {
                 Ok(body) => {
-                    invocation
-                        .arg("ok")
-                        .arg("1")
-                        .arg("body")
-                        .arg(body.as_slice());
+                    cmd.arg("ok").arg("1").arg("body").arg(body.as_slice());
                 }
                 Err(error) => {
                     let (kind, message) = wire::encode_error(error);
-                    invocation
-                        .arg("ok")
+                    cmd.arg("ok")
                         .arg("0")
                         .arg("kind")
                         .arg(kind)
@@ -634,38 +854,187 @@ impl<S: Serializer> Puller<S> {
                         .arg(message);
                 }
             }
+            cmd.ignore();
+            if !callers.contains(&client.as_str()) {
+                callers.push(client);
+            }
         }
+        for client in callers {
+            pipe.cmd("PEXPIRE")
+                .arg(self.keys.results(client))
+                .arg(self.result_ttl.as_millis() as u64)
+                .ignore();
+        }
+        let script = redis::Script::new(SETTLE);
+        let mut settle = script.key(&calls);
+        settle.arg(GROUP).arg(TRIM_HOLD_BACK.as_millis() as u64);
+        for answer in answers {
+            settle.arg(&answer.entry);
+        }
+        pipe.invoke_script(&settle).ignore();
         let mut backoff = Backoff::new();
+        let mut posted = false;
         for _ in 0..5 {
             let mut conn = self.conn.clone();
-            let completed = invocation.invoke_async::<i64>(&mut conn);
-            match tokio::time::timeout(COMMAND_TIMEOUT, completed).await {
-                Ok(Ok(1)) => return,
-                Ok(Ok(_)) => {
-                    tracing::info!(entry, "lease lost: the result is another node's to give");
-                    return;
+            let outcome = if posted {
+                // The results went out; only the settling failed (a server that restarted
+                // no longer knows the script: this loads it).
+                tokio::time::timeout(COMMAND_TIMEOUT, settle.invoke_async::<()>(&mut conn)).await
+            } else {
+                tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut conn)).await
+            };
+            match outcome {
+                Ok(Ok(())) => return,
+                Ok(Err(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    posted = true;
+                    continue;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, entry, "cannot post a result"),
-                Err(_) => {
-                    tracing::warn!(entry, "cannot post a result: the engine stopped answering")
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, calls = answers.len(), "cannot post results")
                 }
+                Err(_) => tracing::warn!(
+                    calls = answers.len(),
+                    "cannot post results: the engine stopped answering"
+                ),
             }
             backoff.wait().await;
         }
-        // The entry stays pending: once the lease runs out another node runs it again.
+        // The entries stay pending: other nodes run them again once this one is gone or
+        // their leases run out.
         tracing::error!(
-            entry,
-            "result not posted; the call will be re-run elsewhere"
+            calls = answers.len(),
+            "results not posted; the calls will be re-run elsewhere"
         );
     }
 
-    /// Announces the node (its liveness key and heartbeat).
-    async fn beat(&self) -> redis::RedisResult<()> {
+    /// The nodes holding calls that are dead: their liveness key expired, or their
+    /// heartbeat connection has been gone from the engine for [`GONE_FOR`] (a killed
+    /// process's sockets close at once: its calls restart within a second). Connections are
+    /// judged only while this node's own is known to the engine and the engine has been up
+    /// for [`PRESENCE_GRACE`], so an engine restart does not make every node look dead.
+    async fn dead_nodes(
+        &self,
+        suspects: &mut Suspects,
+    ) -> redis::RedisResult<Vec<(String, Death)>> {
         let mut conn = self.conn.clone();
+        let calls = self.keys.calls();
+        let pending: StreamPendingReply = redis::cmd("XPENDING")
+            .arg(&calls)
+            .arg(GROUP)
+            .query_async(&mut conn)
+            .await?;
+        let StreamPendingReply::Data(pending) = pending else {
+            suspects.0.clear();
+            return Ok(Vec::new());
+        };
+        let holders: Vec<String> = pending
+            .consumers
+            .into_iter()
+            .filter(|c| c.pending > 0 && c.name != self.id)
+            .map(|c| c.name)
+            .collect();
+        if holders.is_empty() {
+            suspects.0.clear();
+            return Ok(Vec::new());
+        }
+        let mut get = redis::cmd("MGET");
+        for node in &holders {
+            get.arg(self.keys.node(node));
+        }
+        let beats: Vec<Option<String>> = get.query_async(&mut conn).await?;
+        let mut dead = Vec::new();
+        let mut connected = Vec::new();
+        for (node, beat) in holders.into_iter().zip(beats) {
+            match beat.as_deref().and_then(Beat::parse) {
+                None if beat.is_none() => dead.push((node, Death::Expired)),
+                Some(Beat {
+                    client: Some(client),
+                    ..
+                }) => connected.push((node, client)),
+                _ => {}
+            }
+        }
+        let own = *self.state.presence();
+        let Some((own, _)) = own.filter(|_| !connected.is_empty()) else {
+            suspects.0.clear();
+            return Ok(dead);
+        };
+        let mut list = redis::cmd("CLIENT");
+        list.arg("LIST").arg("ID").arg(own);
+        for (_, client) in &connected {
+            list.arg(*client);
+        }
+        let listed: String = match list.query_async(&mut conn).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                // Not allowed (an ACL without CLIENT): liveness keys alone, then.
+                tracing::debug!(error = %e, "cannot list the engine's clients");
+                return Ok(dead);
+            }
+        };
+        let present: Vec<u64> = listed
+            .lines()
+            .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+            .collect();
+        if !present.contains(&own) {
+            // This node's own connection is not listed: the engine is not the one it knew.
+            suspects.0.clear();
+            return Ok(dead);
+        }
+        let mut still = HashMap::new();
+        let mut gone = Vec::new();
+        for (node, client) in connected {
+            if present.contains(&client) {
+                continue;
+            }
+            let since = match suspects.0.get(&node) {
+                Some(&(c, since)) if c == client => since,
+                _ => Instant::now(),
+            };
+            if since.elapsed() >= GONE_FOR {
+                gone.push(node.clone());
+            }
+            still.insert(node, (client, since));
+        }
+        suspects.0 = still;
+        if !gone.is_empty()
+            && uptime(&mut conn)
+                .await
+                .is_some_and(|up| up >= PRESENCE_GRACE)
+        {
+            dead.extend(gone.into_iter().map(|node| (node, Death::Disconnected)));
+        }
+        Ok(dead)
+    }
+
+    /// Opens the heartbeat connection (the engine's list of clients shows it while this
+    /// process lives) and announces the node on it.
+    async fn connect_heart(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let mut heart =
+            conn::dedicated(&self.client, self.connect_timeout, Some(COMMAND_TIMEOUT)).await?;
+        let id: Option<u64> = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut heart)
+            .await
+            .ok();
+        *self.state.presence() = id.map(|id| (id, Instant::now()));
+        self.beat(&mut heart).await?;
+        Ok(heart)
+    }
+
+    /// Announces the node (its liveness key, holding its workers and heartbeat connection,
+    /// and its last beat).
+    async fn beat(&self, heart: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let beat = Beat {
+            workers: self.workers,
+            client: self.state.presence().map(|(id, _)| id),
+        };
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(self.keys.node(&self.id))
-            .arg(self.workers)
+            .arg(beat.to_string())
             .arg("PX")
             .arg(LIVENESS.as_millis() as u64)
             .ignore();
@@ -674,15 +1043,27 @@ impl<S: Serializer> Puller<S> {
             .arg(keys::now_ms())
             .arg(&self.id)
             .ignore();
-        pipe.exec_async(&mut conn).await
+        pipe.exec_async(heart).await
     }
 
-    /// Beats four times per [`LIVENESS`].
-    async fn beat_forever(self: Arc<Self>) {
+    /// Beats four times per [`LIVENESS`], reconnecting when the connection breaks.
+    async fn beat_forever(self: Arc<Self>, heart: MultiplexedConnection) {
+        let mut heart = Some(heart);
         loop {
             tokio::time::sleep(LIVENESS / 4).await;
-            if let Err(e) = self.beat().await {
+            let beaten = match heart.as_mut() {
+                Some(conn) => self.beat(conn).await,
+                None => match self.connect_heart().await {
+                    Ok(conn) => {
+                        heart = Some(conn);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = beaten {
                 tracing::warn!(error = %e, "heartbeat failed");
+                heart = None;
             }
         }
     }

@@ -107,6 +107,36 @@ impl ResultEntry {
     }
 }
 
+/// What a node's liveness key holds: its worker count (what a broadcast reaches there) and
+/// the engine's id of its heartbeat connection (absent when the engine would not say),
+/// as `"<workers> <client id>"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Beat {
+    pub(crate) workers: usize,
+    pub(crate) client: Option<u64>,
+}
+
+impl Beat {
+    pub(crate) fn parse(s: &str) -> Option<Beat> {
+        let mut parts = s.split(' ');
+        let workers = parts.next()?.parse().ok()?;
+        let client = match parts.next() {
+            Some(c) => Some(c.parse().ok()?),
+            None => None,
+        };
+        Some(Beat { workers, client })
+    }
+}
+
+impl std::fmt::Display for Beat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.client {
+            Some(client) => write!(f, "{} {client}", self.workers),
+            None => write!(f, "{}", self.workers),
+        }
+    }
+}
+
 /// A failure's wire form: `(kind, message)`.
 pub(crate) fn encode_error(error: &CallError) -> (&'static str, String) {
     match error {

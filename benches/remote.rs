@@ -100,7 +100,7 @@ fn main() {
         }
         latencies.sort();
         let p = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e6;
-        let in_flight = in_flight.map_or("workers".to_owned(), |n| n.to_string());
+        let in_flight = in_flight.map_or("default".to_owned(), |n| n.to_string());
         println!(r#"{{"workload":"remote_noop","metric":"calls_per_s","value":{rate:.0},"params":{{"calls":{calls},"nodes":2,"workers_per_node":2,"max_in_flight":"{in_flight}"}}}}"#);
         println!(r#"{{"workload":"remote_noop","metric":"latency_p50_us","value":{:.0}}}"#, p(0.5));
         println!(r#"{{"workload":"remote_noop","metric":"latency_p99_us","value":{:.0}}}"#, p(0.99));

@@ -454,15 +454,12 @@ async fn a_deadline_settles_the_call_at_its_deadline_and_a_late_node_does_not_ru
     let _: String = redis::cmd("XADD")
         .arg("wf:{late}:calls")
         .arg("*")
-        .arg(&[
-            ("id", "999"),
-            ("client", "gone"),
-            ("method", "log_run"),
-            ("fmt", "json"),
-        ])
-        .arg("body")
+        // The header: version, id, client, fmt, deliveries allowed, deadline (unix ms),
+        // timeout, method.
+        .arg("h")
+        .arg("2 999 gone json 4 1 - log_run")
+        .arg("b")
         .arg(serde_json::to_vec(&(runs.to_string_lossy(), 2u64)).unwrap())
-        .arg(&[("maxd", "4"), ("v", "1"), ("deadline", "1")])
         .query_async(&mut conn)
         .await
         .unwrap();

@@ -5,7 +5,7 @@
 
 use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys};
-use super::wire::{self, ResultEntry, WIRE_VERSION};
+use super::wire::{self, ResultEntry};
 use crate::error::{CallError, CreateError};
 use crate::event::WorkerId;
 use crate::farm::{Book, Call, CancelWhy, Command, Core, Inputs, Reply, StderrCapture};
@@ -13,7 +13,6 @@ use crate::serializer::{Json, Serializer};
 use crate::{Farm, Status};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use redis::streams::StreamReadReply;
 use redis::Client;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -299,31 +298,26 @@ impl Caller {
             let retries = opts.and_then(|o| o.retries).unwrap_or(self.max_retries);
             let deadline = opts.and_then(|o| o.deadline);
             let timeout = opts.and_then(|o| o.timeout).or(self.timeout);
-            let cmd = pipe.cmd("XADD");
-            cmd.arg(&stream)
-                .arg("*")
-                .arg("id")
-                .arg(call.id())
-                .arg("client")
-                .arg(&self.client_id)
-                .arg("method")
-                .arg(call.method())
-                .arg("fmt")
-                .arg(&self.fmt)
-                .arg("body")
-                .arg(args)
-                .arg("maxd")
-                .arg(retries.saturating_add(1))
-                .arg("v")
-                .arg(WIRE_VERSION);
-            if let Some(deadline) = deadline {
+            let at = deadline.map(|deadline| {
                 let left = deadline.saturating_duration_since(Instant::now());
-                let at = keys::now_ms().saturating_add(left.as_millis() as u64);
-                cmd.arg("deadline").arg(at);
-            }
-            if let Some(timeout) = timeout {
-                cmd.arg("timeout").arg(timeout.as_millis().max(1) as u64);
-            }
+                keys::now_ms().saturating_add(left.as_millis() as u64)
+            });
+            let head = wire::call_head(
+                call.id(),
+                &self.client_id,
+                &self.fmt,
+                retries.saturating_add(1),
+                at,
+                timeout,
+                call.method(),
+            );
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("h")
+                .arg(head)
+                .arg("b")
+                .arg(args);
             sent.push((call, deadline));
         }
         if sent.is_empty() {
@@ -584,24 +578,15 @@ impl Caller {
             });
         }
         let mut pipe = redis::pipe();
+        let head = wire::call_head(id, &self.client_id, &self.fmt, 1, None, None, &method);
         for (node, _) in &nodes {
             pipe.cmd("XADD")
                 .arg(self.keys.inbox(node))
                 .arg("*")
-                .arg("id")
-                .arg(id)
-                .arg("client")
-                .arg(&self.client_id)
-                .arg("method")
-                .arg(&method)
-                .arg("fmt")
-                .arg(&self.fmt)
-                .arg("body")
+                .arg("h")
+                .arg(&head)
+                .arg("b")
                 .arg(args)
-                .arg("maxd")
-                .arg(1)
-                .arg("v")
-                .arg(WIRE_VERSION)
                 .ignore();
         }
         let sent = tokio::time::timeout(COMMAND_TIMEOUT, pipe.exec_async(&mut self.conn)).await;
@@ -820,20 +805,19 @@ async fn read_results(
             .arg("STREAMS")
             .arg(&key)
             .arg(&last);
-        let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
+        let read = xread.query_async::<redis::Value>(&mut blocking);
         match tokio::time::timeout(RESULT_BLOCK + COMMAND_TIMEOUT, read).await {
             Ok(Ok(reply)) => {
                 let mut seen = false;
-                for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                    for entry in &stream.ids {
-                        last.clone_from(&entry.id);
-                        seen = true;
-                        match ResultEntry::parse(entry) {
-                            Some(result) => {
-                                let _ = tx.send(FromReader::Result(result));
-                            }
-                            None => tracing::warn!(entry = %entry.id, "malformed result entry"),
+                for entry in wire::read_reply(reply) {
+                    last.clone_from(&entry.id);
+                    seen = true;
+                    let id = entry.id.clone();
+                    match ResultEntry::parse(entry) {
+                        Some(result) => {
+                            let _ = tx.send(FromReader::Result(result));
                         }
+                        None => tracing::warn!(entry = %id, "malformed result entry"),
                     }
                 }
                 if seen {

@@ -3,7 +3,7 @@
 
 use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys, GROUP};
-use super::wire::{self, Beat, CallEntry, WIRE_VERSION};
+use super::wire::{self, Answered, Beat, CallEntry, Entry, WIRE_VERSION};
 use crate::error::{CallError, CreateError};
 use crate::options::FarmOptions;
 use crate::serializer::{Json, Serializer};
@@ -518,7 +518,7 @@ impl<S: Serializer> Puller<S> {
                 .arg("STREAMS")
                 .arg(this.keys.calls())
                 .arg(">");
-            let read = xread.query_async::<Option<StreamReadReply>>(&mut blocking);
+            let read = xread.query_async::<redis::Value>(&mut blocking);
             // Not raced against a stop: a read cut short would leave the calls it took
             // pending here until the lease ran out, and cost them a delivery. A stop waits
             // for the read (at most `block`), and the calls it returns run.
@@ -527,10 +527,8 @@ impl<S: Serializer> Puller<S> {
                 Ok(Ok(reply)) => {
                     backoff.reset();
                     reader = Some(blocking);
-                    for stream in reply.map(|r| r.keys).unwrap_or_default() {
-                        for entry in &stream.ids {
-                            this.take_call(entry, 1).await;
-                        }
+                    for entry in wire::read_reply(reply) {
+                        this.take_call(entry, 1).await;
                     }
                 }
                 Ok(Err(e)) if conn::is_nogroup(&e) => {
@@ -611,7 +609,8 @@ impl<S: Serializer> Puller<S> {
             match found.ids.first() {
                 Some(call) => {
                     tracing::info!(entry = %entry, deliveries, "took over a call of a dead node");
-                    self.take_call(call, deliveries).await;
+                    self.take_call(Entry::from_stream_id(call), deliveries)
+                        .await;
                     taken += 1;
                 }
                 None => {
@@ -675,23 +674,27 @@ impl<S: Serializer> Puller<S> {
                 continue;
             };
             tracing::info!(entry = %entry.id, deliveries, "claimed an orphaned call");
-            self.take_call(entry, u32::try_from(deliveries).unwrap_or(u32::MAX))
-                .await;
+            self.take_call(
+                Entry::from_stream_id(entry),
+                u32::try_from(deliveries).unwrap_or(u32::MAX),
+            )
+            .await;
         }
         Ok(reply.claimed.len())
     }
 
     /// Runs a call it claimed (its `deliveries`-th delivery), or answers it at once.
-    async fn take_call(self: &Arc<Self>, entry: &StreamId, deliveries: u32) {
+    async fn take_call(self: &Arc<Self>, entry: Entry, deliveries: u32) {
+        let entry_id = entry.id.clone();
         let call = match CallEntry::parse(entry) {
             Ok(call) => call,
             Err((who, message)) => {
-                tracing::warn!(entry = %entry.id, %message, "malformed call");
+                tracing::warn!(entry = %entry_id, %message, "malformed call");
                 let error = CallError::NodeLost {
                     node: self.id.clone(),
                     message,
                 };
-                self.answer(&entry.id, who, deliveries, Err(error));
+                self.answer(&entry_id, who, deliveries, Err(error));
                 return;
             }
         };
@@ -746,7 +749,6 @@ impl<S: Serializer> Puller<S> {
             .farm
             .run_raw_with(&call.method, &call.body, limit, retries);
         let this = self.clone();
-        let entry_id = call.entry.clone();
         let mut owned = self.state.owned();
         let task = tokio::spawn(async move {
             let outcome = match run.await {
@@ -832,26 +834,17 @@ impl<S: Serializer> Puller<S> {
                 continue;
             };
             let cmd = pipe.cmd("XADD");
-            cmd.arg(self.keys.results(client))
-                .arg("*")
-                .arg("id")
-                .arg(*id)
-                .arg("node")
-                .arg(&self.id)
-                .arg("deliveries")
-                .arg(answer.deliveries);
+            cmd.arg(self.keys.results(client)).arg("*").arg("h");
             match &answer.outcome {
                 Ok(body) => {
-                    cmd.arg("ok").arg("1").arg("body").arg(body.as_slice());
+                    let head = wire::result_head(*id, &self.id, answer.deliveries, Answered::Ok);
+                    cmd.arg(head).arg("b").arg(body.as_slice());
                 }
                 Err(error) => {
                     let (kind, message) = wire::encode_error(error);
-                    cmd.arg("ok")
-                        .arg("0")
-                        .arg("kind")
-                        .arg(kind)
-                        .arg("msg")
-                        .arg(message);
+                    let answered = Answered::Err(kind);
+                    let head = wire::result_head(*id, &self.id, answer.deliveries, answered);
+                    cmd.arg(head).arg("b").arg(message);
                 }
             }
             cmd.ignore();
@@ -1185,7 +1178,7 @@ impl<S: Serializer> Puller<S> {
             .arg(&entry.id)
             .exec_async(&mut conn)
             .await;
-        let call = match CallEntry::parse(&entry) {
+        let call = match CallEntry::parse(Entry::from_stream_id(&entry)) {
             Ok(call) if call.fmt == self.farm.serializer().name() => call,
             Ok(call) => {
                 let error = CallError::BadArguments {
@@ -1230,13 +1223,9 @@ impl<S: Serializer> Puller<S> {
         pipe.cmd("XADD")
             .arg(&results)
             .arg("*")
-            .arg("id")
-            .arg(id)
-            .arg("node")
-            .arg(&self.id)
-            .arg("ok")
+            .arg("h")
+            .arg(wire::result_head(id, &self.id, 1, Answered::Broadcast))
             .arg("b")
-            .arg("body")
             .arg(wire::encode_broadcast(outcomes))
             .ignore();
         pipe.cmd("PEXPIRE")

@@ -1,13 +1,103 @@
 //! What travels through the engine: a call entry in the calls stream, a result entry in a
 //! caller's results stream, and the mapping of errors to and from their wire form.
+//!
+//! Each entry has two fields: `h`, a short text header, and `b`, the payload as the caller's
+//! serializer (or the worker's) encoded it. Two fields, not one per attribute: every field is
+//! a value the engine stores and each client allocates and parses, per call.
 
 use crate::error::CallError;
 use redis::streams::StreamId;
 use redis::Value;
 use std::time::Duration;
 
-/// Version of the entries below; a node answers entries of another version with an error.
-pub(crate) const WIRE_VERSION: &str = "1";
+/// Version of the entries below: a call's header starts with it, and a node answers calls
+/// of another version with an error.
+pub(crate) const WIRE_VERSION: &str = "2";
+
+/// An entry of one of the farm's streams, as read: its id and its two fields (empty when
+/// absent: the entry is then malformed, and reported by whoever reads it).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) head: Vec<u8>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Entry {
+    /// From an entry the client parsed into a map (the rarer reads: claims, ranges).
+    pub(crate) fn from_stream_id(entry: &StreamId) -> Entry {
+        let field = |name: &str| match entry.map.get(name) {
+            Some(Value::BulkString(b)) => b.clone(),
+            Some(Value::SimpleString(s)) => s.clone().into_bytes(),
+            _ => Vec::new(),
+        };
+        Entry {
+            id: entry.id.clone(),
+            head: field("h"),
+            body: field("b"),
+        }
+    }
+
+    fn from_value(entry: Value) -> Option<Entry> {
+        let mut parts = into_items(entry)?.into_iter();
+        let id = into_text(parts.next()?)?;
+        let mut out = Entry {
+            id,
+            ..Entry::default()
+        };
+        // A deleted entry still pending has no fields (nil).
+        let Some(fields) = parts.next().and_then(into_items) else {
+            return Some(out);
+        };
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            match (into_bytes(name).as_deref(), into_bytes(value)) {
+                (Some(b"h"), Some(v)) => out.head = v,
+                (Some(b"b"), Some(v)) => out.body = v,
+                _ => {}
+            }
+        }
+        Some(out)
+    }
+}
+
+/// The entries of an `XREAD` or `XREADGROUP` reply, in order, taken out of the reply
+/// without copying (the client's typed stream replies build a map per entry).
+pub(crate) fn read_reply(reply: Value) -> Vec<Entry> {
+    let streams = match reply {
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        other => into_items(other)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|stream| into_items(stream)?.into_iter().nth(1))
+            .collect::<Vec<_>>(),
+    };
+    streams
+        .into_iter()
+        .filter_map(into_items)
+        .flatten()
+        .filter_map(Entry::from_value)
+        .collect()
+}
+
+fn into_items(value: Value) -> Option<Vec<Value>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        _ => None,
+    }
+}
+
+fn into_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+fn into_text(value: Value) -> Option<String> {
+    String::from_utf8(into_bytes(value)?).ok()
+}
 
 /// A call as a node reads it.
 #[derive(Debug)]
@@ -27,41 +117,58 @@ pub(crate) struct CallEntry {
     pub(crate) version: String,
 }
 
-fn bytes(entry: &StreamId, field: &str) -> Option<Vec<u8>> {
-    match entry.map.get(field)? {
-        Value::BulkString(b) => Some(b.clone()),
-        Value::SimpleString(s) => Some(s.clone().into_bytes()),
-        _ => None,
-    }
-}
-
-fn text(entry: &StreamId, field: &str) -> Option<String> {
-    bytes(entry, field).and_then(|b| String::from_utf8(b).ok())
-}
-
-fn number(entry: &StreamId, field: &str) -> Option<u64> {
-    text(entry, field)?.parse().ok()
+/// A call's header: `version id client fmt maxd deadline timeout method` (`-` for a
+/// deadline or timeout not set; the method last, as it may hold spaces).
+pub(crate) fn call_head(
+    id: u64,
+    client: &str,
+    fmt: &str,
+    maxd: u32,
+    deadline: Option<u64>,
+    timeout: Option<Duration>,
+    method: &str,
+) -> String {
+    let or_dash = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    format!(
+        "{WIRE_VERSION} {id} {client} {fmt} {maxd} {} {} {method}",
+        or_dash(deadline),
+        or_dash(timeout.map(|t| t.as_millis().max(1) as u64)),
+    )
 }
 
 impl CallEntry {
     /// Parses a calls-stream entry; `Err` with the client and id when they could be read
     /// (so the node can answer) and what was wrong.
-    pub(crate) fn parse(entry: &StreamId) -> Result<Self, (Option<(String, u64)>, String)> {
-        let who = text(entry, "client").zip(number(entry, "id"));
-        let missing = |field: &str| (who.clone(), format!("call entry without `{field}`"));
+    pub(crate) fn parse(entry: Entry) -> Result<Self, (Option<(String, u64)>, String)> {
+        let Ok(head) = std::str::from_utf8(&entry.head) else {
+            return Err((None, "a call entry whose header is not text".to_owned()));
+        };
+        let parts: Vec<&str> = head.splitn(8, ' ').collect();
+        let [version, id, client, fmt, maxd, deadline, timeout, method] = parts[..] else {
+            let message = if head.is_empty() {
+                "a call entry without its header field `h`".to_owned()
+            } else {
+                format!("a call entry with a malformed header {head:?}")
+            };
+            return Err((None, message));
+        };
+        let who = id.parse().ok().map(|id| (client.to_owned(), id));
+        let bad = |what: &str| (who.clone(), format!("a call entry with a malformed {what}"));
+        let optional = |s: &str, what: &str| match s {
+            "-" => Ok(None),
+            n => n.parse().map(Some).map_err(|_| bad(what)),
+        };
         Ok(CallEntry {
-            entry: entry.id.clone(),
-            id: number(entry, "id").ok_or_else(|| missing("id"))?,
-            client: text(entry, "client").ok_or_else(|| missing("client"))?,
-            method: text(entry, "method").ok_or_else(|| missing("method"))?,
-            fmt: text(entry, "fmt").ok_or_else(|| missing("fmt"))?,
-            body: bytes(entry, "body").ok_or_else(|| missing("body"))?,
-            maxd: number(entry, "maxd")
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| missing("maxd"))?,
-            deadline: number(entry, "deadline"),
-            timeout: number(entry, "timeout").map(Duration::from_millis),
-            version: text(entry, "v").unwrap_or_default(),
+            id: id.parse().map_err(|_| bad("id"))?,
+            client: client.to_owned(),
+            method: method.to_owned(),
+            fmt: fmt.to_owned(),
+            maxd: maxd.parse().map_err(|_| bad("delivery budget"))?,
+            deadline: optional(deadline, "deadline")?,
+            timeout: optional(timeout, "timeout")?.map(Duration::from_millis),
+            version: version.to_owned(),
+            entry: entry.id,
+            body: entry.body,
         })
     }
 }
@@ -78,31 +185,51 @@ pub(crate) struct ResultEntry {
     pub(crate) deliveries: u32,
 }
 
+/// How a result's body reads.
+pub(crate) enum Answered<'a> {
+    /// The body is the result.
+    Ok,
+    /// The body is the message of a failure of this kind.
+    Err(&'a str),
+    /// The body is a node's broadcast answer.
+    Broadcast,
+}
+
+/// A result's header: `id node deliveries 1` (the body is the result), `id node
+/// deliveries 0 kind` (the body is the failure's message), or `id node deliveries b`.
+pub(crate) fn result_head(id: u64, node: &str, deliveries: u32, answered: Answered<'_>) -> String {
+    match answered {
+        Answered::Ok => format!("{id} {node} {deliveries} 1"),
+        Answered::Err(kind) => format!("{id} {node} {deliveries} 0 {kind}"),
+        Answered::Broadcast => format!("{id} {node} {deliveries} b"),
+    }
+}
+
 impl ResultEntry {
-    pub(crate) fn parse(entry: &StreamId) -> Option<Self> {
-        let ok = text(entry, "ok")?;
-        let broadcast = if ok == "b" {
-            Some(bytes(entry, "body")?)
-        } else {
-            None
-        };
-        let outcome = if ok == "1" || ok == "b" {
-            Ok(if ok == "1" {
-                bytes(entry, "body")?
-            } else {
-                Vec::new()
-            })
-        } else {
-            Err((text(entry, "kind")?, text(entry, "msg").unwrap_or_default()))
+    pub(crate) fn parse(entry: Entry) -> Option<Self> {
+        let head = std::str::from_utf8(&entry.head).ok()?;
+        let mut parts = head.split(' ');
+        let id = parts.next()?.parse().ok()?;
+        let node = parts.next()?.to_owned();
+        let deliveries = parts.next()?.parse().ok()?;
+        let (outcome, broadcast) = match parts.next()? {
+            "1" => (Ok(entry.body), None),
+            "b" => (Ok(Vec::new()), Some(entry.body)),
+            "0" => {
+                let kind = parts.next()?.to_owned();
+                (
+                    Err((kind, String::from_utf8_lossy(&entry.body).into_owned())),
+                    None,
+                )
+            }
+            _ => return None,
         };
         Some(ResultEntry {
-            broadcast,
-            id: number(entry, "id")?,
+            id,
             outcome,
-            node: text(entry, "node").unwrap_or_default(),
-            deliveries: number(entry, "deliveries")
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
+            broadcast,
+            node,
+            deliveries,
         })
     }
 }
@@ -271,6 +398,80 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_beat_round_trips_with_and_without_its_connection() {
+        for beat in [
+            Beat {
+                workers: 4,
+                client: Some(17),
+            },
+            Beat {
+                workers: 2,
+                client: None,
+            },
+        ] {
+            assert_eq!(Beat::parse(&beat.to_string()), Some(beat));
+        }
+        assert_eq!(Beat::parse("x"), None);
+        assert_eq!(Beat::parse("2 x"), None);
+    }
+
+    #[test]
+    fn calls_and_results_survive_the_wire() {
+        let head = call_head(
+            7,
+            "c-1",
+            "json",
+            4,
+            None,
+            Some(Duration::from_secs(2)),
+            "a method",
+        );
+        let entry = Entry {
+            id: "1-0".into(),
+            head: head.into_bytes(),
+            body: b"[1]".to_vec(),
+        };
+        let call = CallEntry::parse(entry).unwrap();
+        assert_eq!(
+            (
+                call.id,
+                call.client.as_str(),
+                call.method.as_str(),
+                call.maxd
+            ),
+            (7, "c-1", "a method", 4)
+        );
+        assert_eq!(
+            (call.deadline, call.timeout),
+            (None, Some(Duration::from_secs(2)))
+        );
+        assert_eq!(call.version, WIRE_VERSION);
+        let malformed = Entry {
+            id: "1-1".into(),
+            head: b"2 8 c-1 json x - - m".to_vec(),
+            body: Vec::new(),
+        };
+        let (who, message) = CallEntry::parse(malformed).unwrap_err();
+        assert_eq!(who, Some(("c-1".to_owned(), 8)), "{message}");
+        assert!(CallEntry::parse(Entry::default()).is_err());
+
+        let entry = Entry {
+            id: "2-0".into(),
+            head: result_head(7, "n-1", 2, Answered::Err("handler")).into_bytes(),
+            body: b"no luck".to_vec(),
+        };
+        let result = ResultEntry::parse(entry).unwrap();
+        assert_eq!(
+            (result.id, result.node.as_str(), result.deliveries),
+            (7, "n-1", 2)
+        );
+        assert_eq!(
+            result.outcome,
+            Err(("handler".to_owned(), "no luck".to_owned()))
+        );
+    }
 
     #[test]
     fn errors_survive_the_wire() {

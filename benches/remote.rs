@@ -5,12 +5,14 @@
 //! ```text
 //! cargo bench --features redis --bench remote                 # 20,000 calls, default in-flight
 //! cargo bench --features redis --bench remote -- 20000 64     # 64 calls in flight per node
+//! (then `payload`: 100 calls of `sum` on 1 MiB of float64, JSON and Postcard)
 //! REMOTE_BENCH_COMMANDSTATS=1 cargo bench ...               # and the engine's per-command costs
 //! ```
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use workfarm::remote::{Node, NodeOptions, RemoteOptions};
+use workfarm::serializer::{Json, Postcard, Serializer};
 use workfarm::{Farm, FarmOptions};
 
 fn worker_bin() -> std::path::PathBuf {
@@ -38,6 +40,53 @@ fn redis_cli(socket: &std::path::Path, args: &[&str]) -> String {
         .output()
         .expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `payload`: 100 calls of `sum` on 131,072 float64 (1 MiB raw) at once, through 2 nodes of
+/// 2 workers speaking `serializer`; MB/s counts the raw float64 bytes, as the peers' do.
+async fn payload<S: Serializer>(url: &str, worker: &std::path::Path, serializer: S) {
+    const CALLS: usize = 100;
+    let name = serializer.name().to_owned();
+    let farm_name = format!("payload-{name}");
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let local = FarmOptions::new(worker)
+            .workers(2)
+            .serializer(serializer.clone());
+        nodes.push(
+            Node::start(NodeOptions::new(url, &farm_name, local))
+                .await
+                .expect("node"),
+        );
+    }
+    let options = RemoteOptions::new(url, &farm_name).serializer(serializer);
+    let farm = Farm::connect(options).await.expect("connect");
+    farm.ready().await.expect("ready");
+    let xs: Vec<f64> = (0..131_072)
+        .map(|i| (i as f64 * 0.618_033_988_749_894_9) % 1.0)
+        .collect();
+    let want = xs.iter().fold(0.0, |acc, x| acc + x);
+    for _ in 0..2 {
+        let got: f64 = farm.run_method("sum", &xs).await.expect("warm-up");
+        assert!((got - want).abs() <= 1e-9 * want);
+    }
+    let started = Instant::now();
+    let futures: Vec<_> = (0..CALLS)
+        .map(|_| farm.run_method::<_, f64>("sum", &xs))
+        .collect();
+    for f in futures {
+        let got = f.await.expect("sum");
+        assert!((got - want).abs() <= 1e-9 * want, "{got} != {want}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mb_per_s = (CALLS * xs.len() * 8) as f64 / 1e6 / seconds;
+    println!(
+        r#"{{"workload":"remote_payload","metric":"MB_per_s","value":{mb_per_s:.0},"params":{{"calls":{CALLS},"serializer":"{name}","nodes":2,"workers_per_node":2}}}}"#
+    );
+    farm.shutdown().await;
+    for node in nodes {
+        node.stop().await;
+    }
 }
 
 fn main() {
@@ -108,6 +157,8 @@ fn main() {
         for node in nodes {
             node.stop().await;
         }
+        payload(&url, &worker, Json).await;
+        payload(&url, &worker, Postcard).await;
     });
     let _ = server.kill();
     let _ = server.wait();

@@ -4,7 +4,9 @@ use crate::error::{CallError, ExitInfo};
 use std::fmt;
 
 /// Names one worker process for the life of its farm, and the pool slot it serves. A
-/// replacement gets a new id and inherits the slot of the worker it replaces.
+/// replacement gets a new id and inherits the slot of the worker it replaces. On a farm
+/// made with `Farm::connect` (feature `redis`), it also names the node the worker runs on
+/// ([`node`](Self::node)).
 ///
 /// Ids compare, order and hash by their number alone (it is unique within the farm).
 #[derive(Debug, Clone, Copy)]
@@ -26,9 +28,87 @@ impl WorkerId {
     }
 
     /// Its pool slot, `0..workers`: what [`Worker::slot`](crate::worker::Worker::slot)
-    /// says inside the process, and what `FarmOptions::per_worker` configures.
+    /// says inside the process, and what `FarmOptions::per_worker` configures. On a remote
+    /// farm, the worker's slot on its node.
     pub fn slot(self) -> usize {
         (self.0.get() >> ID_BITS) as usize
+    }
+
+    /// The node this worker runs on, for a farm made with `Farm::connect`; `None` for a
+    /// local farm's workers.
+    pub fn node(self) -> Option<std::sync::Arc<str>> {
+        let n = self.as_u64();
+        if n & REMOTE == 0 {
+            return None;
+        }
+        nodes::name((n >> NODE_SHIFT) & NODE_MASK)
+    }
+
+    /// Worker `slot` of node `node`, as a remote farm names it: the same node and slot
+    /// give the same id in this process.
+    #[cfg(feature = "redis")]
+    pub(crate) fn remote(node: &str, slot: usize) -> Self {
+        let index = nodes::index(node);
+        // The slot is in the id too, so two workers of one node differ as ids.
+        let low = (slot as u64) & ((1 << NODE_SHIFT) - 1);
+        let n = REMOTE | (index << NODE_SHIFT) | low;
+        WorkerId::new(std::num::NonZeroU64::MIN.saturating_add(n - 1), slot)
+    }
+}
+
+/// A remote worker's id has this bit set, the index of its node's name in [`nodes`] in
+/// the bits above [`NODE_SHIFT`], and its slot below.
+const REMOTE: u64 = 1 << (ID_BITS - 1);
+const NODE_SHIFT: u32 = 16;
+const NODE_MASK: u64 = (1 << (ID_BITS - 1 - NODE_SHIFT)) - 1;
+
+/// The names of the nodes this process has seen, so a [`WorkerId`] stays one word.
+mod nodes {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    #[derive(Default)]
+    struct Names {
+        #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+        index: HashMap<Arc<str>, u64>,
+        names: Vec<Arc<str>>,
+    }
+
+    fn names() -> std::sync::MutexGuard<'static, Names> {
+        static NAMES: OnceLock<Mutex<Names>> = OnceLock::new();
+        NAMES
+            .get_or_init(Mutex::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The index of `node` (index 0 names no node: the table is full, after 2^31 names).
+    #[cfg(feature = "redis")]
+    pub(super) fn index(node: &str) -> u64 {
+        let mut names = names();
+        if let Some(&i) = names.index.get(node) {
+            return i;
+        }
+        if names.names.is_empty() {
+            names.names.push(Arc::from(""));
+        }
+        let i = names.names.len() as u64;
+        if i > super::NODE_MASK {
+            return 0;
+        }
+        let name: Arc<str> = Arc::from(node);
+        names.names.push(name.clone());
+        names.index.insert(name, i);
+        i
+    }
+
+    pub(super) fn name(index: u64) -> Option<Arc<str>> {
+        let names = names();
+        names
+            .names
+            .get(usize::try_from(index).ok()?)
+            .filter(|n| !n.is_empty())
+            .cloned()
     }
 }
 
@@ -60,7 +140,10 @@ impl Ord for WorkerId {
 
 impl fmt::Display for WorkerId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "worker #{} (slot {})", self.as_u64(), self.slot())
+        match self.node() {
+            Some(node) => write!(f, "worker (slot {}) of node {node}", self.slot()),
+            None => write!(f, "worker #{} (slot {})", self.as_u64(), self.slot()),
+        }
     }
 }
 
@@ -174,6 +257,20 @@ pub enum Event {
         /// What went wrong.
         error: CallError,
     },
+    /// A node began serving a farm made with `Farm::connect` (its liveness key appeared;
+    /// seen within a second, once someone subscribed to events).
+    NodeJoined {
+        /// Its name, as in [`WorkerId::node`].
+        node: String,
+        /// Its workers.
+        workers: usize,
+    },
+    /// A node stopped serving a remote farm: it left gracefully, or its liveness key
+    /// expired (it died, froze or was cut off; its calls go to other nodes).
+    NodeLeft {
+        /// Its name.
+        node: String,
+    },
 }
 
 impl Event {
@@ -190,7 +287,11 @@ impl Event {
             | Event::BackingOff { worker, .. }
             | Event::StderrDropped { worker, .. } => Some(*worker),
             Event::Error { worker, .. } => *worker,
-            Event::TellFailed { .. } | Event::Quarantined { .. } | Event::Released { .. } => None,
+            Event::TellFailed { .. }
+            | Event::Quarantined { .. }
+            | Event::Released { .. }
+            | Event::NodeJoined { .. }
+            | Event::NodeLeft { .. } => None,
         }
     }
 }

@@ -20,8 +20,8 @@ pub use error::{CallError, CreateError, ExitInfo, Refusal, Sidelined};
 pub use event::{Event, WorkerId};
 pub use farm::{
     kill_all, Broadcast, CallBuilder, CallCounts, CallFuture, CallHandle, CallInfo, CancelHandle,
-    Farm, Latency, Load, Map, MapUnordered, SlotStats, Stats, Status, StderrLine, WithInfo,
-    WorkerCounts, WorkerState, WorkerStatus,
+    Farm, Latency, Load, Map, MapUnordered, NodeStatus, SlotStats, Stats, Status, StderrLine,
+    WithInfo, WorkerCounts, WorkerState, WorkerStatus,
 };
 pub use options::{FarmOptions, PerWorker, StderrMode};
 pub use protocol::PROTOCOL_VERSION;

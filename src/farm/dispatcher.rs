@@ -769,6 +769,7 @@ impl<T: Transport> Dispatcher<T> {
                 })
                 .collect(),
             queued: self.queued(),
+            nodes: Vec::new(),
         }
     }
 

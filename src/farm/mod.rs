@@ -26,8 +26,7 @@ use crate::options::FarmOptions;
 use crate::protocol::{self, frame, Hello, PROTOCOL_VERSION};
 use crate::serializer::{Json, Serializer};
 use bytes::Bytes;
-use call::Answer;
-pub(crate) use call::{Call, Reply};
+pub(crate) use call::{Answer, Call, Reply};
 use call::{CallOpts, Limiter, Outcome, Place};
 #[cfg(feature = "redis")]
 pub(crate) use dispatcher::BroadcastReceivers;
@@ -348,10 +347,27 @@ pub struct Broadcast<T> {
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct Status {
-    /// Every worker process the farm has, including ones being stopped.
+    /// Every worker process the farm has, including ones being stopped (empty on a farm
+    /// made with `Farm::connect`: see `nodes`).
     pub workers: Vec<WorkerStatus>,
-    /// Calls waiting for a worker.
+    /// Calls waiting for a worker. On a farm made with `Farm::connect`: calls in the farm's
+    /// stream that no node has taken yet, from every caller.
     pub queued: usize,
+    /// On a farm made with `Farm::connect`: the nodes serving it now (their liveness key
+    /// exists). Empty on a local farm.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node in a remote farm's [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// Its name (`host-pid-n`), as in [`WorkerId::node`](crate::WorkerId::node).
+    pub name: String,
+    /// Its workers: what a broadcast reaches there.
+    pub workers: usize,
+    /// Calls it holds (running, or waiting there for a worker), from every caller.
+    pub holding: usize,
 }
 
 impl Status {
@@ -739,8 +755,9 @@ impl<S: Serializer> Farm<S> {
         }
     }
 
-    /// As [`run_raw`](Self::run_raw), with a timeout and a retry budget for this call: how a
-    /// node runs the calls it pulls from another machine.
+    /// As [`run_raw`](Self::run_raw), with a timeout and a retry budget for this call, and
+    /// where it ran: how a node runs the calls it pulls from another machine. Dropped before
+    /// it settles, the future cancels the call (a node that lost its lease stops it).
     #[cfg(feature = "redis")]
     pub(crate) fn run_raw_with(
         &self,
@@ -748,11 +765,12 @@ impl<S: Serializer> Farm<S> {
         args: &[u8],
         timeout: Option<std::time::Duration>,
         retries: u32,
-    ) -> impl Future<Output = Result<Bytes, CallError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Answer, CallError>> + Send + 'static {
         let id = self.core.next_call.fetch_add(1, Ordering::Relaxed);
         let mut opts = CallOpts::new();
         opts.timeout = timeout;
         opts.retries = Some(retries);
+        opts.made = Some(std::time::Instant::now());
         let submitted = self
             .encode_call(
                 id,
@@ -767,8 +785,19 @@ impl<S: Serializer> Farm<S> {
             .map_err(Box::new);
         let core = self.core.clone();
         async move {
-            let answer = core.outcome(submitted.map_err(|e| *e)?).await?;
-            Ok(answer.body)
+            /// Cancels the call unless disarmed (it settled).
+            struct CancelOnDrop(Option<(Arc<Core>, u64)>);
+            impl Drop for CancelOnDrop {
+                fn drop(&mut self) {
+                    if let Some((core, id)) = self.0.take() {
+                        core.cancel(id, CancelWhy::Cancelled);
+                    }
+                }
+            }
+            let mut guard = CancelOnDrop(Some((core.clone(), id)));
+            let answer = core.outcome(submitted.map_err(|e| *e)?).await;
+            guard.0 = None;
+            answer
         }
     }
 

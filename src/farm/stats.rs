@@ -22,6 +22,10 @@ pub struct Stats {
     pub total: SlotStats,
     /// Per pool slot (`0..workers`): its workers, one after another.
     pub slots: Vec<SlotStats>,
+    /// Answers dropped because their call had settled already: on a farm made with
+    /// `Farm::connect`, second answers of calls that ran twice (a node thought dead, or
+    /// frozen past its lease, finished too); 0 on a local farm.
+    pub duplicates: u64,
 }
 
 /// One slot's statistics (or the farm's, in [`Stats::total`]).
@@ -321,6 +325,7 @@ impl Book {
             uptime,
             total,
             slots,
+            duplicates: 0,
         }
     }
 }

@@ -8,8 +8,9 @@ use super::keys::{self, Keys};
 use super::wire::{self, ResultEntry};
 use crate::error::{CallError, CreateError};
 use crate::event::WorkerId;
-use crate::farm::{Book, Call, CancelWhy, Command, Core, Inputs, Reply, StderrCapture};
+use crate::farm::{Answer, Book, Call, CancelWhy, Command, Core, Inputs, Reply, StderrCapture};
 use crate::serializer::{Json, Serializer};
+use crate::CallInfo;
 use crate::{Farm, Status};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -22,6 +23,8 @@ use tokio::time::Instant;
 
 /// How long a blocking read of results waits on the engine before it asks again.
 const RESULT_BLOCK: Duration = Duration::from_secs(1);
+/// How often a caller with event subscribers looks at who serves the farm.
+const NODE_WATCH: Duration = Duration::from_secs(1);
 /// Calls a caller may have outstanding by default (bounds `Farm::map`'s default window).
 const DEFAULT_CAPACITY: usize = 256;
 
@@ -164,7 +167,9 @@ impl<S: Serializer> Farm<S> {
             stopping: false,
             waiters: Vec::new(),
             broadcasts: HashMap::new(),
-            next_worker: 0,
+            events: None,
+            nodes_seen: Default::default(),
+            nodes_checked: None,
         };
         tokio::spawn(caller.run(inputs, results_rx));
         Ok(Farm::from_core(core, options.serializer))
@@ -207,12 +212,25 @@ struct Caller {
     waiters: Vec<oneshot::Sender<()>>,
     /// Broadcasts waiting for nodes' answers: call id → node → its workers' replies.
     broadcasts: HashMap<u64, HashMap<String, Vec<(WorkerId, Reply)>>>,
-    /// Numbers the remote workers a broadcast reaches (their `WorkerId`s).
-    next_worker: u64,
+    /// The nodes last seen serving (for `NodeJoined` and `NodeLeft`), and when.
+    nodes_seen: std::collections::HashSet<String>,
+    nodes_checked: Option<Instant>,
+    /// Where events go, and whether anyone listens.
+    events: Option<(
+        tokio::sync::broadcast::Sender<crate::Event>,
+        Arc<std::sync::atomic::AtomicBool>,
+    )>,
 }
 
 impl Caller {
+    fn report(&self) -> crate::Stats {
+        let mut stats = self.book.report();
+        stats.duplicates = self.duplicates;
+        stats
+    }
+
     async fn run(mut self, mut inputs: Inputs, mut results: mpsc::UnboundedReceiver<FromReader>) {
+        self.events = Some((inputs.events.clone(), inputs.subscribed.clone()));
         let mut calls = Vec::with_capacity(256);
         let (mut calls_open, mut commands_open) = (true, true);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -235,6 +253,7 @@ impl Caller {
                 _ = tick.tick() => {
                     self.check_engine();
                     self.check_broadcasts().await;
+                    self.watch_nodes().await;
                 }
             }
             self.book.tick();
@@ -255,7 +274,7 @@ impl Caller {
         {
             reply.send(Err(CallError::ShutDown));
         }
-        let report = self.book.report();
+        let report = self.report();
         *inputs.final_stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
         let key = self.keys.results(&self.client_id);
         let _ = tokio::time::timeout(
@@ -393,11 +412,45 @@ impl Caller {
                     return;
                 };
                 let call = pending.call;
-                let outcome = result.outcome.map(Bytes::from).map_err(|(kind, message)| {
-                    wire::decode_error(&kind, message, call.method(), &result.node)
-                });
                 tracing::trace!(call = result.id, node = %result.node, deliveries = result.deliveries, "result");
-                self.settle(call, outcome);
+                let worker = result
+                    .ran
+                    .map(|ran| WorkerId::remote(&result.node, ran.slot));
+                if let (Some(worker), Some((events, subscribed))) = (worker, &self.events) {
+                    if subscribed.load(std::sync::atomic::Ordering::Relaxed) {
+                        let ok = result.outcome.is_ok();
+                        let _ = events.send(crate::Event::CallDone {
+                            worker,
+                            call: result.id,
+                            ok,
+                        });
+                    }
+                }
+                let made = call.opts.as_ref().and_then(|o| o.made);
+                match (result.outcome, made, result.ran.zip(worker)) {
+                    (Ok(body), Some(made), Some((ran, worker))) => {
+                        let queued_for = made.elapsed().saturating_sub(ran.ran_for);
+                        let info = CallInfo {
+                            id: call.id(),
+                            worker,
+                            pid: ran.pid,
+                            attempts: result.deliveries.saturating_sub(1) + ran.attempts,
+                            queued_for,
+                            ran_for: ran.ran_for,
+                        };
+                        self.book.succeeded(0);
+                        call.reply.send_answer(Ok(Answer {
+                            body: Bytes::from(body),
+                            info: Some(info),
+                        }));
+                    }
+                    (outcome, _, _) => {
+                        let outcome = outcome.map(Bytes::from).map_err(|(kind, message)| {
+                            wire::decode_error(&kind, message, call.method(), &result.node)
+                        });
+                        self.settle(call, outcome);
+                    }
+                }
             }
             FromReader::Down(message) => {
                 if self.down_since.is_none() {
@@ -521,13 +574,10 @@ impl Caller {
                 let _ = replies.send(sent);
             }
             Command::Status(tx) => {
-                let _ = tx.send(Status {
-                    workers: Vec::new(),
-                    queued: self.outstanding.len(),
-                });
+                tokio::spawn(status(self.conn.clone(), self.keys.clone(), tx));
             }
             Command::Stats(tx) => {
-                let _ = tx.send(self.book.report());
+                let _ = tx.send(self.report());
             }
             Command::Ready(tx) => {
                 tokio::spawn(wait_for_a_node(self.conn.clone(), self.keys.clone(), tx));
@@ -609,9 +659,7 @@ impl Caller {
         for (node, workers) in nodes {
             let mut replies = Vec::with_capacity(workers);
             for slot in 0..workers {
-                self.next_worker += 1;
-                let n = std::num::NonZeroU64::MIN.saturating_add(self.next_worker - 1);
-                let worker = WorkerId::new(n, slot);
+                let worker = WorkerId::remote(&node, slot);
                 let (reply, rx) = Reply::new(None);
                 receivers.push((worker, rx));
                 replies.push((worker, reply));
@@ -656,6 +704,38 @@ impl Caller {
         }
     }
 
+    /// Reports nodes joining and leaving, once a second, once someone listens.
+    async fn watch_nodes(&mut self) {
+        let Some((events, subscribed)) = &self.events else {
+            return;
+        };
+        let due = self
+            .nodes_checked
+            .map_or(true, |at| at.elapsed() >= NODE_WATCH);
+        if !due || !subscribed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        self.nodes_checked = Some(Instant::now());
+        let Ok(Ok(live)) =
+            tokio::time::timeout(COMMAND_TIMEOUT, live_nodes(&mut self.conn, &self.keys)).await
+        else {
+            return;
+        };
+        for (node, workers) in &live {
+            if !self.nodes_seen.contains(node) {
+                let _ = events.send(crate::Event::NodeJoined {
+                    node: node.clone(),
+                    workers: *workers,
+                });
+            }
+        }
+        let now: std::collections::HashSet<String> = live.into_iter().map(|(n, _)| n).collect();
+        for node in self.nodes_seen.difference(&now) {
+            let _ = events.send(crate::Event::NodeLeft { node: node.clone() });
+        }
+        self.nodes_seen = now;
+    }
+
     /// Fails the workers of nodes that stopped beating while a broadcast waited for them.
     async fn check_broadcasts(&mut self) {
         if self.broadcasts.is_empty() {
@@ -690,6 +770,67 @@ impl Caller {
             }
         }
         self.broadcasts.retain(|_, nodes| !nodes.is_empty());
+    }
+}
+
+/// Answers `status()`: the live nodes, what each holds, and the calls not yet taken.
+async fn status(mut conn: ConnectionManager, keys: Keys, tx: oneshot::Sender<Status>) {
+    let asked = async {
+        let nodes = live_nodes(&mut conn, &keys).await?;
+        let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+            .arg(keys.calls())
+            .arg(super::keys::GROUP)
+            .query_async(&mut conn)
+            .await?;
+        let holding: HashMap<String, usize> = match pending {
+            redis::streams::StreamPendingReply::Data(data) => data
+                .consumers
+                .into_iter()
+                .map(|c| (c.name, c.pending))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keys.calls())
+            .query_async(&mut conn)
+            .await?;
+        let queued = groups
+            .iter()
+            .find(|g| {
+                g.get("name").is_some_and(|n| {
+                    redis::from_redis_value_ref::<String>(n).ok().as_deref()
+                        == Some(super::keys::GROUP)
+                })
+            })
+            .and_then(|g| g.get("lag"))
+            .and_then(|lag| redis::from_redis_value_ref::<usize>(lag).ok())
+            .unwrap_or(0);
+        let nodes = nodes
+            .into_iter()
+            .map(|(name, workers)| {
+                let holding = holding.get(&name).copied().unwrap_or(0);
+                crate::NodeStatus {
+                    name,
+                    workers,
+                    holding,
+                }
+            })
+            .collect();
+        Ok::<_, redis::RedisError>(Status {
+            nodes,
+            queued,
+            ..Status::default()
+        })
+    };
+    match tokio::time::timeout(COMMAND_TIMEOUT, asked).await {
+        Ok(Ok(status)) => {
+            let _ = tx.send(status);
+        }
+        // The engine cannot say: an empty status (no node known to be serving).
+        _ => {
+            let _ = tx.send(Status::default());
+        }
     }
 }
 

@@ -37,6 +37,12 @@ impl Keys {
         format!("{}inbox:{node}", self.prefix)
     }
 
+    /// The nodes that held a call and lost it (died, or their lease ran out), oldest
+    /// first: what `RetriesExhausted` names.
+    pub(crate) fn tried(&self, entry: &str) -> String {
+        format!("{}tried:{entry}", self.prefix)
+    }
+
     /// Members: node → last heartbeat (ms since the Unix epoch).
     pub(crate) fn nodes(&self) -> String {
         format!("{}nodes", self.prefix)

@@ -3,15 +3,13 @@
 
 use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys, GROUP};
-use super::wire::{self, Answered, Beat, CallEntry, Entry, WIRE_VERSION};
+use super::wire::{self, Answered, Beat, CallEntry, Entry, RanOn, WIRE_VERSION};
 use crate::error::{CallError, CreateError};
 use crate::options::FarmOptions;
 use crate::serializer::{Json, Serializer};
 use crate::Farm;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::streams::{
-    StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamPendingReply, StreamReadReply,
-};
+use redis::streams::{StreamId, StreamPendingReply, StreamReadReply};
 use redis::Client;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,12 +108,13 @@ const LIVENESS: Duration = Duration::from_secs(2);
 /// was found, `k` (its liveness key expired: checked again here, so a node that beat
 /// meanwhile keeps its calls) or `c` (its connection to the engine is gone). `KEYS[1]` the
 /// calls stream; `ARGV[1]` the group, `ARGV[2]` this node, `ARGV[3]` the liveness keys'
-/// prefix, `ARGV[4]` the most to take, then the pairs. Returns entry ids and their delivery
-/// counts (after this claim), alternately.
+/// prefix, `ARGV[4]` the most to take, `ARGV[5]` the prefix of the lists of nodes that
+/// held each call, `ARGV[6]` their time to live (ms), then the pairs. Returns entry ids and
+/// their delivery counts (after this claim), alternately.
 const CLAIM_DEAD: &str = r"
 local out = {}
 local most = tonumber(ARGV[4])
-for i = 5, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   local owner, how = ARGV[i], ARGV[i + 1]
   if owner ~= ARGV[2] and (how == 'c' or redis.call('EXISTS', ARGV[3] .. owner) == 0) then
     local left = most - #out / 2
@@ -125,10 +124,31 @@ for i = 5, #ARGV, 2 do
     for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', left, owner)) do
       local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
       if #claimed > 0 then
+        redis.call('RPUSH', ARGV[5] .. p[1], owner)
+        redis.call('PEXPIRE', ARGV[5] .. p[1], ARGV[6])
         out[#out + 1] = p[1]
         out[#out + 1] = p[4] + 1
       end
     end
+  end
+end
+return out
+";
+
+/// Claims, for this node, calls whose lease ran out (idle for `ARGV[3]` ms: not renewed),
+/// at most `ARGV[4]`, and notes their owner in each call's list of the nodes that held it
+/// (prefix `ARGV[5]`, time to live `ARGV[6]` ms). An entry deleted meanwhile is not claimed
+/// (`XCLAIM` drops it from the pending list). `KEYS[1]` the calls stream; `ARGV[1]` the
+/// group, `ARGV[2]` this node. Returns entry ids and delivery counts, alternately.
+const CLAIM_IDLE: &str = r"
+local out = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])) do
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1], 'JUSTID')
+  if #claimed > 0 then
+    redis.call('RPUSH', ARGV[5] .. p[1], p[2])
+    redis.call('PEXPIRE', ARGV[5] .. p[1], ARGV[6])
+    out[#out + 1] = p[1]
+    out[#out + 1] = p[4] + 1
   end
 end
 return out
@@ -192,6 +212,7 @@ struct Answer {
     who: Option<(String, u64)>,
     deliveries: u32,
     outcome: Result<Vec<u8>, CallError>,
+    ran: Option<RanOn>,
 }
 
 enum ToPoster {
@@ -451,7 +472,6 @@ impl<S: Serializer> Puller<S> {
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
-        let mut cursor = "0-0".to_owned();
         let mut last_dead_check = Instant::now() - DEAD_CHECK;
         let mut suspects = Suspects::default();
         while !*stopped.borrow() {
@@ -481,7 +501,7 @@ impl<S: Serializer> Puller<S> {
             }
             if last_orphan_check.elapsed() >= this.lease / 4 {
                 last_orphan_check = Instant::now();
-                match this.claim_orphans(free, &mut cursor).await {
+                match this.claim_orphans(free).await {
                     Ok(0) => {}
                     Ok(_) => continue,
                     Err(e) => {
@@ -588,7 +608,9 @@ impl<S: Serializer> Puller<S> {
             .arg(GROUP)
             .arg(&self.id)
             .arg(self.keys.node(""))
-            .arg(free);
+            .arg(free)
+            .arg(self.keys.tried(""))
+            .arg(self.result_ttl.as_millis() as u64);
         for (node, how) in &dead {
             invocation.arg(node).arg(how.code());
         }
@@ -596,6 +618,36 @@ impl<S: Serializer> Puller<S> {
         for (node, how) in &dead {
             tracing::debug!(node, ?how, "a dead node's calls are claimed");
         }
+        self.take_claimed(claimed, "took over a call of a dead node")
+            .await
+    }
+
+    /// Claims calls whose lease ran out while their node still beats (it cannot renew, or
+    /// lost track of them): how many it took.
+    async fn claim_orphans(self: &Arc<Self>, free: usize) -> redis::RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let claimed: Vec<String> = redis::Script::new(CLAIM_IDLE)
+            .key(self.keys.calls())
+            .arg(GROUP)
+            .arg(&self.id)
+            .arg(self.lease.as_millis() as u64)
+            .arg(free)
+            .arg(self.keys.tried(""))
+            .arg(self.result_ttl.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        self.take_claimed(claimed, "claimed an orphaned call").await
+    }
+
+    /// Runs the calls a claim returned (entry ids and delivery counts, alternately): how
+    /// many it took.
+    async fn take_claimed(
+        self: &Arc<Self>,
+        claimed: Vec<String>,
+        what: &'static str,
+    ) -> redis::RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        let calls = self.keys.calls();
         let mut taken = 0;
         for pair in claimed.chunks(2) {
             let [entry, deliveries] = pair else { continue };
@@ -608,7 +660,7 @@ impl<S: Serializer> Puller<S> {
                 .await?;
             match found.ids.first() {
                 Some(call) => {
-                    tracing::info!(entry = %entry, deliveries, "took over a call of a dead node");
+                    tracing::info!(entry = %entry, deliveries, "{what}");
                     self.take_call(Entry::from_stream_id(call), deliveries)
                         .await;
                     taken += 1;
@@ -625,62 +677,6 @@ impl<S: Serializer> Puller<S> {
             }
         }
         Ok(taken)
-    }
-
-    /// Each check goes on from `cursor` (XAUTOCLAIM scans a bounded part of the pending
-    /// list per call), back to the start when it has seen the whole list.
-    async fn claim_orphans(
-        self: &Arc<Self>,
-        free: usize,
-        cursor: &mut String,
-    ) -> redis::RedisResult<usize> {
-        let mut conn = self.conn.clone();
-        let calls = self.keys.calls();
-        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&calls)
-            .arg(GROUP)
-            .arg(&self.id)
-            .arg(self.lease.as_millis() as u64)
-            .arg(cursor.as_str())
-            .arg("COUNT")
-            .arg(free)
-            .query_async(&mut conn)
-            .await?;
-        cursor.clone_from(&reply.next_stream_id);
-        for gone in &reply.deleted_ids {
-            // Deleted while pending (its caller gave up): nothing to run.
-            let _ = redis::cmd("XACK")
-                .arg(&calls)
-                .arg(GROUP)
-                .arg(gone)
-                .exec_async(&mut conn)
-                .await;
-        }
-        for entry in &reply.claimed {
-            let pending: Result<StreamPendingCountReply, _> = redis::cmd("XPENDING")
-                .arg(&calls)
-                .arg(GROUP)
-                .arg(&entry.id)
-                .arg(&entry.id)
-                .arg(1)
-                .query_async(&mut conn)
-                .await;
-            // Not pending any more (its old owner just completed it), or unknown: skip it;
-            // a call still pending here is claimed again at a later check.
-            let Some(deliveries) = pending
-                .ok()
-                .and_then(|p| p.ids.first().map(|p| p.times_delivered))
-            else {
-                continue;
-            };
-            tracing::info!(entry = %entry.id, deliveries, "claimed an orphaned call");
-            self.take_call(
-                Entry::from_stream_id(entry),
-                u32::try_from(deliveries).unwrap_or(u32::MAX),
-            )
-            .await;
-        }
-        Ok(reply.claimed.len())
     }
 
     /// Runs a call it claimed (its `deliveries`-th delivery), or answers it at once.
@@ -708,16 +704,7 @@ impl<S: Serializer> Puller<S> {
                 ),
             })
         } else if deliveries > call.maxd {
-            Some(CallError::RetriesExhausted {
-                attempts: deliveries - 1,
-                last: Box::new(CallError::NodeLost {
-                    node: String::new(),
-                    message: "its earlier deliveries never completed: their nodes died or \
-                              lost their lease"
-                        .to_owned(),
-                }),
-                earlier: Vec::new(),
-            })
+            Some(self.exhausted(&call.entry, deliveries).await)
         } else if call.deadline.is_some_and(|at| keys::now_ms() >= at) {
             Some(CallError::Deadline { ran: false })
         } else if call.fmt != self.farm.serializer().name() {
@@ -755,19 +742,54 @@ impl<S: Serializer> Puller<S> {
                 Err(CallError::Timeout { .. }) if by_deadline => {
                     Err(CallError::Deadline { ran: true })
                 }
-                other => other.map(|body| body.to_vec()),
+                other => other,
             };
+            let ran = outcome
+                .as_ref()
+                .ok()
+                .and_then(|answer| answer.info.as_ref())
+                .map(|info| RanOn {
+                    slot: info.worker.slot(),
+                    pid: info.pid,
+                    attempts: info.attempts,
+                    ran_for: info.ran_for,
+                });
+            let outcome = outcome.map(|answer| answer.body.to_vec());
             // Still held until the answer is posted (the poster lets it go), so a graceful
             // stop waits for it.
             let still_ours = this.state.owned().contains_key(&call.entry);
             if still_ours {
-                this.answer(&call.entry, who, deliveries, outcome);
+                this.answer_ran(&call.entry, who, deliveries, outcome, ran);
             } else {
                 tracing::info!(entry = %call.entry, "lease lost: the result is another node's to give");
                 this.state.done.notify_waiters();
             }
         });
         owned.insert(entry_id, task.abort_handle());
+    }
+
+    /// The error for a call delivered more often than its budget: each earlier delivery's
+    /// node died or lost its lease while it ran the call (the claims noted them).
+    async fn exhausted(&self, entry: &str, deliveries: u32) -> CallError {
+        let mut conn = self.conn.clone();
+        let held: Vec<String> = redis::cmd("LRANGE")
+            .arg(self.keys.tried(entry))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_default();
+        let lost = |node: String| CallError::NodeLost {
+            node,
+            message: "the node died or lost its lease while it ran the call".to_owned(),
+        };
+        let mut earlier: Vec<CallError> = held.into_iter().map(lost).collect();
+        let last = earlier.pop().unwrap_or_else(|| lost(String::new()));
+        CallError::RetriesExhausted {
+            attempts: deliveries - 1,
+            last: Box::new(last),
+            earlier,
+        }
     }
 
     /// Hands the outcome of entry `entry` to the poster. A call whose caller is unknown is
@@ -779,11 +801,24 @@ impl<S: Serializer> Puller<S> {
         deliveries: u32,
         outcome: Result<Vec<u8>, CallError>,
     ) {
+        self.answer_ran(entry, who, deliveries, outcome, None);
+    }
+
+    /// As [`answer`](Self::answer), for a call that ran here on a worker.
+    fn answer_ran(
+        &self,
+        entry: &str,
+        who: Option<(String, u64)>,
+        deliveries: u32,
+        outcome: Result<Vec<u8>, CallError>,
+        ran: Option<RanOn>,
+    ) {
         let answer = Answer {
             entry: entry.to_owned(),
             who,
             deliveries,
             outcome,
+            ran,
         };
         // The poster lives as long as the puller: a send fails only once the node stopped.
         let _ = self.answers.send(ToPoster::Answer(answer));
@@ -837,7 +872,8 @@ impl<S: Serializer> Puller<S> {
             cmd.arg(self.keys.results(client)).arg("*").arg("h");
             match &answer.outcome {
                 Ok(body) => {
-                    let head = wire::result_head(*id, &self.id, answer.deliveries, Answered::Ok);
+                    let answered = Answered::Ok(answer.ran);
+                    let head = wire::result_head(*id, &self.id, answer.deliveries, answered);
                     cmd.arg(head).arg("b").arg(body.as_slice());
                 }
                 Err(error) => {

@@ -183,23 +183,43 @@ pub(crate) struct ResultEntry {
     pub(crate) broadcast: Option<Vec<u8>>,
     pub(crate) node: String,
     pub(crate) deliveries: u32,
+    /// Where on its node the call ran (for a result).
+    pub(crate) ran: Option<RanOn>,
+}
+
+/// Where on its node a call ran, and how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RanOn {
+    pub(crate) slot: usize,
+    pub(crate) pid: u32,
+    /// Attempts on that node (more than 1 when a local worker died under it).
+    pub(crate) attempts: u32,
+    pub(crate) ran_for: Duration,
 }
 
 /// How a result's body reads.
 pub(crate) enum Answered<'a> {
-    /// The body is the result.
-    Ok,
+    /// The body is the result, of a call that ran there.
+    Ok(Option<RanOn>),
     /// The body is the message of a failure of this kind.
     Err(&'a str),
     /// The body is a node's broadcast answer.
     Broadcast,
 }
 
-/// A result's header: `id node deliveries 1` (the body is the result), `id node
-/// deliveries 0 kind` (the body is the failure's message), or `id node deliveries b`.
+/// A result's header: `id node deliveries 1 [slot pid attempts ran_us]` (the body is the
+/// result), `id node deliveries 0 kind` (the body is the failure's message), or `id node
+/// deliveries b`.
 pub(crate) fn result_head(id: u64, node: &str, deliveries: u32, answered: Answered<'_>) -> String {
     match answered {
-        Answered::Ok => format!("{id} {node} {deliveries} 1"),
+        Answered::Ok(Some(ran)) => format!(
+            "{id} {node} {deliveries} 1 {} {} {} {}",
+            ran.slot,
+            ran.pid,
+            ran.attempts,
+            ran.ran_for.as_micros()
+        ),
+        Answered::Ok(None) => format!("{id} {node} {deliveries} 1"),
         Answered::Err(kind) => format!("{id} {node} {deliveries} 0 {kind}"),
         Answered::Broadcast => format!("{id} {node} {deliveries} b"),
     }
@@ -212,8 +232,22 @@ impl ResultEntry {
         let id = parts.next()?.parse().ok()?;
         let node = parts.next()?.to_owned();
         let deliveries = parts.next()?.parse().ok()?;
+        let mut ran = None;
         let (outcome, broadcast) = match parts.next()? {
-            "1" => (Ok(entry.body), None),
+            "1" => {
+                let mut number = || parts.next()?.parse::<u64>().ok();
+                if let (Some(slot), Some(pid), Some(attempts), Some(us)) =
+                    (number(), number(), number(), number())
+                {
+                    ran = Some(RanOn {
+                        slot: usize::try_from(slot).ok()?,
+                        pid: u32::try_from(pid).ok()?,
+                        attempts: u32::try_from(attempts).ok()?,
+                        ran_for: Duration::from_micros(us),
+                    });
+                }
+                (Ok(entry.body), None)
+            }
             "b" => (Ok(Vec::new()), Some(entry.body)),
             "0" => {
                 let kind = parts.next()?.to_owned();
@@ -230,6 +264,7 @@ impl ResultEntry {
             broadcast,
             node,
             deliveries,
+            ran,
         })
     }
 }
@@ -275,10 +310,31 @@ pub(crate) fn encode_error(error: &CallError) -> (&'static str, String) {
         CallError::Deadline { ran } => ("deadline", u8::from(*ran).to_string()),
         CallError::Cancelled => ("cancelled", String::new()),
         CallError::Refused { .. } => ("refused", error.to_string()),
-        CallError::RetriesExhausted { attempts, last, .. } => {
+        CallError::RetriesExhausted {
+            attempts,
+            last,
+            earlier,
+        } => {
+            // The nodes of earlier attempts lost with their node (the rest are local).
+            let nodes: Vec<&str> = earlier
+                .iter()
+                .filter_map(|e| match e {
+                    CallError::NodeLost { node, .. } if !node.is_empty() => Some(node.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let nodes = if nodes.is_empty() {
+                "-".to_owned()
+            } else {
+                nodes.join(",")
+            };
             let (kind, message) = encode_error(last);
-            ("retries_exhausted", format!("{attempts} {kind} {message}"))
+            (
+                "retries_exhausted",
+                format!("{attempts} {nodes} {kind} {message}"),
+            )
         }
+        CallError::NodeLost { node, message } => ("node_lost", format!("{node} {message}")),
         CallError::WorkerStart { message } => ("unavailable", message.clone()),
         other => ("lost", other.to_string()),
     }
@@ -301,14 +357,31 @@ pub(crate) fn decode_error(kind: &str, message: String, method: &str, node: &str
         "cancelled" => CallError::Cancelled,
         "unavailable" => CallError::WorkerStart { message },
         "retries_exhausted" => {
-            let mut parts = message.splitn(3, ' ');
+            let mut parts = message.splitn(4, ' ');
             let attempts = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let earlier = match parts.next() {
+                Some("-") | None => Vec::new(),
+                Some(nodes) => nodes
+                    .split(',')
+                    .map(|n| CallError::NodeLost {
+                        node: n.to_owned(),
+                        message: "the node died or lost its lease while it ran the call".to_owned(),
+                    })
+                    .collect(),
+            };
             let last_kind = parts.next().unwrap_or("lost").to_owned();
             let last_message = parts.next().unwrap_or_default().to_owned();
             CallError::RetriesExhausted {
                 attempts,
                 last: Box::new(decode_error(&last_kind, last_message, &method, node)),
-                earlier: Vec::new(),
+                earlier,
+            }
+        }
+        "node_lost" => {
+            let (lost, message) = message.split_once(' ').unwrap_or((&message, ""));
+            CallError::NodeLost {
+                node: lost.to_owned(),
+                message: message.to_owned(),
             }
         }
         _ => CallError::NodeLost {
@@ -474,6 +547,23 @@ mod tests {
     }
 
     #[test]
+    fn a_result_says_where_it_ran() {
+        let ran = RanOn {
+            slot: 1,
+            pid: 42,
+            attempts: 2,
+            ran_for: Duration::from_micros(1500),
+        };
+        let entry = Entry {
+            id: "3-0".into(),
+            head: result_head(8, "n-2", 1, Answered::Ok(Some(ran))).into_bytes(),
+            body: b"5".to_vec(),
+        };
+        let result = ResultEntry::parse(entry).unwrap();
+        assert_eq!((result.ran, result.outcome), (Some(ran), Ok(b"5".to_vec())));
+    }
+
+    #[test]
     fn errors_survive_the_wire() {
         let cases = [
             CallError::Handler {
@@ -491,6 +581,19 @@ mod tests {
                     message: "boom with spaces".into(),
                 }),
                 earlier: Vec::new(),
+            },
+            CallError::RetriesExhausted {
+                attempts: 3,
+                last: Box::new(CallError::NodeLost {
+                    node: "n3".into(),
+                    message: "gone with it".into(),
+                }),
+                earlier: ["n1", "n2"]
+                    .map(|node| CallError::NodeLost {
+                        node: node.into(),
+                        message: "the node died or lost its lease while it ran the call".into(),
+                    })
+                    .to_vec(),
             },
         ];
         for error in cases {

@@ -6,7 +6,7 @@
 mod support;
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::*;
@@ -14,72 +14,125 @@ use tokio::time::Instant;
 use workfarm::remote::RemoteOptions;
 use workfarm::{CallError, CreateError, Farm};
 
+/// How a test's `redis-server` runs, beyond its unix socket in a fresh directory.
+#[derive(Debug, Clone, Default)]
+struct Setup {
+    /// `--appendonly yes --appendfsync always`: every write is on disk before the server
+    /// answers it, so the data survives a SIGKILL and [`Redis::restart`] loads it again.
+    persistent: bool,
+    /// More arguments (a TCP or TLS port and its files), after the defaults.
+    args: Vec<String>,
+}
+
 /// A `redis-server` of the test's own, on a unix socket in a fresh directory.
 struct Redis {
     child: Child,
     dir: PathBuf,
+    setup: Setup,
+    /// Its unix socket, for the test's own connections (and, unless the test says
+    /// otherwise, the nodes' and callers').
     url: String,
 }
 
-fn redis_server(dir: &std::path::Path) -> Child {
+/// Starts `redis-server` in `dir` (its log in `dir/redis.log`) and waits until its unix
+/// socket accepts connections.
+fn redis_server(dir: &Path, setup: &Setup) -> Child {
     let socket = dir.join("r.sock");
     let _ = std::fs::remove_file(&socket);
-    let child = Command::new("redis-server")
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .expect("redis-server's log file");
+    let mut command = Command::new("redis-server");
+    command
         .args(["--port", "0", "--unixsocket"])
         .arg(&socket)
-        .args(["--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
+        .args(["--save", "", "--dir"])
+        .arg(dir);
+    if setup.persistent {
+        command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        command.args(["--appendonly", "no"]);
+    }
+    let mut child = command
+        .args(&setup.args)
+        .stdout(log)
         .spawn()
         .expect("start redis-server");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || std::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            panic!("redis-server did not start ({exited:?}):\n{log}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     child
 }
 
+/// Whether `redis-server` is installed; if not, the test is skipped (`false`), or fails
+/// under `CI`.
+fn have_redis_server() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is not installed (apt-get install -y redis-server)"
+        );
+        eprintln!("skipped: redis-server is not installed");
+    }
+    found
+}
+
+/// A fresh directory for one test's server and files.
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "workfarm-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 impl Redis {
     /// `None` (test skipped) when there is no `redis-server` outside CI.
     fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed (apt-get install -y redis-server)"
-            );
-            eprintln!("skipped: redis-server is not installed");
+        Redis::start_with(Setup::default())
+    }
+
+    fn start_with(setup: Setup) -> Option<Redis> {
+        if !have_redis_server() {
             return None;
         }
-        let dir = std::env::temp_dir().join(format!(
-            "workfarm-redis-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = redis_server(&dir);
-        Some(Redis {
+        Some(Redis::start_in(temp_dir("redis"), setup))
+    }
+
+    /// A server in `dir` (removed when the server is dropped).
+    fn start_in(dir: PathBuf, setup: Setup) -> Redis {
+        let child = redis_server(&dir, &setup);
+        Redis {
             child,
             url: format!("redis+unix://{}", dir.join("r.sock").display()),
             dir,
-        })
+            setup,
+        }
     }
 
-    /// SIGKILL, then a new server on the same socket, without the old one's data.
+    /// SIGKILL, then a new server on the same socket and directory: it loads the old
+    /// one's data if the setup is persistent, and starts empty otherwise.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = redis_server(&self.dir);
+        self.child = redis_server(&self.dir, &self.setup);
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -592,6 +645,131 @@ async fn an_engine_that_restarts_without_its_data_loses_no_call() {
     let stats = farm.stats().await;
     assert_eq!(stats.total.calls.succeeded, 3, "each settled once");
     a.kill();
+    farm.shutdown().await;
+}
+
+/// The lines of a run log (`log_run`, `log_block`): one per run.
+fn logged(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the run log at `path` has at least `n` lines.
+async fn runs_logged(path: &Path, n: usize) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let runs = logged(path).len();
+        if runs >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{runs} of {n} runs logged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the calls stream and the pending list are both empty.
+async fn nothing_left(redis: &Redis, farm: &str) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let left = leftovers(redis, farm).await;
+        if left == (0, 0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left in the stream and pending: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_engine_that_restarts_with_its_data_runs_a_queued_call_once() {
+    let Some(mut redis) = Redis::start_with(Setup {
+        persistent: true,
+        ..Setup::default()
+    }) else {
+        return;
+    };
+    // Two nodes of one worker each, holding one call at a time (max_in_flight defaults to
+    // the workers); a lease short enough that the restart tests the renewals too.
+    let _a = NodeProc::start(&redis, "durable", 1, 1_000);
+    let _b = NodeProc::start(&redis, "durable", 1, 1_000);
+    nodes_live(&redis, "durable", 2).await;
+    let farm = connect(&redis, "durable").await;
+    farm.ready().await.unwrap();
+    // One call running on each node...
+    let logs: Vec<TempFile> = (0..2)
+        .map(|i| counter_file(&format!("remote-durable-{i}")))
+        .collect();
+    let running: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            let farm = farm.clone();
+            let path = log.to_string_lossy().into_owned();
+            tokio::spawn(async move {
+                farm.run_method::<_, u32>("log_block", (path, 4_000u64))
+                    .await
+            })
+        })
+        .collect();
+    for log in &logs {
+        runs_logged(log, 1).await;
+    }
+    // ... and one queued in the stream behind them, delivered to no node yet.
+    let queued_log = counter_file("remote-durable-queued");
+    let queued = tokio::spawn({
+        let farm = farm.clone();
+        let path = queued_log.to_string_lossy().into_owned();
+        async move { farm.run_method::<_, u64>("log_run", (path, 42u64)).await }
+    });
+    stream_len(&redis, "durable", 3).await;
+    assert_eq!(
+        leftovers(&redis, "durable").await,
+        (3, 2),
+        "two calls delivered, one queued"
+    );
+    redis.restart();
+    // The restarted server loaded the stream, the group and its pending list.
+    assert_eq!(
+        leftovers(&redis, "durable").await,
+        (3, 2),
+        "the restarted server has the calls and the deliveries"
+    );
+    for (call, log) in running.into_iter().zip(&logs) {
+        let pid = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("never hangs")
+            .unwrap()
+            .expect("the running call settles with its result");
+        let runs = logged(log);
+        assert!(
+            runs.contains(&pid.to_string()),
+            "answered by one of its runs: {pid} in {runs:?}"
+        );
+        assert!(runs.len() <= 2, "ran at most twice: {runs:?}");
+        eprintln!(
+            "a call running across the restart ran {} time(s)",
+            runs.len()
+        );
+    }
+    let v = tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .expect("never hangs")
+        .unwrap()
+        .expect("the queued call settles with its result");
+    assert_eq!(v, 42);
+    nothing_left(&redis, "durable").await;
+    assert_eq!(
+        logged(&queued_log),
+        ["42"],
+        "the queued call survived in the stream and ran once (not submitted again)"
+    );
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 3, "each settled once");
     farm.shutdown().await;
 }
 

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1043,4 +1044,170 @@ async fn a_caller_that_dies_leaves_its_calls_to_finish_and_its_results_to_expire
         "one results stream holds the dead caller's four results"
     );
     farm.shutdown().await;
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Every command nodes and callers send, besides `AUTH` (always allowed): the rules of a
+/// Redis ACL user that may serve and call farms, and nothing else (keys `wf:*` only, no
+/// channels). `INFO` (the server's run id: a restart is noticed by it) touches no key;
+/// `XCLAIM`, `ZREM` and `XGROUP DELCONSUMER` are sent from the scripts only.
+const FARM_ACL: &str = "resetkeys ~wf:* resetchannels -@all \
+    +ping +info +evalsha +script|load \
+    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xautoclaim +xack +xdel \
+    +xgroup|create +xgroup|delconsumer \
+    +set +mget +exists +del +pexpire +zadd +zrem +zrangebyscore";
+
+/// And, on Redis 7.2 or later, `CLIENT SETINFO` (the `redis` crate names itself on each
+/// connection; 7.0 does not know the command, and the crate ignores its error).
+const FARM_ACL_SINCE_7_2: &str = "+client|setinfo";
+
+/// The entries of the server's `ACL LOG` (commands, keys or logins it refused).
+async fn acl_log(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Vec<HashMap<String, redis::Value>> {
+    redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_acl_user_in_the_url_serves_and_calls_and_a_wrong_password_is_a_typed_error() {
+    if !have_redis_server() {
+        return;
+    }
+    let port = free_port();
+    let mut redis = Redis::start_in(
+        temp_dir("redis-acl"),
+        Setup {
+            args: ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+                .map(String::from)
+                .to_vec(),
+            ..Setup::default()
+        },
+    );
+    // An admin for the test's own look-ups, the farm's user, and no default user.
+    let mut conn = redis.conn().await;
+    let users = [
+        "admin on >adminpw ~* &* +@all".to_owned(),
+        format!("wfuser on >s3cret {FARM_ACL} {FARM_ACL_SINCE_7_2}"),
+        "default off".to_owned(),
+    ];
+    for rules in &users {
+        let set = |rules: &str| {
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(rules.split_whitespace().collect::<Vec<_>>())
+                .to_owned()
+        };
+        let mut done = set(rules).query_async::<()>(&mut conn).await;
+        if matches!(&done, Err(e) if e.to_string().contains(FARM_ACL_SINCE_7_2)) {
+            // Redis 7.0: no CLIENT SETINFO.
+            let older = rules.replace(FARM_ACL_SINCE_7_2, "");
+            done = set(&older).query_async::<()>(&mut conn).await;
+        }
+        done.unwrap_or_else(|e| panic!("ACL SETUSER {rules}: {e}"));
+    }
+    drop(conn);
+    redis.url = format!("{}?user=admin&pass=adminpw", redis.url);
+    let anonymous = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let refused = match anonymous {
+        Ok(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await.err(),
+        Err(e) => Some(e),
+    };
+    assert!(
+        refused.is_some(),
+        "the server refuses a client without a login"
+    );
+
+    let url = format!("redis://wfuser:s3cret@127.0.0.1:{port}");
+    // A lease of 600 ms: leases are renewed during the 1 s call.
+    let mut a = NodeProc::start_url(&url, "acl", 2, 600);
+    let _b = NodeProc::start_url(&url, "acl", 2, 600);
+    nodes_live(&redis, "acl", 2).await;
+    trace_init();
+    let farm = Farm::connect(RemoteOptions::new(url.clone(), "acl"))
+        .await
+        .expect("connects as wfuser");
+    farm.ready().await.unwrap();
+    let long = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, u32>("block", 1_000u64).await }
+    });
+    let calls: Vec<_> = (0..50i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 1)))
+        .collect();
+    for (i, v) in (0..50i64).zip(futures::future::join_all(calls).await) {
+        assert_eq!(v.unwrap(), i + 1);
+    }
+    let failed = farm.run_method::<_, ()>("fail", "no".to_owned()).await;
+    assert!(
+        matches!(&failed, Err(CallError::Handler { message, .. }) if message == "no"),
+        "{failed:?}"
+    );
+    let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(pids.successes.len(), 4, "2 nodes x 2 workers: {pids:?}");
+    tokio::time::timeout(SOON, long)
+        .await
+        .expect("settles")
+        .unwrap()
+        .expect("the long call completes");
+    // A graceful stop: the node leaves the farm (its keys, its consumer) as wfuser.
+    let status = a.terminate();
+    assert!(status.success(), "{status:?}");
+    nothing_left(&redis, "acl").await;
+    farm.shutdown().await;
+    let mut admin = redis.conn().await;
+    let refusals = acl_log(&mut admin).await;
+    assert!(
+        refusals.is_empty(),
+        "the server refused commands or keys to wfuser: {refusals:?}"
+    );
+
+    // A wrong password: a typed error from connect, within its connect timeout, and a
+    // node that exits with a failure.
+    let wrong = format!("redis://wfuser:wrong@127.0.0.1:{port}");
+    let started = Instant::now();
+    let connected = Farm::connect(
+        RemoteOptions::new(wrong.clone(), "acl").connect_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let took = started.elapsed();
+    let Err(err) = connected else {
+        panic!("connected with a wrong password")
+    };
+    assert!(matches!(err, CreateError::Engine { .. }), "{err:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}: {err}");
+    eprintln!("a wrong password failed connect in {took:?}: {err}");
+    let mut c = NodeProc::start_url(&wrong, "acl", 1, 600);
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = c.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a node with a wrong password runs on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let refusals = acl_log(&mut admin).await;
+    assert!(
+        refusals
+            .iter()
+            .any(|e| e.get("reason") == Some(&redis::Value::BulkString(b"auth".to_vec()))),
+        "the server saw the failed logins: {refusals:?}"
+    );
 }

@@ -163,8 +163,20 @@ impl NodeProc {
     }
 
     fn start_url(url: &str, farm: &str, workers: usize, lease_ms: u64) -> NodeProc {
+        NodeProc::start_env(url, farm, workers, lease_ms, &[])
+    }
+
+    /// With these environment variables (beside the test's).
+    fn start_env(
+        url: &str,
+        farm: &str,
+        workers: usize,
+        lease_ms: u64,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> NodeProc {
         let mut command = Command::new(env!("CARGO_BIN_EXE_workfarm-node"));
         command
+            .envs(env.iter().copied())
             .args(["--redis", url, "--farm", farm])
             .args(["--workers", &workers.to_string()])
             .args(["--lease-ms", &lease_ms.to_string(), "--"])
@@ -1210,4 +1222,167 @@ async fn an_acl_user_in_the_url_serves_and_calls_and_a_wrong_password_is_a_typed
             .any(|e| e.get("reason") == Some(&redis::Value::BulkString(b"auth".to_vec()))),
         "the server saw the failed logins: {refusals:?}"
     );
+}
+
+/// A private CA and a certificate it signed for 127.0.0.1 and localhost, written to `dir`
+/// as PEM files: the CA's certificate, the server's certificate and the server's key.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "workfarm test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "workfarm test redis-server");
+    let server = server.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Whether this `redis-server` was built with TLS: one that was accepts `--tls-port` (and
+/// then finds nothing to listen on); one that was not refuses the directive.
+fn redis_tls_support() -> Result<(), String> {
+    let probe = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&probe.stdout);
+    if said.contains("not listen anywhere") {
+        Ok(())
+    } else {
+        Err(said.lines().last().unwrap_or("no output").to_owned())
+    }
+}
+
+/// Not a test on its own: the caller process of
+/// `nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca`, which starts this
+/// test binary again, with `SSL_CERT_FILE` set, to run it.
+#[tokio::test]
+#[ignore = "run by another test as a separate caller process"]
+async fn tls_caller_process() {
+    let Ok(url) = std::env::var("REMOTE_TLS_URL") else {
+        return;
+    };
+    let farm = Farm::connect(RemoteOptions::new(url, "tls"))
+        .await
+        .expect("connects over TLS");
+    farm.ready().await.unwrap();
+    let calls: Vec<_> = (0..100i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 1)))
+        .collect();
+    for (i, v) in (0..100i64).zip(futures::future::join_all(calls).await) {
+        assert_eq!(v.unwrap(), i + 1);
+    }
+    let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(pids.successes.len(), 4, "2 nodes x 2 workers: {pids:?}");
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 100);
+    farm.shutdown().await;
+    println!("tls caller: 100 calls and a broadcast of 4 over TLS");
+}
+
+#[tokio::test]
+async fn nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca() {
+    if !have_redis_server() {
+        return;
+    }
+    if let Err(why) = redis_tls_support() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server has no TLS support: {why}"
+        );
+        eprintln!("skipped: redis-server has no TLS support: {why}");
+        return;
+    }
+    let dir = temp_dir("redis-tls");
+    let (ca, cert, key) = tls_files(&dir);
+    let port = free_port();
+    let mut args: Vec<String> = ["--tls-port", &port.to_string(), "--bind", "127.0.0.1"]
+        .map(String::from)
+        .to_vec();
+    for (flag, file) in [
+        ("--tls-cert-file", &cert),
+        ("--tls-key-file", &key),
+        ("--tls-ca-cert-file", &ca),
+    ] {
+        args.push(flag.to_owned());
+        args.push(file.to_string_lossy().into_owned());
+    }
+    args.extend(["--tls-auth-clients", "no"].map(String::from));
+    // Only TLS on TCP (`--port 0`); the unix socket, plain, is the test's.
+    let redis = Redis::start_in(
+        dir,
+        Setup {
+            args,
+            ..Setup::default()
+        },
+    );
+    let url = format!("rediss://127.0.0.1:{port}");
+    // The nodes trust the private CA through SSL_CERT_FILE (which replaces the system's
+    // roots for rustls-native-certs); the server's name, 127.0.0.1, is checked.
+    let trust = [("SSL_CERT_FILE", ca.as_os_str())];
+    let _a = NodeProc::start_env(&url, "tls", 2, 10_000, &trust);
+    let _b = NodeProc::start_env(&url, "tls", 2, 10_000, &trust);
+    nodes_live(&redis, "tls", 2).await;
+    // This process does not trust the CA: the certificate is refused, a typed error in time.
+    trace_init();
+    let started = Instant::now();
+    let untrusted = Farm::connect(
+        RemoteOptions::new(url.clone(), "tls").connect_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let took = started.elapsed();
+    let Err(err) = untrusted else {
+        panic!("connected to a server whose certificate no trusted CA signed")
+    };
+    assert!(
+        matches!(&err, CreateError::Engine { message } if message.contains("certificate")),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
+    eprintln!("without the CA, connect failed in {took:?}: {err}");
+    // A caller process that trusts it: calls and a broadcast round-trip.
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "tls_caller_process", "--ignored", "--nocapture"])
+        .env("REMOTE_TLS_URL", &url)
+        .env("SSL_CERT_FILE", &ca)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .expect("the TLS caller finishes")
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("1 passed"),
+        "the TLS caller failed ({:?}):\n{said}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("over TLS"), "{said}");
+    nothing_left(&redis, "tls").await;
 }

@@ -38,6 +38,11 @@ struct Redis {
 /// Starts `redis-server` in `dir` (its log in `dir/redis.log`) and waits until its unix
 /// socket accepts connections.
 fn redis_server(dir: &Path, setup: &Setup) -> Child {
+    try_redis_server(dir, setup).unwrap_or_else(|log| panic!("redis-server did not start:\n{log}"))
+}
+
+/// The server, or its log if it exited (or did not listen in time).
+fn try_redis_server(dir: &Path, setup: &Setup) -> Result<Child, String> {
     let socket = dir.join("r.sock");
     let _ = std::fs::remove_file(&socket);
     let log = std::fs::OpenOptions::new()
@@ -65,12 +70,14 @@ fn redis_server(dir: &Path, setup: &Setup) -> Child {
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         let exited = child.try_wait().ok().flatten();
         if exited.is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
-            panic!("redis-server did not start ({exited:?}):\n{log}");
+            return Err(format!("({exited:?}) {log}"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
+    Ok(child)
 }
 
 /// Whether `redis-server` is installed; if not, the test is skipped (`false`), or fails
@@ -126,6 +133,35 @@ impl Redis {
             dir,
             setup,
         }
+    }
+
+    /// A server in `dir` that also listens on a TCP port of 127.0.0.1: `args(port)` are its
+    /// arguments for it (`--port`, or `--tls-port` and its files). A port taken between
+    /// [`free_port`] and the server's bind is tried again with another.
+    fn start_on_tcp(dir: PathBuf, args: impl Fn(u16) -> Vec<String>) -> (Redis, u16) {
+        for _ in 0..5 {
+            let port = free_port();
+            let _ = std::fs::remove_file(dir.join("redis.log"));
+            let setup = Setup {
+                args: args(port),
+                ..Setup::default()
+            };
+            match try_redis_server(&dir, &setup) {
+                Ok(child) => {
+                    let url = format!("redis+unix://{}", dir.join("r.sock").display());
+                    let redis = Redis {
+                        child,
+                        dir,
+                        setup,
+                        url,
+                    };
+                    return (redis, port);
+                }
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
+        panic!("no free port for redis-server in 5 tries");
     }
 
     /// SIGKILL, then a new server on the same socket and directory: it loads the old
@@ -1096,16 +1132,11 @@ async fn an_acl_user_in_the_url_serves_and_calls_and_a_wrong_password_is_a_typed
     if !have_redis_server() {
         return;
     }
-    let port = free_port();
-    let mut redis = Redis::start_in(
-        temp_dir("redis-acl"),
-        Setup {
-            args: ["--port", &port.to_string(), "--bind", "127.0.0.1"]
-                .map(String::from)
-                .to_vec(),
-            ..Setup::default()
-        },
-    );
+    let (mut redis, port) = Redis::start_on_tcp(temp_dir("redis-acl"), |port| {
+        ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .to_vec()
+    });
     // An admin for the test's own look-ups, the farm's user, and no default user.
     let mut conn = redis.conn().await;
     let users = [
@@ -1320,27 +1351,22 @@ async fn nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca() {
     }
     let dir = temp_dir("redis-tls");
     let (ca, cert, key) = tls_files(&dir);
-    let port = free_port();
-    let mut args: Vec<String> = ["--tls-port", &port.to_string(), "--bind", "127.0.0.1"]
-        .map(String::from)
-        .to_vec();
-    for (flag, file) in [
-        ("--tls-cert-file", &cert),
-        ("--tls-key-file", &key),
-        ("--tls-ca-cert-file", &ca),
-    ] {
-        args.push(flag.to_owned());
-        args.push(file.to_string_lossy().into_owned());
-    }
-    args.extend(["--tls-auth-clients", "no"].map(String::from));
     // Only TLS on TCP (`--port 0`); the unix socket, plain, is the test's.
-    let redis = Redis::start_in(
-        dir,
-        Setup {
-            args,
-            ..Setup::default()
-        },
-    );
+    let (redis, port) = Redis::start_on_tcp(dir, |port| {
+        let mut args: Vec<String> = ["--tls-port", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .to_vec();
+        for (flag, file) in [
+            ("--tls-cert-file", &cert),
+            ("--tls-key-file", &key),
+            ("--tls-ca-cert-file", &ca),
+        ] {
+            args.push(flag.to_owned());
+            args.push(file.to_string_lossy().into_owned());
+        }
+        args.extend(["--tls-auth-clients", "no"].map(String::from));
+        args
+    });
     let url = format!("rediss://127.0.0.1:{port}");
     // The nodes trust the private CA through SSL_CERT_FILE (which replaces the system's
     // roots for rustls-native-certs); the server's name, 127.0.0.1, is checked.

@@ -5,8 +5,9 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use support::*;
@@ -14,72 +15,161 @@ use tokio::time::Instant;
 use workfarm::remote::RemoteOptions;
 use workfarm::{CallError, CreateError, Farm};
 
+/// How a test's `redis-server` runs, beyond its unix socket in a fresh directory.
+#[derive(Debug, Clone, Default)]
+struct Setup {
+    /// `--appendonly yes --appendfsync always`: every write is on disk before the server
+    /// answers it, so the data survives a SIGKILL and [`Redis::restart`] loads it again.
+    persistent: bool,
+    /// More arguments (a TCP or TLS port and its files), after the defaults.
+    args: Vec<String>,
+}
+
 /// A `redis-server` of the test's own, on a unix socket in a fresh directory.
 struct Redis {
     child: Child,
     dir: PathBuf,
+    setup: Setup,
+    /// Its unix socket, for the test's own connections (and, unless the test says
+    /// otherwise, the nodes' and callers').
     url: String,
 }
 
-fn redis_server(dir: &std::path::Path) -> Child {
+/// Starts `redis-server` in `dir` (its log in `dir/redis.log`) and waits until its unix
+/// socket accepts connections.
+fn redis_server(dir: &Path, setup: &Setup) -> Child {
+    try_redis_server(dir, setup).unwrap_or_else(|log| panic!("redis-server did not start:\n{log}"))
+}
+
+/// The server, or its log if it exited (or did not listen in time).
+fn try_redis_server(dir: &Path, setup: &Setup) -> Result<Child, String> {
     let socket = dir.join("r.sock");
     let _ = std::fs::remove_file(&socket);
-    let child = Command::new("redis-server")
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("redis.log"))
+        .expect("redis-server's log file");
+    let mut command = Command::new("redis-server");
+    command
         .args(["--port", "0", "--unixsocket"])
         .arg(&socket)
-        .args(["--save", "", "--appendonly", "no", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::null())
+        .args(["--save", "", "--dir"])
+        .arg(dir);
+    if setup.persistent {
+        command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        command.args(["--appendonly", "no"]);
+    }
+    let mut child = command
+        .args(&setup.args)
+        .stdout(log)
         .spawn()
         .expect("start redis-server");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+            return Err(format!("({exited:?}) {log}"));
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
+    Ok(child)
+}
+
+/// Whether `redis-server` is installed; if not, the test is skipped (`false`), or fails
+/// under `CI`.
+fn have_redis_server() -> bool {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is not installed (apt-get install -y redis-server)"
+        );
+        eprintln!("skipped: redis-server is not installed");
+    }
+    found
+}
+
+/// A fresh directory for one test's server and files.
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "workfarm-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }
 
 impl Redis {
     /// `None` (test skipped) when there is no `redis-server` outside CI.
     fn start() -> Option<Redis> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed (apt-get install -y redis-server)"
-            );
-            eprintln!("skipped: redis-server is not installed");
+        Redis::start_with(Setup::default())
+    }
+
+    fn start_with(setup: Setup) -> Option<Redis> {
+        if !have_redis_server() {
             return None;
         }
-        let dir = std::env::temp_dir().join(format!(
-            "workfarm-redis-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let child = redis_server(&dir);
-        Some(Redis {
+        Some(Redis::start_in(temp_dir("redis"), setup))
+    }
+
+    /// A server in `dir` (removed when the server is dropped).
+    fn start_in(dir: PathBuf, setup: Setup) -> Redis {
+        let child = redis_server(&dir, &setup);
+        Redis {
             child,
             url: format!("redis+unix://{}", dir.join("r.sock").display()),
             dir,
-        })
+            setup,
+        }
     }
 
-    /// SIGKILL, then a new server on the same socket, without the old one's data.
+    /// A server in `dir` that also listens on a TCP port of 127.0.0.1: `args(port)` are its
+    /// arguments for it (`--port`, or `--tls-port` and its files). A port taken between
+    /// [`free_port`] and the server's bind is tried again with another.
+    fn start_on_tcp(dir: PathBuf, args: impl Fn(u16) -> Vec<String>) -> (Redis, u16) {
+        for _ in 0..5 {
+            let port = free_port();
+            let _ = std::fs::remove_file(dir.join("redis.log"));
+            let setup = Setup {
+                args: args(port),
+                ..Setup::default()
+            };
+            match try_redis_server(&dir, &setup) {
+                Ok(child) => {
+                    let url = format!("redis+unix://{}", dir.join("r.sock").display());
+                    let redis = Redis {
+                        child,
+                        dir,
+                        setup,
+                        url,
+                    };
+                    return (redis, port);
+                }
+                Err(log) if log.contains("Address already in use") => continue,
+                Err(log) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
+        panic!("no free port for redis-server in 5 tries");
+    }
+
+    /// SIGKILL, then a new server on the same socket and directory: it loads the old
+    /// one's data if the setup is persistent, and starts empty otherwise.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = redis_server(&self.dir);
+        self.child = redis_server(&self.dir, &self.setup);
     }
 
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -109,8 +199,20 @@ impl NodeProc {
     }
 
     fn start_url(url: &str, farm: &str, workers: usize, lease_ms: u64) -> NodeProc {
+        NodeProc::start_env(url, farm, workers, lease_ms, &[])
+    }
+
+    /// With these environment variables (beside the test's).
+    fn start_env(
+        url: &str,
+        farm: &str,
+        workers: usize,
+        lease_ms: u64,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> NodeProc {
         let mut command = Command::new(env!("CARGO_BIN_EXE_workfarm-node"));
         command
+            .envs(env.iter().copied())
             .args(["--redis", url, "--farm", farm])
             .args(["--workers", &workers.to_string()])
             .args(["--lease-ms", &lease_ms.to_string(), "--"])
@@ -592,6 +694,131 @@ async fn an_engine_that_restarts_without_its_data_loses_no_call() {
     farm.shutdown().await;
 }
 
+/// The lines of a run log (`log_run`, `log_block`): one per run.
+fn logged(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the run log at `path` has at least `n` lines.
+async fn runs_logged(path: &Path, n: usize) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let runs = logged(path).len();
+        if runs >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{runs} of {n} runs logged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until the calls stream and the pending list are both empty.
+async fn nothing_left(redis: &Redis, farm: &str) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let left = leftovers(redis, farm).await;
+        if left == (0, 0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left in the stream and pending: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_engine_that_restarts_with_its_data_runs_a_queued_call_once() {
+    let Some(mut redis) = Redis::start_with(Setup {
+        persistent: true,
+        ..Setup::default()
+    }) else {
+        return;
+    };
+    // Two nodes of one worker each, holding one call at a time (max_in_flight defaults to
+    // the workers); a lease short enough that the restart tests the renewals too.
+    let _a = NodeProc::start(&redis, "durable", 1, 1_000);
+    let _b = NodeProc::start(&redis, "durable", 1, 1_000);
+    nodes_live(&redis, "durable", 2).await;
+    let farm = connect(&redis, "durable").await;
+    farm.ready().await.unwrap();
+    // One call running on each node...
+    let logs: Vec<TempFile> = (0..2)
+        .map(|i| counter_file(&format!("remote-durable-{i}")))
+        .collect();
+    let running: Vec<_> = logs
+        .iter()
+        .map(|log| {
+            let farm = farm.clone();
+            let path = log.to_string_lossy().into_owned();
+            tokio::spawn(async move {
+                farm.run_method::<_, u32>("log_block", (path, 4_000u64))
+                    .await
+            })
+        })
+        .collect();
+    for log in &logs {
+        runs_logged(log, 1).await;
+    }
+    // ... and one queued in the stream behind them, delivered to no node yet.
+    let queued_log = counter_file("remote-durable-queued");
+    let queued = tokio::spawn({
+        let farm = farm.clone();
+        let path = queued_log.to_string_lossy().into_owned();
+        async move { farm.run_method::<_, u64>("log_run", (path, 42u64)).await }
+    });
+    stream_len(&redis, "durable", 3).await;
+    assert_eq!(
+        leftovers(&redis, "durable").await,
+        (3, 2),
+        "two calls delivered, one queued"
+    );
+    redis.restart();
+    // The restarted server loaded the stream, the group and its pending list.
+    assert_eq!(
+        leftovers(&redis, "durable").await,
+        (3, 2),
+        "the restarted server has the calls and the deliveries"
+    );
+    for (call, log) in running.into_iter().zip(&logs) {
+        let pid = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("never hangs")
+            .unwrap()
+            .expect("the running call settles with its result");
+        let runs = logged(log);
+        assert!(
+            runs.contains(&pid.to_string()),
+            "answered by one of its runs: {pid} in {runs:?}"
+        );
+        assert!(runs.len() <= 2, "ran at most twice: {runs:?}");
+        eprintln!(
+            "a call running across the restart ran {} time(s)",
+            runs.len()
+        );
+    }
+    let v = tokio::time::timeout(Duration::from_secs(60), queued)
+        .await
+        .expect("never hangs")
+        .unwrap()
+        .expect("the queued call settles with its result");
+    assert_eq!(v, 42);
+    nothing_left(&redis, "durable").await;
+    assert_eq!(
+        logged(&queued_log),
+        ["42"],
+        "the queued call survived in the stream and ran once (not submitted again)"
+    );
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 3, "each settled once");
+    farm.shutdown().await;
+}
+
 #[tokio::test]
 async fn calls_fail_with_a_typed_error_while_the_engine_is_gone() {
     let Some(mut redis) = Redis::start() else {
@@ -862,4 +1089,323 @@ async fn a_caller_that_dies_leaves_its_calls_to_finish_and_its_results_to_expire
         "one results stream holds the dead caller's four results"
     );
     farm.shutdown().await;
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Every command nodes and callers send, besides `AUTH` (always allowed): the rules of a
+/// Redis ACL user that may serve and call farms, and nothing else (keys `wf:*` only, no
+/// channels). `INFO` (the server's run id: a restart is noticed by it) touches no key;
+/// `XCLAIM`, `ZREM` and `XGROUP DELCONSUMER` are sent from the scripts only.
+const FARM_ACL: &str = "resetkeys ~wf:* resetchannels -@all \
+    +ping +info +evalsha +script|load \
+    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xautoclaim +xack +xdel \
+    +xgroup|create +xgroup|delconsumer \
+    +set +mget +exists +del +pexpire +zadd +zrem +zrangebyscore";
+
+/// And, on Redis 7.2 or later, `CLIENT SETINFO` (the `redis` crate names itself on each
+/// connection; 7.0 does not know the command, and the crate ignores its error).
+const FARM_ACL_SINCE_7_2: &str = "+client|setinfo";
+
+/// The entries of the server's `ACL LOG` (commands, keys or logins it refused).
+async fn acl_log(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> Vec<HashMap<String, redis::Value>> {
+    redis::cmd("ACL")
+        .arg("LOG")
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_acl_user_in_the_url_serves_and_calls_and_a_wrong_password_is_a_typed_error() {
+    if !have_redis_server() {
+        return;
+    }
+    let (mut redis, port) = Redis::start_on_tcp(temp_dir("redis-acl"), |port| {
+        ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .to_vec()
+    });
+    // An admin for the test's own look-ups, the farm's user, and no default user.
+    let mut conn = redis.conn().await;
+    let users = [
+        "admin on >adminpw ~* &* +@all".to_owned(),
+        format!("wfuser on >s3cret {FARM_ACL} {FARM_ACL_SINCE_7_2}"),
+        "default off".to_owned(),
+    ];
+    for rules in &users {
+        let set = |rules: &str| {
+            redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg(rules.split_whitespace().collect::<Vec<_>>())
+                .to_owned()
+        };
+        let mut done = set(rules).query_async::<()>(&mut conn).await;
+        if matches!(&done, Err(e) if e.to_string().contains(FARM_ACL_SINCE_7_2)) {
+            // Redis 7.0: no CLIENT SETINFO.
+            let older = rules.replace(FARM_ACL_SINCE_7_2, "");
+            done = set(&older).query_async::<()>(&mut conn).await;
+        }
+        done.unwrap_or_else(|e| panic!("ACL SETUSER {rules}: {e}"));
+    }
+    drop(conn);
+    redis.url = format!("{}?user=admin&pass=adminpw", redis.url);
+    let anonymous = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await;
+    let refused = match anonymous {
+        Ok(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await.err(),
+        Err(e) => Some(e),
+    };
+    assert!(
+        refused.is_some(),
+        "the server refuses a client without a login"
+    );
+
+    let url = format!("redis://wfuser:s3cret@127.0.0.1:{port}");
+    // A lease of 600 ms: leases are renewed during the 1 s call.
+    let mut a = NodeProc::start_url(&url, "acl", 2, 600);
+    let _b = NodeProc::start_url(&url, "acl", 2, 600);
+    nodes_live(&redis, "acl", 2).await;
+    trace_init();
+    let farm = Farm::connect(RemoteOptions::new(url.clone(), "acl"))
+        .await
+        .expect("connects as wfuser");
+    farm.ready().await.unwrap();
+    let long = tokio::spawn({
+        let farm = farm.clone();
+        async move { farm.run_method::<_, u32>("block", 1_000u64).await }
+    });
+    let calls: Vec<_> = (0..50i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 1)))
+        .collect();
+    for (i, v) in (0..50i64).zip(futures::future::join_all(calls).await) {
+        assert_eq!(v.unwrap(), i + 1);
+    }
+    let failed = farm.run_method::<_, ()>("fail", "no".to_owned()).await;
+    assert!(
+        matches!(&failed, Err(CallError::Handler { message, .. }) if message == "no"),
+        "{failed:?}"
+    );
+    let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(pids.successes.len(), 4, "2 nodes x 2 workers: {pids:?}");
+    tokio::time::timeout(SOON, long)
+        .await
+        .expect("settles")
+        .unwrap()
+        .expect("the long call completes");
+    // A graceful stop: the node leaves the farm (its keys, its consumer) as wfuser.
+    let status = a.terminate();
+    assert!(status.success(), "{status:?}");
+    nothing_left(&redis, "acl").await;
+    farm.shutdown().await;
+    let mut admin = redis.conn().await;
+    let refusals = acl_log(&mut admin).await;
+    assert!(
+        refusals.is_empty(),
+        "the server refused commands or keys to wfuser: {refusals:?}"
+    );
+
+    // A wrong password: a typed error from connect, within its connect timeout, and a
+    // node that exits with a failure.
+    let wrong = format!("redis://wfuser:wrong@127.0.0.1:{port}");
+    let started = Instant::now();
+    let connected = Farm::connect(
+        RemoteOptions::new(wrong.clone(), "acl").connect_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let took = started.elapsed();
+    let Err(err) = connected else {
+        panic!("connected with a wrong password")
+    };
+    assert!(matches!(err, CreateError::Engine { .. }), "{err:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}: {err}");
+    eprintln!("a wrong password failed connect in {took:?}: {err}");
+    let mut c = NodeProc::start_url(&wrong, "acl", 1, 600);
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        if let Some(status) = c.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a node with a wrong password runs on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success(), "{status:?}");
+    let refusals = acl_log(&mut admin).await;
+    assert!(
+        refusals
+            .iter()
+            .any(|e| e.get("reason") == Some(&redis::Value::BulkString(b"auth".to_vec()))),
+        "the server saw the failed logins: {refusals:?}"
+    );
+}
+
+/// A private CA and a certificate it signed for 127.0.0.1 and localhost, written to `dir`
+/// as PEM files: the CA's certificate, the server's certificate and the server's key.
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "workfarm test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "workfarm test redis-server");
+    let server = server.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// Whether this `redis-server` was built with TLS: one that was accepts `--tls-port` (and
+/// then finds nothing to listen on); one that was not refuses the directive.
+fn redis_tls_support() -> Result<(), String> {
+    let probe = Command::new("redis-server")
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&probe.stdout);
+    if said.contains("not listen anywhere") {
+        Ok(())
+    } else {
+        Err(said.lines().last().unwrap_or("no output").to_owned())
+    }
+}
+
+/// Not a test on its own: the caller process of
+/// `nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca`, which starts this
+/// test binary again, with `SSL_CERT_FILE` set, to run it.
+#[tokio::test]
+#[ignore = "run by another test as a separate caller process"]
+async fn tls_caller_process() {
+    let Ok(url) = std::env::var("REMOTE_TLS_URL") else {
+        return;
+    };
+    let farm = Farm::connect(RemoteOptions::new(url, "tls"))
+        .await
+        .expect("connects over TLS");
+    farm.ready().await.unwrap();
+    let calls: Vec<_> = (0..100i64)
+        .map(|i| farm.run_method::<_, i64>("add", (i, 1)))
+        .collect();
+    for (i, v) in (0..100i64).zip(futures::future::join_all(calls).await) {
+        assert_eq!(v.unwrap(), i + 1);
+    }
+    let pids = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(pids.successes.len(), 4, "2 nodes x 2 workers: {pids:?}");
+    let stats = farm.stats().await;
+    assert_eq!(stats.total.calls.succeeded, 100);
+    farm.shutdown().await;
+    println!("tls caller: 100 calls and a broadcast of 4 over TLS");
+}
+
+#[tokio::test]
+async fn nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca() {
+    if !have_redis_server() {
+        return;
+    }
+    if let Err(why) = redis_tls_support() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server has no TLS support: {why}"
+        );
+        eprintln!("skipped: redis-server has no TLS support: {why}");
+        return;
+    }
+    let dir = temp_dir("redis-tls");
+    let (ca, cert, key) = tls_files(&dir);
+    // Only TLS on TCP (`--port 0`); the unix socket, plain, is the test's.
+    let (redis, port) = Redis::start_on_tcp(dir, |port| {
+        let mut args: Vec<String> = ["--tls-port", &port.to_string(), "--bind", "127.0.0.1"]
+            .map(String::from)
+            .to_vec();
+        for (flag, file) in [
+            ("--tls-cert-file", &cert),
+            ("--tls-key-file", &key),
+            ("--tls-ca-cert-file", &ca),
+        ] {
+            args.push(flag.to_owned());
+            args.push(file.to_string_lossy().into_owned());
+        }
+        args.extend(["--tls-auth-clients", "no"].map(String::from));
+        args
+    });
+    let url = format!("rediss://127.0.0.1:{port}");
+    // The nodes trust the private CA through SSL_CERT_FILE (which replaces the system's
+    // roots for rustls-native-certs); the server's name, 127.0.0.1, is checked.
+    let trust = [("SSL_CERT_FILE", ca.as_os_str())];
+    let _a = NodeProc::start_env(&url, "tls", 2, 10_000, &trust);
+    let _b = NodeProc::start_env(&url, "tls", 2, 10_000, &trust);
+    nodes_live(&redis, "tls", 2).await;
+    // This process does not trust the CA: the certificate is refused, a typed error in time.
+    trace_init();
+    let started = Instant::now();
+    let untrusted = Farm::connect(
+        RemoteOptions::new(url.clone(), "tls").connect_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let took = started.elapsed();
+    let Err(err) = untrusted else {
+        panic!("connected to a server whose certificate no trusted CA signed")
+    };
+    assert!(
+        matches!(&err, CreateError::Engine { message } if message.contains("certificate")),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}: {err}");
+    eprintln!("without the CA, connect failed in {took:?}: {err}");
+    // A caller process that trusts it: calls and a broadcast round-trip.
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "tls_caller_process", "--ignored", "--nocapture"])
+        .env("REMOTE_TLS_URL", &url)
+        .env("SSL_CERT_FILE", &ca)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), child)
+        .await
+        .expect("the TLS caller finishes")
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("1 passed"),
+        "the TLS caller failed ({:?}):\n{said}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("over TLS"), "{said}");
+    nothing_left(&redis, "tls").await;
 }

@@ -12,10 +12,23 @@ use std::time::Duration;
 /// Longest a short command may take before it is an engine error.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A client for `url`: `redis://`, `redis+unix://`, or `rediss://` (TLS, the server's
+/// certificate checked against the system's roots, or those in `SSL_CERT_FILE`).
 pub(crate) fn client(url: &str) -> Result<Client, CreateError> {
+    install_tls_provider();
     Client::open(url).map_err(|e| CreateError::Engine {
         message: format!("bad engine URL {url:?}: {e}"),
     })
+}
+
+/// rustls needs a process-wide crypto provider, and finds none by itself when the
+/// application's dependencies build two (aws-lc-rs beside our ring): a `rediss://`
+/// connection would then panic. Installs ring, unless the application installed one.
+fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// The connection for short commands, checked with a PING.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use support::*;
 use tokio::time::Instant;
 use workfarm::remote::RemoteOptions;
-use workfarm::{CallError, CreateError, Farm};
+use workfarm::{CallError, CreateError, Event, Farm};
 
 /// How a test's `redis-server` runs, beyond its unix socket in a fresh directory.
 #[derive(Debug, Clone, Default)]
@@ -467,7 +467,26 @@ async fn a_poison_pill_that_kills_its_nodes_stops_after_max_retries_plus_one_del
         .unwrap()
         .unwrap_err();
     match &err {
-        CallError::RetriesExhausted { attempts, .. } => assert_eq!(*attempts, 3, "{err}"),
+        CallError::RetriesExhausted {
+            attempts,
+            last,
+            earlier,
+        } => {
+            assert_eq!(*attempts, 3, "{err}");
+            // Each delivery's node, in order: the last one, and the two before it.
+            let mut nodes: Vec<&str> = earlier
+                .iter()
+                .chain(std::iter::once(&**last))
+                .map(|e| match e {
+                    CallError::NodeLost { node, .. } => node.as_str(),
+                    other => panic!("a lost node, not {other:?}"),
+                })
+                .collect();
+            assert_eq!(nodes.len(), 3, "{err}");
+            nodes.sort_unstable();
+            nodes.dedup();
+            assert_eq!(nodes.len(), 3, "three different nodes: {err}");
+        }
         other => panic!("expected RetriesExhausted, got {other:?}"),
     }
     let dead = nodes
@@ -1101,13 +1120,15 @@ fn free_port() -> u16 {
 
 /// Every command nodes and callers send, besides `AUTH` (always allowed): the rules of a
 /// Redis ACL user that may serve and call farms, and nothing else (keys `wf:*` only, no
-/// channels). `INFO` (the server's run id: a restart is noticed by it) touches no key;
-/// `XCLAIM`, `ZREM` and `XGROUP DELCONSUMER` are sent from the scripts only.
+/// channels). `INFO` (the server's run id and uptime: a restart is noticed by it) and
+/// `CLIENT ID` / `CLIENT LIST` (a node is dead once its heartbeat connection is gone) touch
+/// no key; `XCLAIM`, `XTRIM`, `XINFO GROUPS`, `TIME`, `RPUSH`, `ZREM` and `XGROUP
+/// DELCONSUMER` are sent from the scripts (`XINFO GROUPS` and `XPENDING` by `status()` too).
 const FARM_ACL: &str = "resetkeys ~wf:* resetchannels -@all \
-    +ping +info +evalsha +script|load \
-    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xautoclaim +xack +xdel \
+    +ping +info +evalsha +script|load +client|id +client|list +time \
+    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xack +xdel +xtrim +xinfo|groups \
     +xgroup|create +xgroup|delconsumer \
-    +set +mget +exists +del +pexpire +zadd +zrem +zrangebyscore";
+    +set +mget +exists +del +pexpire +zadd +zrem +zrangebyscore +rpush +lrange";
 
 /// And, on Redis 7.2 or later, `CLIENT SETINFO` (the `redis` crate names itself on each
 /// connection; 7.0 does not know the command, and the crate ignores its error).
@@ -1408,4 +1429,165 @@ async fn nodes_and_a_caller_over_tls_check_the_server_against_a_private_ca() {
     );
     assert!(said.contains("over TLS"), "{said}");
     nothing_left(&redis, "tls").await;
+}
+
+/// Seconds the server has been up.
+async fn uptime_s(redis: &Redis) -> u64 {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_node_is_found_dead_by_its_lost_connection_while_its_liveness_key_still_says_alive(
+) {
+    let Some(redis) = Redis::start() else { return };
+    // Leases of a minute: no call is taken over because its lease ran out.
+    let mut a = NodeProc::start(&redis, "gone", 1, 60_000);
+    nodes_live(&redis, "gone", 1).await;
+    let farm = connect(&redis, "gone").await;
+    let runs = counter_file("remote-gone");
+    let path = runs.to_string_lossy().into_owned();
+    let call = tokio::spawn({
+        let farm = farm.clone();
+        async move {
+            farm.run_method::<_, u32>("log_block", (path, 5_000u64))
+                .await
+        }
+    });
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(&*runs)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "node A never ran the call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _b = NodeProc::start(&redis, "gone", 1, 60_000);
+    nodes_live(&redis, "gone", 2).await;
+    // Connections are judged once the server has been up 2 s (after a restart every node
+    // gets that long to reconnect).
+    while uptime_s(&redis).await < 3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut conn = redis.conn().await;
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg("wf:{gone}:nodes")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A's liveness key, kept alive by the test after A dies: only A's closed connection
+    // can tell B that A is gone.
+    let mut keys = Vec::new();
+    for m in &members {
+        let key = format!("wf:{{gone}}:node:{m}");
+        let beat: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        keys.push((key, beat.unwrap()));
+    }
+    let killed = Instant::now();
+    a.kill();
+    for (key, beat) in &keys {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(beat)
+            .arg("PX")
+            .arg(120_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let pid = tokio::time::timeout(SOON, call)
+        .await
+        .expect("taken over well before the lease, with A's liveness key still there")
+        .unwrap()
+        .expect("completes on node B");
+    let took = killed.elapsed();
+    let logged = std::fs::read_to_string(&*runs).unwrap();
+    let pids: Vec<&str> = logged.lines().collect();
+    assert_eq!(pids.len(), 2, "ran on A, then once on B: {pids:?}");
+    assert_eq!(pids[1], pid.to_string());
+    eprintln!("a killed node's 5 s call completed elsewhere {took:?} after the kill");
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_remote_farm_reports_where_calls_ran_its_nodes_and_their_events() {
+    let Some(redis) = Redis::start() else { return };
+    let farm = connect(&redis, "seen").await;
+    let mut events = farm.events();
+    let _a = NodeProc::start(&redis, "seen", 2, 10_000);
+    let _b = NodeProc::start(&redis, "seen", 1, 10_000);
+    nodes_live(&redis, "seen", 2).await;
+    // Status: both nodes, with their workers.
+    let deadline = Instant::now() + SOON;
+    let status = loop {
+        let status = farm.status().await;
+        if status.nodes.len() == 2 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut workers: Vec<usize> = status.nodes.iter().map(|n| n.workers).collect();
+    workers.sort_unstable();
+    assert_eq!(workers, [1, 2], "{status:?}");
+    assert!(status.workers.is_empty());
+    // with_info: the node's worker, its pid (the worker's own), attempts.
+    let mut nodes_seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let (pid, info) = farm
+            .call::<_, u32>("pid", ())
+            .start()
+            .with_info()
+            .await
+            .unwrap();
+        assert_eq!(info.pid, pid, "{info:?}");
+        assert_eq!(info.attempts, 1);
+        let node = info.worker.node().expect("a remote worker names its node");
+        assert!(status.nodes.iter().any(|n| *n.name == *node), "{node}");
+        assert!(info.worker.to_string().contains(&*node));
+        nodes_seen.insert(node);
+    }
+    assert_eq!(nodes_seen.len(), 2, "calls went to both nodes");
+    // Events: both nodes joined; each call done, by its node's worker.
+    let mut joined = 0;
+    let mut done = 0;
+    let deadline = Instant::now() + SOON;
+    while joined < 2 || done < 40 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(Event::NodeJoined { node, workers })) => {
+                assert!(status
+                    .nodes
+                    .iter()
+                    .any(|n| n.name == node && n.workers == workers));
+                joined += 1;
+            }
+            Ok(Ok(Event::CallDone { worker, ok, .. })) => {
+                assert!(ok && worker.node().is_some());
+                done += 1;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("{joined} joins and {done} calls done, then {other:?}"),
+        }
+    }
+    // A broadcast's answers name their nodes too.
+    let reached = farm.broadcast_method::<_, u32>("pid", ()).await;
+    assert_eq!(reached.successes.len(), 3, "{:?}", reached.failures);
+    assert!(reached.successes.iter().all(|(w, _)| w.node().is_some()));
+    assert_eq!(farm.stats().await.duplicates, 0);
+    farm.shutdown().await;
 }

@@ -122,7 +122,7 @@ for i = 7, #ARGV, 2 do
       break
     end
     for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', left, owner)) do
-      local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'JUSTID')
+      local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, p[1], 'RETRYCOUNT', p[4] + 1, 'JUSTID')
       if #claimed > 0 then
         redis.call('RPUSH', ARGV[5] .. p[1], owner)
         redis.call('PEXPIRE', ARGV[5] .. p[1], ARGV[6])
@@ -135,7 +135,8 @@ end
 return out
 ";
 
-/// Claims, for this node, calls whose lease ran out (idle for `ARGV[3]` ms: not renewed),
+/// Claims, for this node, other nodes' calls whose lease ran out (idle for `ARGV[3]` ms:
+/// not renewed),
 /// at most `ARGV[4]`, and notes their owner in each call's list of the nodes that held it
 /// (prefix `ARGV[5]`, time to live `ARGV[6]` ms). An entry deleted meanwhile is not claimed
 /// (`XCLAIM` drops it from the pending list). `KEYS[1]` the calls stream; `ARGV[1]` the
@@ -143,7 +144,10 @@ return out
 const CLAIM_IDLE: &str = r"
 local out = {}
 for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '-', '+', ARGV[4])) do
-  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1], 'JUSTID')
+  local claimed = {}
+  if p[2] ~= ARGV[2] then
+    claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], p[1], 'RETRYCOUNT', p[4] + 1, 'JUSTID')
+  end
   if #claimed > 0 then
     redis.call('RPUSH', ARGV[5] .. p[1], p[2])
     redis.call('PEXPIRE', ARGV[5] .. p[1], ARGV[6])

@@ -1206,17 +1206,22 @@ async fn an_acl_user_in_the_url_serves_and_calls_and_a_wrong_password_is_a_typed
         .expect("settles")
         .unwrap()
         .expect("the long call completes");
-    // A graceful stop: the node leaves the farm (its keys, its consumer) as wfuser.
-    let status = a.terminate();
-    assert!(status.success(), "{status:?}");
-    nothing_left(&redis, "acl").await;
-    farm.shutdown().await;
     let mut admin = redis.conn().await;
     let refusals = acl_log(&mut admin).await;
     assert!(
         refusals.is_empty(),
         "the server refused commands or keys to wfuser: {refusals:?}"
     );
+    // A graceful stop: the node leaves the farm (its keys, its consumer) as wfuser.
+    let status = a.terminate();
+    assert!(status.success(), "{status:?}");
+    farm.shutdown().await;
+    let refusals = acl_log(&mut admin).await;
+    assert!(
+        refusals.is_empty(),
+        "the server refused commands or keys to wfuser: {refusals:?}"
+    );
+    nothing_left(&redis, "acl").await;
 
     // A wrong password: a typed error from connect, within its connect timeout, and a
     // node that exits with a failure.

@@ -1104,12 +1104,15 @@ fn free_port() -> u16 {
 
 /// Every command nodes and callers send, besides `AUTH` (always allowed): the rules of a
 /// Redis ACL user that may serve and call farms, and nothing else (keys `wf:*` only, no
-/// channels). `INFO` (the server's run id: a restart is noticed by it) touches no key;
-/// `XCLAIM`, `ZREM` and `XGROUP DELCONSUMER` are sent from the scripts only.
+/// channels). Beyond the stream, key and script commands: `INFO` (the server's run id and
+/// uptime: a restart is noticed by it), `TIME` (in the settling script), and `CLIENT ID` and
+/// `CLIENT LIST` (a node's presence through its heartbeat connection; without them peers
+/// judge a node by its liveness key alone). `XCLAIM`, `XINFO GROUPS`, `ZREM` and `XGROUP
+/// DELCONSUMER` are sent from the scripts only.
 const FARM_ACL: &str = "resetkeys ~wf:* resetchannels -@all \
-    +ping +info +evalsha +script|load \
-    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xautoclaim +xack +xdel \
-    +xgroup|create +xgroup|delconsumer \
+    +ping +info +time +client|id +client|list +evalsha +script|load \
+    +xadd +xread +xreadgroup +xrange +xpending +xclaim +xautoclaim +xack +xdel +xtrim \
+    +xinfo|groups +xgroup|create +xgroup|delconsumer \
     +set +mget +exists +del +pexpire +zadd +zrem +zrangebyscore";
 
 /// And, on Redis 7.2 or later, `CLIENT SETINFO` (the `redis` crate names itself on each

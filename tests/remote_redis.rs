@@ -172,6 +172,21 @@ impl Redis {
         self.child = redis_server(&self.dir, &self.setup);
     }
 
+    /// Waits until the server answers commands (a restarted one first loads its data,
+    /// answering `LOADING` meanwhile).
+    async fn loaded(&self) {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let mut conn = self.conn().await;
+            let ping = redis::cmd("PING").query_async::<String>(&mut conn).await;
+            match ping {
+                Ok(_) => return,
+                Err(e) => assert!(Instant::now() < deadline, "the server never loaded: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn conn(&self) -> redis::aio::MultiplexedConnection {
         redis::Client::open(self.url.as_str())
             .unwrap()
@@ -797,6 +812,7 @@ async fn an_engine_that_restarts_with_its_data_runs_a_queued_call_once() {
         "two calls delivered, one queued"
     );
     redis.restart();
+    redis.loaded().await;
     // The restarted server loaded the stream, the group and its pending list.
     assert_eq!(
         leftovers(&redis, "durable").await,
@@ -1593,5 +1609,36 @@ async fn a_remote_farm_reports_where_calls_ran_its_nodes_and_their_events() {
     assert_eq!(reached.successes.len(), 3, "{:?}", reached.failures);
     assert!(reached.successes.iter().all(|(w, _)| w.node().is_some()));
     assert_eq!(farm.stats().await.duplicates, 0);
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_call_a_node_runs_stops_it_there() {
+    let Some(redis) = Redis::start() else { return };
+    // One worker: while the cancelled call ran there, nothing else could. A lease of a
+    // minute: the node renews it every 20 s, and only then would it find the entry gone.
+    let _a = NodeProc::start(&redis, "stop", 1, 60_000);
+    nodes_live(&redis, "stop", 1).await;
+    let farm = connect(&redis, "stop").await;
+    let runs = counter_file("remote-stop");
+    let path = runs.to_string_lossy().into_owned();
+    let call = farm.call::<_, u32>("log_block", (path, 30_000u64)).start();
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(&*runs)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the node never ran the call");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    call.cancel();
+    assert!(matches!(call.await, Err(CallError::Cancelled)));
+    // The node's only worker is free again long before the 30 s call would have ended.
+    let v: i64 = tokio::time::timeout(Duration::from_secs(10), farm.run_method("noop", 7))
+        .await
+        .expect("the cancelled call no longer holds the worker")
+        .unwrap();
+    assert_eq!(v, 7);
+    nothing_left(&redis, "stop").await;
     farm.shutdown().await;
 }

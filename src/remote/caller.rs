@@ -342,11 +342,23 @@ impl Caller {
         if sent.is_empty() {
             return;
         }
-        let added = tokio::time::timeout(
+        let mut added = tokio::time::timeout(
             COMMAND_TIMEOUT,
             pipe.query_async::<Vec<String>>(&mut self.conn),
         )
         .await;
+        if let Ok(Err(e)) = &added {
+            if e.is_io_error() || e.is_connection_dropped() {
+                // The shared connection broke (the server closed it, or restarted) and
+                // reconnects: try once more. Calls the first try added run twice at
+                // worst, and settle once.
+                added = tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    pipe.query_async::<Vec<String>>(&mut self.conn),
+                )
+                .await;
+            }
+        }
         let entries = match added {
             Ok(Ok(entries)) if entries.len() == sent.len() => entries,
             Ok(Ok(_)) => {
@@ -546,6 +558,42 @@ impl Caller {
         }
     }
 
+    /// Deletes a cancelled call's entry (so a node that has not taken it never does), and
+    /// asks the node running it, if one is, to stop it (best effort).
+    fn stop_entry(&mut self, entry: String) {
+        let mut conn = self.conn.clone();
+        let keys = self.keys.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let calls = keys.calls();
+                redis::cmd("XDEL")
+                    .arg(&calls)
+                    .arg(&entry)
+                    .exec_async(&mut conn)
+                    .await?;
+                let held: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+                    .arg(&calls)
+                    .arg(super::keys::GROUP)
+                    .arg(&entry)
+                    .arg(&entry)
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await?;
+                if let Some(held) = held.ids.first() {
+                    redis::cmd("XADD")
+                        .arg(keys.inbox(&held.consumer))
+                        .arg("*")
+                        .arg("h")
+                        .arg(wire::cancel_head(&entry))
+                        .exec_async(&mut conn)
+                        .await?;
+                }
+                Ok::<_, redis::RedisError>(())
+            };
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, stop).await;
+        });
+    }
+
     /// Deletes a call's entry, so a node that has not taken it never does (best effort).
     fn forget_entry(&mut self, entry: String) {
         let mut conn = self.conn.clone();
@@ -561,7 +609,7 @@ impl Caller {
         match command {
             Command::Cancel { call, why } => {
                 if let Some(pending) = self.take(call) {
-                    self.forget_entry(pending.entry);
+                    self.stop_entry(pending.entry);
                     let error = match why {
                         CancelWhy::Cancelled => CallError::Cancelled,
                         CancelWhy::Expired => CallError::Deadline { ran: true },
@@ -985,8 +1033,15 @@ async fn read_results(
                             let _ = tx.send(FromReader::Up);
                         }
                         None => {
-                            backoff.wait().await;
-                            continue;
+                            // The server will not say (an ACL without INFO): it may be
+                            // a new one, so check as if it were (calls whose entries
+                            // are gone are submitted again; results read twice are
+                            // dropped as duplicates).
+                            down = false;
+                            backoff.reset();
+                            last = "0-0".to_owned();
+                            let _ = tx.send(FromReader::Lost);
+                            let _ = tx.send(FromReader::Up);
                         }
                     }
                 }

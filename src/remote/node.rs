@@ -1210,6 +1210,18 @@ impl<S: Serializer> Puller<S> {
         }
     }
 
+    /// Stops a call its caller cancelled, if this node runs it: the worker's call is
+    /// cancelled, and the entry acknowledged without an answer (its caller settled it).
+    fn cancel(&self, entry: &str) {
+        let Some(task) = self.state.owned().get(entry).cloned() else {
+            return;
+        };
+        task.abort();
+        tracing::debug!(entry, "cancelled by its caller");
+        self.answer(entry, None, 0, Err(CallError::Cancelled));
+    }
+
+    /// Serves one entry of the inbox: a broadcast to run on every worker, or a cancel.
     async fn broadcast(self: Arc<Self>, entry: StreamId) {
         let inbox = self.keys.inbox(&self.id);
         let mut conn = self.conn.clone();
@@ -1218,7 +1230,12 @@ impl<S: Serializer> Puller<S> {
             .arg(&entry.id)
             .exec_async(&mut conn)
             .await;
-        let call = match CallEntry::parse(Entry::from_stream_id(&entry)) {
+        let entry = Entry::from_stream_id(&entry);
+        if let Some(cancelled) = wire::parse_cancel(&entry.head) {
+            self.cancel(cancelled);
+            return;
+        }
+        let call = match CallEntry::parse(entry) {
             Ok(call) if call.fmt == self.farm.serializer().name() => call,
             Ok(call) => {
                 let error = CallError::BadArguments {

@@ -99,6 +99,17 @@ fn into_text(value: Value) -> Option<String> {
     String::from_utf8(into_bytes(value)?).ok()
 }
 
+/// The header of an inbox entry asking a node to stop running calls-stream entry `entry`
+/// (its caller cancelled it).
+pub(crate) fn cancel_head(entry: &str) -> String {
+    format!("cancel {entry}")
+}
+
+/// The entry a cancel names, if `head` is one.
+pub(crate) fn parse_cancel(head: &[u8]) -> Option<&str> {
+    std::str::from_utf8(head.strip_prefix(b"cancel ")?).ok()
+}
+
 /// A call as a node reads it.
 #[derive(Debug)]
 pub(crate) struct CallEntry {

@@ -19,13 +19,15 @@ usage: workfarm-node --redis URL --farm NAME [options] -- PROGRAM [ARGS...]
 Serves the calls of farm NAME, made with Farm::connect on any machine, by running them on
 local workers: PROGRAM is your worker binary (built with workfarm::worker), unchanged.
 
-  --redis URL          the Redis server: redis://[user:password@]host:port, or
-                       redis+unix:///path/to/socket
+  --redis URL          the Redis server: redis://[user:password@]host:port,
+                       rediss://... (TLS; a private CA through SSL_CERT_FILE=ca.pem),
+                       or redis+unix:///path/to/socket
   --farm NAME          the farm's name (callers use the same)
   --workers N          local worker processes (default: the number of CPUs)
   --serializer FORMAT  json (default), cbor or postcard: the callers' serializer
   --lease-ms MS        how long a call stays this node's without a renewal (default 10000)
-  --max-in-flight N    calls held at once (default: the number of workers)
+  --max-in-flight N    calls held at once (default: one per worker, plus what the
+                       workers finish in 10 ms at their recent pace)
   -h, --help           this text
 
 SIGTERM or Ctrl-C stops it gracefully: it takes no new calls, finishes the ones it holds

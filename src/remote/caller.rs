@@ -133,7 +133,7 @@ impl<S: Serializer> Farm<S> {
             .map_err(|e| CreateError::Engine {
                 message: format!("cannot create the calls stream: {e}"),
             })?;
-        let run_id = run_id(&mut manager).await;
+        let run_id = conn::run_id(&mut manager).await;
         let stderr = Arc::new(StderrCapture::new(0, 0));
         let (core, inputs) = Core::new(
             options.max_concurrent_calls,
@@ -945,18 +945,6 @@ async fn wait_for_a_node(
     }
 }
 
-/// The server's run id: it changes when the server restarts.
-async fn run_id(conn: &mut impl redis::aio::ConnectionLike) -> Option<String> {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(conn)
-        .await
-        .ok()?;
-    info.lines()
-        .find_map(|line| line.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
-}
-
 /// Reads this caller's results stream on a connection of its own, forever, until the
 /// caller is gone; rebuilds the connection when it breaks.
 async fn read_results(
@@ -1020,7 +1008,7 @@ async fn read_results(
                 if down {
                     // Asked on this fresh connection: the shared one may still hold a
                     // socket to the old server and fail its first command.
-                    match run_id(&mut blocking).await {
+                    match conn::run_id(&mut blocking).await {
                         Some(now) => {
                             down = false;
                             backoff.reset();

@@ -125,3 +125,15 @@ impl Backoff {
         self.0 = Duration::from_millis(100);
     }
 }
+
+/// The server's run id: it changes when the server restarts.
+pub(crate) async fn run_id(conn: &mut impl redis::aio::ConnectionLike) -> Option<String> {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+}

@@ -3,7 +3,7 @@
 
 use super::conn::{self, Backoff, COMMAND_TIMEOUT};
 use super::keys::{self, Keys, GROUP};
-use super::wire::{self, Answered, Beat, CallEntry, Entry, RanOn, WIRE_VERSION};
+use super::wire::{self, Answered, Beat, CallEntry, Entry, Presence, RanOn, WIRE_VERSION};
 use crate::error::{CallError, CreateError};
 use crate::options::FarmOptions;
 use crate::serializer::{Json, Serializer};
@@ -163,10 +163,6 @@ const DEAD_CHECK: Duration = Duration::from_millis(150);
 /// How long a node's connection must stay gone before it counts as dead: longer than a
 /// beat, so a node that reconnected has re-announced itself by then.
 const GONE_FOR: Duration = Duration::from_millis(300);
-/// How long after the engine started nodes are not judged by their connections: after a
-/// restart every node's heart reconnects at its next beat (every half second), and one that
-/// cannot within this long has let its liveness key expire anyway.
-const PRESENCE_GRACE: Duration = LIVENESS;
 
 /// Most answers posted in one pipeline.
 const POST_BATCH: usize = 256;
@@ -263,8 +259,10 @@ impl<S: Serializer> NodeOptions<S> {
         self
     }
 
-    /// Calls this node holds at once (running or waiting for a local worker). Default: its
-    /// number of workers, so a node claims only what it can start.
+    /// Calls this node holds at once (running or waiting for a local worker), fixed.
+    /// Default: one per worker, plus what its workers answer within 10 ms at their recent
+    /// pace (so calls of 5 ms or more are held one per worker: a node claims only what it
+    /// can start; noop-sized calls by the dozen, so each read and post carries many).
     pub fn max_in_flight(mut self, n: usize) -> Self {
         self.max_in_flight = Some(n);
         self
@@ -389,23 +387,7 @@ struct Shared {
     answered: AtomicU64,
     /// The engine's id for this node's heartbeat connection, and when it opened: peers take
     /// this node for dead once that connection is gone.
-    presence: Mutex<Option<(u64, Instant)>>,
-}
-
-/// How long the engine has been up (`None` when it will not say).
-async fn uptime(conn: &mut ConnectionManager) -> Option<Duration> {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(conn)
-        .await
-        .ok()?;
-    let seconds = info
-        .lines()
-        .find_map(|line| line.strip_prefix("uptime_in_seconds:"))?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(seconds))
+    presence: Mutex<Option<Presence>>,
 }
 
 /// Nodes whose heartbeat connection was missing from the engine, with that connection and
@@ -432,7 +414,7 @@ impl Death {
 }
 
 impl Shared {
-    fn presence(&self) -> std::sync::MutexGuard<'_, Option<(u64, Instant)>> {
+    fn presence(&self) -> std::sync::MutexGuard<'_, Option<Presence>> {
         self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -472,12 +454,11 @@ impl<S: Serializer> Puller<S> {
         let mut pace = Pace::new();
         let beats = tokio::spawn(this.clone().renew_forever());
         let heart = tokio::spawn(this.clone().beat_forever(heart));
+        let watcher = tokio::spawn(this.clone().watch_dead(stopped.clone()));
         let inbox = tokio::spawn(this.clone().serve_inbox());
         let mut reader: Option<MultiplexedConnection> = None;
         let mut backoff = Backoff::new();
         let mut last_orphan_check = Instant::now() - this.lease;
-        let mut last_dead_check = Instant::now() - DEAD_CHECK;
-        let mut suspects = Suspects::default();
         while !*stopped.borrow() {
             // Listening before looking: a call that finishes in between still wakes us.
             let done = this.state.done.notified();
@@ -494,14 +475,6 @@ impl<S: Serializer> Puller<S> {
                     () = stop_requested(&mut stopped) => {}
                 }
                 continue;
-            }
-            if last_dead_check.elapsed() >= DEAD_CHECK {
-                last_dead_check = Instant::now();
-                match this.claim_from_dead(free, &mut suspects).await {
-                    Ok(0) => {}
-                    Ok(_) => continue,
-                    Err(e) => tracing::debug!(error = %e, "cannot claim dead nodes' calls"),
-                }
             }
             if last_orphan_check.elapsed() >= this.lease / 4 {
                 last_orphan_check = Instant::now();
@@ -587,11 +560,33 @@ impl<S: Serializer> Puller<S> {
             let _ = flush.await;
         }
         poster.abort();
+        watcher.abort();
         beats.abort();
         heart.abort();
         inbox.abort();
         this.leave().await;
         this.farm.shutdown().await;
+    }
+
+    /// Every [`DEAD_CHECK`], while it has room for a call per worker and is not stopping:
+    /// claims the calls of dead nodes. Apart from the read loop, whose reads block for up
+    /// to half a second when the stream is empty.
+    async fn watch_dead(self: Arc<Self>, stopped: watch::Receiver<bool>) {
+        let mut suspects = Suspects::default();
+        let room = self.max_in_flight.unwrap_or(self.workers).max(1);
+        loop {
+            tokio::time::sleep(DEAD_CHECK).await;
+            if *stopped.borrow() {
+                return;
+            }
+            let free = room.saturating_sub(self.state.owned().len());
+            if free == 0 {
+                continue;
+            }
+            if let Err(e) = self.claim_from_dead(free, &mut suspects).await {
+                tracing::debug!(error = %e, "cannot claim dead nodes' calls");
+            }
+        }
     }
 
     /// Claims calls of dead nodes (see [`Self::dead_nodes`]): how many it took.
@@ -945,8 +940,9 @@ impl<S: Serializer> Puller<S> {
     /// The nodes holding calls that are dead: their liveness key expired, or their
     /// heartbeat connection has been gone from the engine for [`GONE_FOR`] (a killed
     /// process's sockets close at once: its calls restart within a second). Connections are
-    /// judged only while this node's own is known to the engine and the engine has been up
-    /// for [`PRESENCE_GRACE`], so an engine restart does not make every node look dead.
+    /// judged only while this node's own is known to the engine, and only ids of the
+    /// server's current run (see [`Presence`]), so an engine restart does not make every
+    /// node look dead.
     async fn dead_nodes(
         &self,
         suspects: &mut Suspects,
@@ -983,21 +979,21 @@ impl<S: Serializer> Puller<S> {
             match beat.as_deref().and_then(Beat::parse) {
                 None if beat.is_none() => dead.push((node, Death::Expired)),
                 Some(Beat {
-                    client: Some(client),
+                    presence: Some(presence),
                     ..
-                }) => connected.push((node, client)),
+                }) => connected.push((node, presence)),
                 _ => {}
             }
         }
-        let own = *self.state.presence();
-        let Some((own, _)) = own.filter(|_| !connected.is_empty()) else {
+        let own = self.state.presence().clone();
+        let Some(own) = own.filter(|_| !connected.is_empty()) else {
             suspects.0.clear();
             return Ok(dead);
         };
         let mut list = redis::cmd("CLIENT");
-        list.arg("LIST").arg("ID").arg(own);
-        for (_, client) in &connected {
-            list.arg(*client);
+        list.arg("LIST").arg("ID").arg(own.client);
+        for (_, presence) in &connected {
+            list.arg(presence.client);
         }
         let listed: String = match list.query_async(&mut conn).await {
             Ok(listed) => listed,
@@ -1011,33 +1007,36 @@ impl<S: Serializer> Puller<S> {
             .lines()
             .filter_map(|line| line.strip_prefix("id=")?.split(' ').next()?.parse().ok())
             .collect();
-        if !present.contains(&own) {
+        if !present.contains(&own.client) {
             // This node's own connection is not listed: the engine is not the one it knew.
             suspects.0.clear();
             return Ok(dead);
         }
         let mut still = HashMap::new();
         let mut gone = Vec::new();
-        for (node, client) in connected {
-            if present.contains(&client) {
+        for (node, presence) in connected {
+            if present.contains(&presence.client) {
                 continue;
             }
             let since = match suspects.0.get(&node) {
-                Some(&(c, since)) if c == client => since,
+                Some(&(c, since)) if c == presence.client => since,
                 _ => Instant::now(),
             };
             if since.elapsed() >= GONE_FOR {
-                gone.push(node.clone());
+                gone.push((node.clone(), presence.run));
             }
-            still.insert(node, (client, since));
+            still.insert(node, (presence.client, since));
         }
         suspects.0 = still;
-        if !gone.is_empty()
-            && uptime(&mut conn)
-                .await
-                .is_some_and(|up| up >= PRESENCE_GRACE)
-        {
-            dead.extend(gone.into_iter().map(|node| (node, Death::Disconnected)));
+        if !gone.is_empty() {
+            // Only ids of this server run mean anything: after a restart, a node's key may
+            // still hold its old connection's id until it reconnects and beats again.
+            let now = conn::run_id(&mut conn).await;
+            dead.extend(
+                gone.into_iter()
+                    .filter(|(_, run)| now.as_deref() == Some(run.as_str()))
+                    .map(|(node, _)| (node, Death::Disconnected)),
+            );
         }
         Ok(dead)
     }
@@ -1047,12 +1046,15 @@ impl<S: Serializer> Puller<S> {
     async fn connect_heart(&self) -> redis::RedisResult<MultiplexedConnection> {
         let mut heart =
             conn::dedicated(&self.client, self.connect_timeout, Some(COMMAND_TIMEOUT)).await?;
-        let id: Option<u64> = redis::cmd("CLIENT")
+        let client: Option<u64> = redis::cmd("CLIENT")
             .arg("ID")
             .query_async(&mut heart)
             .await
             .ok();
-        *self.state.presence() = id.map(|id| (id, Instant::now()));
+        let run = conn::run_id(&mut heart).await;
+        *self.state.presence() = client
+            .zip(run)
+            .map(|(client, run)| Presence { client, run });
         self.beat(&mut heart).await?;
         Ok(heart)
     }
@@ -1062,7 +1064,7 @@ impl<S: Serializer> Puller<S> {
     async fn beat(&self, heart: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let beat = Beat {
             workers: self.workers,
-            client: self.state.presence().map(|(id, _)| id),
+            presence: self.state.presence().clone(),
         };
         let mut pipe = redis::pipe();
         pipe.cmd("SET")

@@ -280,31 +280,44 @@ impl ResultEntry {
     }
 }
 
-/// What a node's liveness key holds: its worker count (what a broadcast reaches there) and
-/// the engine's id of its heartbeat connection (absent when the engine would not say),
-/// as `"<workers> <client id>"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a node's liveness key holds: its worker count (what a broadcast reaches there)
+/// and, when the server would say, its [`Presence`]: `"<workers>"` or `"<workers> <client
+/// id> <run id>"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Beat {
     pub(crate) workers: usize,
-    pub(crate) client: Option<u64>,
+    pub(crate) presence: Option<Presence>,
+}
+
+/// A node's heartbeat connection as the server knows it: its client id, under the server
+/// run (`INFO`'s `run_id`) that gave it. Ids start again in a new run, so an id is only
+/// judged under its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Presence {
+    pub(crate) client: u64,
+    pub(crate) run: String,
 }
 
 impl Beat {
     pub(crate) fn parse(s: &str) -> Option<Beat> {
         let mut parts = s.split(' ');
         let workers = parts.next()?.parse().ok()?;
-        let client = match parts.next() {
-            Some(c) => Some(c.parse().ok()?),
-            None => None,
+        let presence = match (parts.next(), parts.next()) {
+            (Some(client), Some(run)) => Some(Presence {
+                client: client.parse().ok()?,
+                run: run.to_owned(),
+            }),
+            (None, None) => None,
+            _ => return None,
         };
-        Some(Beat { workers, client })
+        Some(Beat { workers, presence })
     }
 }
 
 impl std::fmt::Display for Beat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.client {
-            Some(client) => write!(f, "{} {client}", self.workers),
+        match &self.presence {
+            Some(p) => write!(f, "{} {} {}", self.workers, p.client, p.run),
             None => write!(f, "{}", self.workers),
         }
     }
@@ -485,20 +498,25 @@ mod tests {
 
     #[test]
     fn a_beat_round_trips_with_and_without_its_connection() {
+        let presence = Presence {
+            client: 17,
+            run: "ab12".into(),
+        };
         for beat in [
             Beat {
                 workers: 4,
-                client: Some(17),
+                presence: Some(presence),
             },
             Beat {
                 workers: 2,
-                client: None,
+                presence: None,
             },
         ] {
             assert_eq!(Beat::parse(&beat.to_string()), Some(beat));
         }
         assert_eq!(Beat::parse("x"), None);
-        assert_eq!(Beat::parse("2 x"), None);
+        assert_eq!(Beat::parse("2 x r"), None);
+        assert_eq!(Beat::parse("2 17"), None);
     }
 
     #[test]

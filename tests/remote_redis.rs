@@ -314,6 +314,21 @@ async fn stream_len(redis: &Redis, farm: &str, n: u64) {
     }
 }
 
+/// Waits until the run log at `runs` has `n` lines (each run of a logging method adds
+/// one); fails the test with `what` after [`SOON`].
+async fn wait_for_runs(runs: &Path, n: usize, what: &str) {
+    let deadline = Instant::now() + SOON;
+    while std::fs::read_to_string(runs)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < n
+    {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Entries left in the calls stream, and calls pending in its group.
 async fn leftovers(redis: &Redis, farm: &str) -> (u64, u64) {
     let mut conn = redis.conn().await;
@@ -399,14 +414,7 @@ async fn a_call_whose_node_is_killed_completes_on_the_other_node() {
         }
     });
     // Node A runs it (its worker logged its pid); then B joins and A dies.
-    let deadline = Instant::now() + SOON;
-    while std::fs::read_to_string(&*runs)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "node A never ran the call");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_runs(&runs, 1, "node A never ran the call").await;
     let _b = NodeProc::start(&redis, "kill", 1, 10_000);
     nodes_live(&redis, "kill", 2).await;
     let killed = Instant::now();
@@ -622,14 +630,7 @@ async fn a_node_frozen_past_its_lease_loses_the_call_and_the_caller_settles_once
                 .await
         }
     });
-    let deadline = Instant::now() + SOON;
-    while std::fs::read_to_string(&*runs)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "node A never ran the call");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_runs(&runs, 1, "node A never ran the call").await;
     // Freeze A (its worker runs on) well past its lease; B takes the call over.
     // SAFETY: kill(2) has no memory effects.
     unsafe { libc::kill(a.0.id() as i32, libc::SIGSTOP) };
@@ -918,19 +919,7 @@ async fn a_broadcast_reaches_every_worker_of_every_live_node_and_reports_a_lost_
                 .await
         }
     });
-    let deadline = Instant::now() + SOON;
-    while std::fs::read_to_string(&*runs)
-        .unwrap_or_default()
-        .lines()
-        .count()
-        < 6
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the broadcast did not reach 6 workers"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_runs(&runs, 6, "the broadcast did not reach 6 workers").await;
     nodes[0].kill();
     // A node that joins now receives nothing of it.
     let late = NodeProc::start(&redis, "bcast", 2, 1_000);
@@ -1468,14 +1457,7 @@ async fn a_killed_node_is_found_dead_by_its_lost_connection_while_its_liveness_k
                 .await
         }
     });
-    let deadline = Instant::now() + SOON;
-    while std::fs::read_to_string(&*runs)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "node A never ran the call");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_runs(&runs, 1, "node A never ran the call").await;
     let _b = NodeProc::start(&redis, "gone", 1, 60_000);
     nodes_live(&redis, "gone", 2).await;
     let mut conn = redis.conn().await;
@@ -1604,14 +1586,7 @@ async fn cancelling_a_call_a_node_runs_stops_it_there() {
     let runs = counter_file("remote-stop");
     let path = runs.to_string_lossy().into_owned();
     let call = farm.call::<_, u32>("log_block", (path, 30_000u64)).start();
-    let deadline = Instant::now() + SOON;
-    while std::fs::read_to_string(&*runs)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "the node never ran the call");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_runs(&runs, 1, "the node never ran the call").await;
     call.cancel();
     assert!(matches!(call.await, Err(CallError::Cancelled)));
     // The node's only worker is free again long before the 30 s call would have ended.
@@ -1621,5 +1596,89 @@ async fn cancelling_a_call_a_node_runs_stops_it_there() {
         .unwrap();
     assert_eq!(v, 7);
     nothing_left(&redis, "stop").await;
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_over_max_frame_is_refused_before_it_reaches_the_engine() {
+    let Some(redis) = Redis::start() else { return };
+    let farm = Farm::connect(RemoteOptions::new(redis.url.clone(), "big").max_frame(4096))
+        .await
+        .unwrap();
+    let err = farm
+        .run_method::<_, String>("echo", "x".repeat(10_000))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CallError::Serialize { .. }), "{err:?}");
+    assert_eq!(leftovers(&redis, "big").await, (0, 0), "nothing was added");
+    farm.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_entries_written_by_something_else_are_acknowledged_and_crash_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    let _a = NodeProc::start(&redis, "junk", 1, 10_000);
+    nodes_live(&redis, "junk", 1).await;
+    let farm = connect(&redis, "junk").await;
+    let v: i64 = farm.run_method("noop", 1).await.unwrap();
+    assert_eq!(v, 1);
+    let mut conn = redis.conn().await;
+    // Into the calls stream: no header; a header that is not one; an old wire version.
+    for fields in [
+        vec![("junk", "1")],
+        vec![("h", "not a header"), ("b", "x")],
+        vec![("h", "1 5 someone json 4 - - noop"), ("b", "5")],
+    ] {
+        let _: String = redis::cmd("XADD")
+            .arg("wf:{junk}:calls")
+            .arg("*")
+            .arg(&fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // The old-version call is answered (with an error) to its caller, "someone".
+    let deadline = Instant::now() + SOON;
+    loop {
+        let answered: bool = redis::cmd("EXISTS")
+            .arg("wf:{junk}:res:someone")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if answered {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old-version call was never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Into the caller's results stream.
+    let mut results: Vec<String> = redis::cmd("KEYS")
+        .arg("wf:{junk}:res:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    results.retain(|k| !k.ends_with(":res:someone"));
+    assert_eq!(results.len(), 1, "{results:?}");
+    for fields in [vec![("junk", "1")], vec![("h", "x y z"), ("b", "1")]] {
+        let _: String = redis::cmd("XADD")
+            .arg(&results[0])
+            .arg("*")
+            .arg(&fields)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // The node and the caller go on serving, and the junk leaves the calls stream.
+    for i in 0..20i64 {
+        let v: i64 = tokio::time::timeout(SOON, farm.run_method("noop", i))
+            .await
+            .expect("calls flow after the junk")
+            .unwrap();
+        assert_eq!(v, i);
+    }
+    nothing_left(&redis, "junk").await;
     farm.shutdown().await;
 }

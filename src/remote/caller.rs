@@ -103,6 +103,14 @@ impl<S: Serializer> RemoteOptions<S> {
         self
     }
 
+    /// Largest encoded call, in bytes: a larger one fails with `CallError::Serialize`
+    /// before it reaches the engine. Default: the local farm's, 64 MiB. (Each node's own
+    /// `max_frame` bounds what its workers take and return.)
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
     /// Calls outstanding at once; beyond it `run` waits for a place and `try_run` fails
     /// with `QueueFull`. Default: unbounded.
     pub fn max_concurrent_calls(mut self, n: usize) -> Self {
